@@ -1,0 +1,88 @@
+"""Settings of the native stack (``STACK_*``): where it lives, its ports and pinned versions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr
+from pydantic_settings import SettingsConfigDict
+
+from driftloop.settings import (
+    AirflowApiSettings,
+    DriftloopSettings,
+    KafkaSettings,
+    MlflowSettings,
+    ObjectStoreSettings,
+    PostgresSettings,
+)
+
+Port = Annotated[int, Field(gt=0, lt=65536)]
+
+
+class StackSettings(DriftloopSettings):
+    """The native (no Docker) stack: one supervisord and the services it runs."""
+
+    model_config = SettingsConfigDict(env_prefix="STACK_")
+
+    home: Path = Field(
+        default=Path(".stack"),
+        description="STACK_HOME: state, data, logs and downloaded runtimes (default .stack).",
+    )
+    kafka_version: str = Field(default="4.1.1", description="STACK_KAFKA_VERSION (default 4.1.1).")
+    kafka_controller_port: Port = Field(
+        default=9093, description="STACK_KAFKA_CONTROLLER_PORT (default 9093)."
+    )
+    kafka_heap: str = Field(default="768m", description="STACK_KAFKA_HEAP: -Xmx (default 768m).")
+    s3proxy_version: str = Field(
+        default="2.6.0", description="STACK_S3PROXY_VERSION (default 2.6.0)."
+    )
+    prometheus_port: Port = Field(default=9090, description="STACK_PROMETHEUS_PORT (default 9090).")
+    airflow_parallelism: Annotated[int, Field(ge=1, le=32)] = Field(
+        default=4,
+        description="STACK_AIRFLOW_PARALLELISM: LocalExecutor worker processes (default 4; "
+        "Airflow's 32 would swamp 2 cores).",
+    )
+    postgres_superuser: str = Field(
+        default="postgres",
+        description="STACK_POSTGRES_SUPERUSER: cluster owner, reached over the unix socket "
+        "(default postgres).",
+    )
+    airflow_jwt_secret: SecretStr = Field(
+        validation_alias="AIRFLOW_JWT_SECRET",
+        description="AIRFLOW_JWT_SECRET (required): signs the tokens every Airflow component "
+        "shares.",
+    )
+    airflow_fernet_key: SecretStr = Field(
+        validation_alias="AIRFLOW_FERNET_KEY",
+        description="AIRFLOW_FERNET_KEY (required): encrypts Airflow connections.",
+    )
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)  # type: ignore[arg-type]
+    postgres: PostgresSettings = Field(default_factory=PostgresSettings)  # type: ignore[arg-type]
+    s3: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)  # type: ignore[arg-type]
+    mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
+    airflow: AirflowApiSettings = Field(default_factory=AirflowApiSettings)  # type: ignore[arg-type]
+
+    @property
+    def root(self) -> Path:
+        """Absolute state folder."""
+        return self.home.resolve()
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def runtimes(self) -> Path:
+        """Downloaded runtimes (Kafka and S3Proxy jars), kept apart from data."""
+        return self.root / "opt"
+
+    @property
+    def run(self) -> Path:
+        """Sockets, pid files and generated configuration."""
+        return self.root / "run"
