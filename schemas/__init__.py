@@ -1,0 +1,1 @@
+"""Contracts of the platform: Kafka topics, versioned events, feature declarations."""

@@ -1,0 +1,330 @@
+"""Feature declarations: a model's features, target and task, declared once in YAML.
+
+The gateway's request row, the log tables, the drift monitor's column mapping and the
+training DAG all read the same ``FeatureSpec``; bringing a model with another feature set
+means adding a file to ``schemas/models/``, not code.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from enum import StrEnum
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    create_model,
+    model_validator,
+)
+
+from schemas.fields import (
+    FeatureName,
+    FeatureValue,
+    FiniteFloat,
+    ModelName,
+    NonEmptyText,
+)
+
+MODELS_DIR = Path(__file__).with_name("models")
+"""Where the declarations named by ``load_feature_spec("<name>")`` live."""
+
+Category = StrictInt | StrictStr
+
+
+class FeatureKind(StrEnum):
+    NUMERIC = "numeric"
+    CATEGORICAL = "categorical"
+
+
+class Task(StrEnum):
+    REGRESSION = "regression"
+    CLASSIFICATION = "classification"
+
+
+class FeatureSpecError(ValueError):
+    """A feature declaration that cannot be read or is inconsistent."""
+
+
+class _Declaration(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+
+class Feature(_Declaration):
+    """One model input: its type, admissible values and whether drift is watched on it."""
+
+    name: FeatureName
+    """Column name, the same in requests, events, tables and training data."""
+    kind: FeatureKind
+    """numeric (ordered quantity) or categorical (one of a closed set of values)."""
+    dtype: Literal["int", "float", "str"]
+    """Type of a value: int or float for numeric features, int or str for categorical ones."""
+    description: NonEmptyText
+    """What the value means, with its unit or coding."""
+    nullable: bool = False
+    """Whether a value may be missing (null); LightGBM treats a missing value as NaN."""
+    monitored: bool = True
+    """Whether the drift monitor watches this feature."""
+    categories: tuple[Category, ...] | None = None
+    """Admissible values of a categorical feature, in code order (a value's code is its index)."""
+    minimum: StrictInt | FiniteFloat | None = None
+    """Smallest admissible value of a numeric feature (a hard bound, not a typical range)."""
+    maximum: StrictInt | FiniteFloat | None = None
+    """Largest admissible value of a numeric feature (a hard bound, not a typical range)."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.kind is FeatureKind.NUMERIC:
+            if self.dtype == "str":
+                raise ValueError(f"numeric feature {self.name} cannot have dtype str")
+            if self.categories is not None:
+                raise ValueError(f"numeric feature {self.name} cannot declare categories")
+            if self.dtype == "int" and any(
+                isinstance(bound, float) for bound in (self.minimum, self.maximum)
+            ):
+                raise ValueError(f"int feature {self.name} needs int bounds")
+            if (
+                self.minimum is not None
+                and self.maximum is not None
+                and self.minimum > self.maximum
+            ):
+                raise ValueError(f"feature {self.name}: minimum is above maximum")
+            return self
+        if self.dtype == "float":
+            raise ValueError(f"categorical feature {self.name} needs dtype int or str")
+        if not self.categories:
+            raise ValueError(f"categorical feature {self.name} needs categories")
+        if self.minimum is not None or self.maximum is not None:
+            raise ValueError(f"categorical feature {self.name} cannot declare minimum/maximum")
+        python_type = int if self.dtype == "int" else str
+        if not all(isinstance(category, python_type) for category in self.categories):
+            raise ValueError(f"categories of {self.name} must all be {self.dtype}")
+        if len(set(self.categories)) != len(self.categories):
+            raise ValueError(f"categories of {self.name} must not repeat")
+        return self
+
+    @cached_property
+    def category_codes(self) -> Mapping[int | str, int]:
+        """Category -> integer code given to LightGBM (its position in ``categories``)."""
+        return {category: code for code, category in enumerate(self.categories or ())}
+
+    def annotation(self) -> Any:
+        """The pydantic type of this feature's value in a request row."""
+        base: Any
+        if self.kind is FeatureKind.CATEGORICAL:
+            base = Annotated[
+                StrictInt if self.dtype == "int" else StrictStr,
+                AfterValidator(self._check_category),
+                Field(json_schema_extra={"enum": list(self.categories or ())}),
+            ]
+        elif self.dtype == "int":
+            base = Annotated[int, Field(strict=True, ge=self.minimum, le=self.maximum)]
+        else:
+            base = Annotated[
+                float,
+                Field(strict=True, allow_inf_nan=False, ge=self.minimum, le=self.maximum),
+            ]
+        return base | None if self.nullable else base
+
+    def _check_category(self, value: Category) -> Category:
+        if value not in self.category_codes:
+            raise ValueError(
+                f"{value!r} is not one of the categories {list(self.categories or ())}"
+            )
+        return value
+
+    def encode(self, value: FeatureValue) -> float:
+        """The value as the model reads it: category code, number, or NaN when missing."""
+        if value is None:
+            return math.nan
+        if self.kind is FeatureKind.CATEGORICAL:
+            if isinstance(value, float) or value not in self.category_codes:
+                raise ValueError(f"{value!r} is not a category of {self.name}")
+            return float(self.category_codes[value])
+        if isinstance(value, str):
+            raise TypeError(f"numeric feature {self.name} got a string: {value!r}")
+        return float(value)
+
+
+class Target(_Declaration):
+    """What the model predicts."""
+
+    name: FeatureName
+    """Column name of the true value (also the label sent back as ground truth)."""
+    description: NonEmptyText
+    """What the value means."""
+
+
+class Dataset(_Declaration):
+    """The seed data the first model is trained on and the demo replays."""
+
+    path: NonEmptyText
+    """CSV file, relative to the repository root."""
+    order_by: tuple[NonEmptyText, ...]
+    """Columns whose ascending order is the time order of the rows."""
+    excluded_columns: dict[NonEmptyText, NonEmptyText] = Field(default_factory=dict)
+    """Columns of the file that are neither features nor target, with the reason."""
+
+
+class FeatureSpec(_Declaration):
+    """The declaration of one model's inputs, target and task."""
+
+    name: ModelName
+    """Name of the declaration (the file is ``schemas/models/<name>.yaml``)."""
+    description: NonEmptyText
+    """What the model is for."""
+    task: Task
+    """regression or (binary) classification."""
+    registered_model_name: ModelName
+    """Default name of the model in the MLflow registry."""
+    target: Target
+    """The predicted column."""
+    features: tuple[Feature, ...] = Field(min_length=1)
+    """The inputs, in the order of the model's input vector."""
+    dataset: Dataset | None = None
+    """Seed data, when the model ships with some."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        names = [feature.name for feature in self.features]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"features declared twice: {repeated}")
+        if self.target.name in names:
+            raise ValueError(f"target {self.target.name} is also declared as a feature")
+        # A row model field must not shadow a pydantic BaseModel attribute.
+        shadowing = [name for name in names if hasattr(BaseModel, name)]
+        if shadowing:
+            raise ValueError(f"feature names reserved by pydantic: {shadowing}")
+        if self.dataset is not None:
+            used = {*names, self.target.name}.intersection(self.dataset.excluded_columns)
+            if used:
+                raise ValueError(f"excluded columns are used by the model: {sorted(used)}")
+        return self
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """Every feature, in declaration order (the order of the model's input vector)."""
+        return tuple(feature.name for feature in self.features)
+
+    @property
+    def numeric_features(self) -> tuple[str, ...]:
+        """Numeric features, in declaration order."""
+        return self._names(FeatureKind.NUMERIC)
+
+    @property
+    def categorical_features(self) -> tuple[str, ...]:
+        """Categorical features, in declaration order."""
+        return self._names(FeatureKind.CATEGORICAL)
+
+    @property
+    def monitored_features(self) -> tuple[str, ...]:
+        """Features the drift monitor watches, in declaration order."""
+        return tuple(feature.name for feature in self.features if feature.monitored)
+
+    @property
+    def monitored_numeric_features(self) -> tuple[str, ...]:
+        """Watched numeric features: the drift monitor's numerical columns."""
+        return self._names(FeatureKind.NUMERIC, monitored_only=True)
+
+    @property
+    def monitored_categorical_features(self) -> tuple[str, ...]:
+        """Watched categorical features: the drift monitor's categorical columns."""
+        return self._names(FeatureKind.CATEGORICAL, monitored_only=True)
+
+    @property
+    def categorical_positions(self) -> tuple[int, ...]:
+        """Positions of the categorical features in the input vector (LightGBM's input)."""
+        return tuple(
+            position
+            for position, feature in enumerate(self.features)
+            if feature.kind is FeatureKind.CATEGORICAL
+        )
+
+    def feature(self, name: str) -> Feature:
+        """The declaration of one feature."""
+        for feature in self.features:
+            if feature.name == name:
+                return feature
+        raise KeyError(f"{self.name} declares no feature {name!r}")
+
+    @cached_property
+    def row_model(self) -> type[BaseModel]:
+        """Pydantic model of one feature row; nullable features may be omitted."""
+        fields: dict[str, Any] = {
+            feature.name: (
+                feature.annotation(),
+                Field(default=None, description=feature.description)
+                if feature.nullable
+                else Field(description=feature.description),
+            )
+            for feature in self.features
+        }
+        return create_model(
+            f"{_camel_case(self.name)}FeatureRow",
+            __config__=ConfigDict(
+                frozen=True, extra="forbid", strict=True, protected_namespaces=()
+            ),
+            __doc__=f"One row of {self.name} features.",
+            **fields,
+        )
+
+    def validate_row(self, row: Mapping[str, object]) -> dict[str, FeatureValue]:
+        """The row checked by ``row_model`` (ValidationError otherwise), missing values as None."""
+        validated = self.row_model.model_validate(row)
+        return {name: getattr(validated, name) for name in self.feature_names}
+
+    def encode_row(self, row: Mapping[str, FeatureValue]) -> list[float]:
+        """A checked row as the model's input vector: category codes, NaN for missing values."""
+        return [feature.encode(row.get(feature.name)) for feature in self.features]
+
+    def _names(self, kind: FeatureKind, *, monitored_only: bool = False) -> tuple[str, ...]:
+        return tuple(
+            feature.name
+            for feature in self.features
+            if feature.kind is kind and (feature.monitored or not monitored_only)
+        )
+
+
+def declared_feature_specs() -> list[str]:
+    """Names of the declarations shipped in ``schemas/models``."""
+    return sorted(path.stem for path in MODELS_DIR.glob("*.yaml"))
+
+
+def load_feature_spec(name_or_path: str | Path) -> FeatureSpec:
+    """Read a declaration: a name from ``schemas/models`` (``"bikeshare"``) or a YAML path."""
+    # A bare name (no dot, no slash) names a shipped declaration; anything else is a path.
+    named = isinstance(name_or_path, str) and bool(
+        re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name_or_path)
+    )
+    path = MODELS_DIR / f"{name_or_path}.yaml" if named else Path(name_or_path)
+    if named and not path.is_file():
+        raise FeatureSpecError(
+            f"no feature declaration named {name_or_path!r}; declared: {declared_feature_specs()}"
+        )
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        spec = FeatureSpec.model_validate(document)
+    except OSError as error:
+        raise FeatureSpecError(f"cannot read feature declaration {path}: {error}") from error
+    except yaml.YAMLError as error:
+        raise FeatureSpecError(f"{path}: not valid YAML: {error}") from error
+    except ValidationError as error:
+        raise FeatureSpecError(f"{path}: invalid feature declaration: {error}") from error
+    if named and spec.name != name_or_path:
+        raise FeatureSpecError(f"{path}: declares name {spec.name!r}, expected {name_or_path!r}")
+    return spec
+
+
+def _camel_case(name: str) -> str:
+    return "".join(part.capitalize() for part in re.split(r"[^A-Za-z0-9]+", name) if part)
