@@ -12,7 +12,7 @@ value (``changethis``) is refused at start with the variable's name.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Self, TypeVar
+from typing import Annotated, Any, Self, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -45,7 +45,8 @@ class DriftloopSettings(BaseSettings):
     environment: Environment = Field(
         default=Environment.DEVELOPMENT,
         validation_alias="DRIFTLOOP_ENVIRONMENT",
-        description="DRIFTLOOP_ENVIRONMENT: development | staging | production (default development).",
+        description="DRIFTLOOP_ENVIRONMENT: development, staging or production "
+        "(default development).",
     )
 
     @model_validator(mode="after")
@@ -110,14 +111,18 @@ class ObjectStoreSettings(DriftloopSettings):
     model_config = SettingsConfigDict(env_prefix="S3_")
 
     endpoint_url: str = Field(
-        default="http://localhost:9000", description="S3_ENDPOINT_URL (default http://localhost:9000)."
+        default="http://localhost:9000",
+        description="S3_ENDPOINT_URL (default http://localhost:9000).",
     )
     region: str = Field(default="us-east-1", description="S3_REGION (default us-east-1).")
-    access_key_id: str = Field(default="driftloop", description="S3_ACCESS_KEY_ID (default driftloop).")
+    access_key_id: str = Field(
+        default="driftloop", description="S3_ACCESS_KEY_ID (default driftloop)."
+    )
     secret_access_key: SecretStr = Field(description="S3_SECRET_ACCESS_KEY (required).")
     data_bucket: str = Field(
         default="driftloop-data",
-        description="S3_DATA_BUCKET: feature partitions and drift reports (default driftloop-data).",
+        description="S3_DATA_BUCKET: feature partitions and drift reports "
+        "(default driftloop-data).",
     )
     mlflow_bucket: str = Field(
         default="driftloop-mlflow",
@@ -131,7 +136,8 @@ class MlflowSettings(DriftloopSettings):
     model_config = SettingsConfigDict(env_prefix="MLFLOW_")
 
     tracking_uri: str = Field(
-        default="http://localhost:5000", description="MLFLOW_TRACKING_URI (default http://localhost:5000)."
+        default="http://localhost:5000",
+        description="MLFLOW_TRACKING_URI (default http://localhost:5000).",
     )
 
 
@@ -141,9 +147,12 @@ class AirflowApiSettings(DriftloopSettings):
     model_config = SettingsConfigDict(env_prefix="AIRFLOW_API_")
 
     url: str = Field(
-        default="http://localhost:8080", description="AIRFLOW_API_URL (default http://localhost:8080)."
+        default="http://localhost:8080",
+        description="AIRFLOW_API_URL (default http://localhost:8080).",
     )
-    username: str = Field(default="driftloop", description="AIRFLOW_API_USERNAME (default driftloop).")
+    username: str = Field(
+        default="driftloop", description="AIRFLOW_API_USERNAME (default driftloop)."
+    )
     password: SecretStr = Field(description="AIRFLOW_API_PASSWORD (required).")
 
 
@@ -159,6 +168,17 @@ def _env_name(settings_class: type[BaseSettings], field_name: str) -> str:
     return f"{prefix}{field_name}".upper()
 
 
+def _problems(settings_class: type[BaseSettings], error: ValidationError) -> list[str]:
+    owner = _settings_classes(BaseSettings).get(error.title, settings_class)
+    problems = []
+    for item in error.errors():
+        location = [str(part) for part in item["loc"]]
+        variable = _env_name(owner, location[0]) if location else owner.__name__
+        reason = "is required but not set" if item["type"] == "missing" else item["msg"]
+        problems.append(f"{variable} {reason}")
+    return problems
+
+
 def _settings_classes(root: type[BaseSettings]) -> dict[str, type[BaseSettings]]:
     found: dict[str, type[BaseSettings]] = {}
     pending: list[type[BaseSettings]] = [root]
@@ -170,17 +190,26 @@ def _settings_classes(root: type[BaseSettings]) -> dict[str, type[BaseSettings]]
 
 
 def load_settings(settings_class: type[S]) -> S:
-    """Instantiate settings, turning validation errors into one message per variable."""
+    """Instantiate settings, reporting every missing or invalid variable in one message."""
+    problems: list[str] = []
+    placeholders: dict[str, Any] = {}
+    # Nested connection settings are validated on their own first, so one missing
+    # POSTGRES_PASSWORD does not hide the service's own missing variables.
+    for name, field in settings_class.model_fields.items():
+        nested = field.annotation
+        if isinstance(nested, type) and issubclass(nested, BaseSettings):
+            try:
+                nested()
+            except ValidationError as error:
+                problems += _problems(nested, error)
+                placeholders[name] = nested.model_construct()
     try:
-        return settings_class()
+        settings = settings_class(**placeholders)
     except ValidationError as error:
-        owner = _settings_classes(BaseSettings).get(error.title, settings_class)
-        problems = []
-        for item in error.errors():
-            location = [str(part) for part in item["loc"]]
-            variable = _env_name(owner, location[0]) if location else owner.__name__
-            reason = "is required but not set" if item["type"] == "missing" else item["msg"]
-            problems.append(f"{variable} {reason}")
+        problems += _problems(settings_class, error)
+    if problems:
         raise SettingsError(
-            f"invalid configuration for {owner.__name__}: " + "; ".join(problems)
-        ) from None
+            f"invalid configuration for {settings_class.__name__}: "
+            + "; ".join(dict.fromkeys(problems))
+        )
+    return settings

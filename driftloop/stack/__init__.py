@@ -1,1 +1,1 @@
-"""The native stack: Kafka, PostgreSQL, an S3 server, MLflow, Airflow and Prometheus under supervisord."""
+"""The native stack: Kafka, Postgres, S3, MLflow, Airflow and Prometheus under supervisord."""

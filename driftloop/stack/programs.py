@@ -66,7 +66,7 @@ def _java_options(heap: str) -> list[str]:
 
 
 def postgres_program(settings: StackSettings) -> Program:
-    data = settings.data / "postgres"
+    data = settings.postgres_data
     return Program(
         name="postgres",
         command=[
@@ -78,7 +78,7 @@ def postgres_program(settings: StackSettings) -> Program:
             "-c",
             "listen_addresses=localhost",
             "-c",
-            f"unix_socket_directories={settings.run / 'postgres'}",
+            f"unix_socket_directories={settings.postgres_socket_dir}",
             "-c",
             "max_connections=200",
             "-c",
@@ -175,7 +175,7 @@ def s3proxy_jar(settings: StackSettings) -> Path:
 
 
 def write_s3proxy_config(settings: StackSettings) -> Path:
-    host, port = host_port(settings.s3.endpoint_url, 9000)
+    _, port = host_port(settings.s3.endpoint_url, 9000)
     secret = settings.s3.secret_access_key.get_secret_value()
     config = settings.run / "s3proxy.properties"
     values = {
@@ -222,7 +222,7 @@ def s3_client_environment(settings: StackSettings) -> dict[str, str]:
 
 
 def mlflow_program(settings: StackSettings) -> Program:
-    host, port = host_port(settings.mlflow.tracking_uri, 5000)
+    _, port = host_port(settings.mlflow.tracking_uri, 5000)
     return Program(
         name="mlflow",
         command=[
@@ -299,7 +299,7 @@ def airflow_environment(settings: StackSettings) -> dict[str, str]:
         "AIRFLOW__LOGGING__DAG_PROCESSOR_CHILD_PROCESS_LOG_DIRECTORY": str(
             settings.logs / "airflow" / "dag_processor"
         ),
-        **{key: value for key, value in s3_client_environment(settings).items()},
+        **s3_client_environment(settings),
     }
 
 

@@ -1,7 +1,8 @@
-"""One-time and idempotent set-up of the stack's state: clusters, roles, databases, topics, buckets."""
+"""Idempotent set-up of the stack's state: cluster, roles, databases, topics, buckets."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -42,14 +43,14 @@ def prepare_folders(settings: StackSettings) -> None:
     for folder in (settings.logs, settings.data, settings.run, settings.runtimes):
         folder.mkdir(parents=True, exist_ok=True)
     (settings.data / "s3").mkdir(exist_ok=True)
-    socket_dir = settings.run / "postgres"
-    socket_dir.mkdir(exist_ok=True)
-    _chown_to_superuser(settings, socket_dir)
+    for folder in (settings.postgres_root, settings.postgres_socket_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+        _chown_to_superuser(settings, folder)
 
 
 def init_postgres_cluster(settings: StackSettings) -> bool:
     """Create the database cluster on first start; returns whether it was created."""
-    data = settings.data / "postgres"
+    data = settings.postgres_data
     if (data / "PG_VERSION").exists():
         return False
     data.mkdir(parents=True, exist_ok=True)
@@ -80,7 +81,7 @@ async def provision_postgres(settings: StackSettings) -> None:
     role = settings.postgres.user
     password = settings.postgres.password.get_secret_value()
     connection = await asyncpg.connect(
-        host=str(settings.run / "postgres"),
+        host=str(settings.postgres_socket_dir),
         port=settings.postgres.port,
         user=settings.postgres_superuser,
         database="postgres",
@@ -138,7 +139,9 @@ async def create_topics(settings: StackSettings) -> list[str]:
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        wanted = [spec for spec in topic_specs(settings.kafka.topic_prefix) if spec.name not in existing]
+        wanted = [
+            spec for spec in topic_specs(settings.kafka.topic_prefix) if spec.name not in existing
+        ]
         if not wanted:
             return []
         new_topics = [
@@ -150,10 +153,9 @@ async def create_topics(settings: StackSettings) -> list[str]:
             )
             for spec in wanted
         ]
-        try:
+        # Another `stack up` may race us; the topics then exist, which is all we want.
+        with contextlib.suppress(TopicAlreadyExistsError):
             await admin.create_topics(new_topics)
-        except TopicAlreadyExistsError:
-            pass  # another `stack up` raced us; the topics exist, which is all we want
         return [spec.name for spec in wanted]
     finally:
         await admin.close()

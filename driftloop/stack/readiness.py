@@ -13,7 +13,6 @@ import httpx
 from aiokafka.admin import AIOKafkaAdminClient
 from botocore.config import Config as BotoConfig
 
-from driftloop.stack.programs import host_port
 from driftloop.stack.settings import StackSettings
 
 Probe = Callable[[StackSettings], Awaitable[None]]
@@ -34,7 +33,7 @@ class Readiness:
 async def probe_postgres(settings: StackSettings) -> None:
     # The superuser over the unix socket: works before the platform's role exists.
     connection = await asyncpg.connect(
-        host=str(settings.run / "postgres"),
+        host=str(settings.postgres_socket_dir),
         port=settings.postgres.port,
         user=settings.postgres_superuser,
         database="postgres",
@@ -167,5 +166,3 @@ def _describe(error: BaseException) -> str:
     text = str(error) or type(error).__name__
     return text.splitlines()[0][:200]
 
-
-__all__ = ["PROBES", "NotReadyError", "Readiness", "check", "host_port", "wait_ready"]

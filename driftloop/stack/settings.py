@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
+import pwd
+import stat
 from pathlib import Path
 from typing import Annotated
 
@@ -58,11 +62,11 @@ class StackSettings(DriftloopSettings):
         description="AIRFLOW_FERNET_KEY (required): encrypts Airflow connections.",
     )
 
-    kafka: KafkaSettings = Field(default_factory=KafkaSettings)  # type: ignore[arg-type]
-    postgres: PostgresSettings = Field(default_factory=PostgresSettings)  # type: ignore[arg-type]
-    s3: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)  # type: ignore[arg-type]
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    postgres: PostgresSettings = Field(default_factory=PostgresSettings)
+    s3: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
-    airflow: AirflowApiSettings = Field(default_factory=AirflowApiSettings)  # type: ignore[arg-type]
+    airflow: AirflowApiSettings = Field(default_factory=AirflowApiSettings)
 
     @property
     def root(self) -> Path:
@@ -86,3 +90,31 @@ class StackSettings(DriftloopSettings):
     def run(self) -> Path:
         """Sockets, pid files and generated configuration."""
         return self.root / "run"
+
+    @property
+    def postgres_root(self) -> Path:
+        """Where the PostgreSQL cluster and its socket live.
+
+        PostgreSQL refuses to run as root, so as root it runs as ``postgres_superuser``, which
+        must be able to reach its folders. Inside the stack folder when every parent folder
+        lets it through; otherwise (a checkout under a private folder, as CI's may be) in a
+        folder of that user's home named after this stack, so two checkouts never share one.
+        """
+        inside = self.data / "postgres-cluster"
+        if os.geteuid() != 0 or _others_can_traverse(self.root):
+            return inside
+        home = Path(pwd.getpwnam(self.postgres_superuser).pw_dir)
+        digest = hashlib.sha256(str(self.root).encode()).hexdigest()[:12]
+        return home / f"driftloop-{digest}"
+
+    @property
+    def postgres_data(self) -> Path:
+        return self.postgres_root / "data"
+
+    @property
+    def postgres_socket_dir(self) -> Path:
+        return self.postgres_root / "run"
+
+
+def _others_can_traverse(folder: Path) -> bool:
+    return all(parent.stat().st_mode & stat.S_IXOTH for parent in (folder, *folder.parents))

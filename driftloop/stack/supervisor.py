@@ -157,14 +157,16 @@ class Supervisor:
             self._proxy().supervisor.addProcessGroup(name)
 
     def start(self, name: str) -> None:
-        """Start a program unless it is already running; waits for it to pass ``startsecs``."""
+        """Start a program unless it is already running; readiness is the caller's probe."""
         if self.state(name).state in {"RUNNING", "STARTING"}:
             return
         try:
-            self._proxy().supervisor.startProcess(name, True)
+            self._proxy().supervisor.startProcess(name, False)
         except xmlrpc.client.Fault as fault:
             log = self._settings.logs / f"{name}.log"
-            raise SupervisorError(f"{name} failed to start ({fault.faultString}); see {log}") from None
+            raise SupervisorError(
+                f"{name} failed to start ({fault.faultString}); see {log}"
+            ) from None
 
     def stop(self, name: str) -> None:
         if self.state(name).state in {"RUNNING", "STARTING", "BACKOFF"}:

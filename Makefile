@@ -1,0 +1,60 @@
+# driftloop — the two commands a newcomer runs are `make demo` and `make test`.
+# Everything else is a building block of those two.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+UV ?= $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
+RUN := $(UV) run --frozen
+PYTEST_ARGS ?=
+
+.PHONY: help bootstrap env up down status demo test test-unit test-integration lint format schemas bench
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-18s %s\n", $$1, $$2}'
+
+bootstrap: ## install uv when missing and the locked Python environment
+	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv>=0.5"
+	$(UV) sync --frozen
+
+env: ## create .env from .env.example when it does not exist
+	@test -f .env || { cp .env.example .env; echo "created .env from .env.example (development secrets)"; }
+
+up: bootstrap env ## install what is missing and start the native stack (idempotent)
+	$(RUN) driftloop stack up
+
+down: ## stop everything the native stack started
+	@if [ -x .venv/bin/driftloop ]; then $(RUN) driftloop stack down; else echo "stack is not installed"; fi
+
+status: ## processes and readiness of the native stack
+	$(RUN) driftloop stack status
+
+demo: up ## the main job: the stack up and healthy (later issues run the full loop here)
+	$(RUN) driftloop stack status
+
+test: bootstrap env ## unit + integration tests against a stack started from scratch, then stopped
+	@started_here=0; \
+	if ! $(RUN) driftloop stack status >/dev/null 2>&1; then started_here=1; fi; \
+	$(RUN) driftloop stack up; \
+	status=0; $(RUN) pytest $(PYTEST_ARGS) || status=$$?; \
+	if [ $$started_here = 1 ]; then $(RUN) driftloop stack down; fi; \
+	exit $$status
+
+test-unit: bootstrap ## unit tests only (nothing running)
+	$(RUN) pytest -m unit $(PYTEST_ARGS)
+
+test-integration: up ## integration tests against the running stack
+	$(RUN) pytest -m integration $(PYTEST_ARGS)
+
+lint: bootstrap ## ruff, formatting and mypy strict
+	$(RUN) ruff check .
+	$(RUN) ruff format --check .
+	$(RUN) mypy
+
+format: bootstrap ## apply ruff's fixes and formatting
+	$(RUN) ruff check --fix .
+	$(RUN) ruff format .
+
+schemas: bootstrap ## regenerate the committed JSON Schema files from the event models
+	$(RUN) python -m schemas.generate

@@ -1,0 +1,73 @@
+"""Fixtures that reach the real local stack (`make up`): no mocks of Kafka, Postgres, S3,
+MLflow, Airflow or Prometheus here. Every test gets unique topic / group / key prefixes."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from driftloop.settings import (
+    AirflowApiSettings,
+    KafkaSettings,
+    MlflowSettings,
+    ObjectStoreSettings,
+    PostgresSettings,
+    load_settings,
+)
+from driftloop.stack.settings import StackSettings
+
+
+@pytest.fixture(scope="session")
+def stack_settings() -> StackSettings:
+    return load_settings(StackSettings)
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short unique token for topic names, consumer groups, object keys and run names."""
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def kafka_settings() -> KafkaSettings:
+    return load_settings(KafkaSettings)
+
+
+@pytest.fixture(scope="session")
+def postgres_settings() -> PostgresSettings:
+    return load_settings(PostgresSettings)
+
+
+@pytest.fixture(scope="session")
+def object_store_settings() -> ObjectStoreSettings:
+    return load_settings(ObjectStoreSettings)
+
+
+@pytest.fixture(scope="session")
+def mlflow_settings() -> MlflowSettings:
+    return load_settings(MlflowSettings)
+
+
+@pytest.fixture(scope="session")
+def airflow_settings() -> AirflowApiSettings:
+    return load_settings(AirflowApiSettings)
+
+
+@pytest.fixture
+async def airflow_client(airflow_settings: AirflowApiSettings) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client on Airflow's REST API, authenticated with a token from /auth/token."""
+    base = airflow_settings.url.rstrip("/")
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+        response = await client.post(
+            "/auth/token",
+            json={
+                "username": airflow_settings.username,
+                "password": airflow_settings.password.get_secret_value(),
+            },
+        )
+        assert response.status_code in {200, 201}, response.text
+        client.headers["Authorization"] = f"Bearer {response.json()['access_token']}"
+        yield client
