@@ -75,6 +75,18 @@ def down() -> None:
 
 
 @stack_app.command()
+def restart(
+    program: str = typer.Argument(help="A program name as `stack status` lists it."),
+) -> None:
+    """Restart one program of the running stack."""
+    try:
+        lifecycle.restart(_stack_settings(), program, _say)
+    except Exception as error:  # noqa: BLE001 - shown to the operator with the log to read
+        console.print(f"[red]restart failed:[/red] {error}")
+        raise typer.Exit(1) from None
+
+
+@stack_app.command()
 def status() -> None:
     """Show every process and whether each service answers."""
     current = lifecycle.status(_stack_settings())

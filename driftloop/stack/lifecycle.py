@@ -148,6 +148,20 @@ def down(settings: StackSettings, report: Report) -> None:
     report(f"stack stopped in {time.monotonic() - started:.1f}s")
 
 
+def restart(settings: StackSettings, name: str, report: Report) -> None:
+    """Stop and start one program, then wait for its service to answer again."""
+    supervisor = Supervisor(settings)
+    if not supervisor.is_running():
+        raise RuntimeError("the stack is not running; start it with `make up`")
+    supervisor.stop(name)
+    supervisor.start(name)
+    if probe := _probe_of(name):
+        readiness = asyncio.run(wait_ready(probe, settings, 240))
+        report(f"{readiness.service:<11} ready at {readiness.address}")
+    else:
+        report(f"{name} restarted")
+
+
 async def _readiness(settings: StackSettings) -> list[Readiness]:
     return list(await asyncio.gather(*(check(service, settings) for service in PROBES)))
 
