@@ -165,4 +165,3 @@ async def wait_ready(
 def _describe(error: BaseException) -> str:
     text = str(error) or type(error).__name__
     return text.splitlines()[0][:200]
-
