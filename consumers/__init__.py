@@ -1,0 +1,1 @@
+"""Kafka consumers of the platform, one module per deployable: ``python -m consumers.<name>``."""

@@ -1,0 +1,1 @@
+"""The serving gateway: synchronous predictions with the champion model, every one published."""
