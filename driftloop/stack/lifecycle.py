@@ -96,7 +96,7 @@ async def _start_stage(
 def up(settings: StackSettings, report: Report) -> StackStatus:
     started = time.monotonic()
     supervisor = Supervisor(settings)
-    if supervisor.is_running():
+    if supervisor.is_running() and not supervisor.config_changed(all_programs(settings)):
         current = status(settings)
         if current.healthy:
             report("stack already running and healthy; nothing to do")

@@ -289,6 +289,10 @@ def airflow_environment(settings: StackSettings) -> dict[str, str]:
         "AIRFLOW__API__HOST": "127.0.0.1",
         "AIRFLOW__API__PORT": str(api_port),
         "AIRFLOW__API__WORKERS": "1",
+        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{api_port}/",
+        # Workers give the api-server 5 s by default; on a loaded 2-core machine its first
+        # execution-API call (lazy imports) has been seen to take far longer, failing the task.
+        "AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "60",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": settings.postgres.dsn(
             "airflow", driver="postgresql+psycopg2"
         ),

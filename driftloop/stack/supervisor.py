@@ -119,6 +119,12 @@ class Supervisor:
             return False
         return cast(dict[str, Any], state).get("statename") == "RUNNING"
 
+    def config_changed(self, programs: Iterable[Program]) -> bool:
+        """Whether these programs differ from the configuration supervisord runs with."""
+        if not self.config_path.exists():
+            return True
+        return self.config_path.read_text() != render_config(self._settings, programs)
+
     def write_config(self, programs: Iterable[Program]) -> None:
         self.config_path.parent.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(render_config(self._settings, programs))

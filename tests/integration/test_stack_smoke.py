@@ -169,7 +169,10 @@ async def test_airflow_lists_dags_and_runs_one(
     while state not in {"success", "failed"}:
         assert time.monotonic() < deadline, f"run {run_id} still {state}"
         await asyncio.sleep(1)
-        run = await airflow_client.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")
+        try:
+            run = await airflow_client.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")
+        except httpx.ReadTimeout:
+            continue  # a busy api-server on a loaded machine; the deadline still bounds us
         state = run.json()["state"]
     assert state == "success"
 

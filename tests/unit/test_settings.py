@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from driftloop.settings import (
@@ -20,18 +22,10 @@ from driftloop.stack.settings import StackSettings
 def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:
     """No developer .env and no inherited variables leak into these tests."""
     monkeypatch.chdir(str(tmp_path))
-    for name in (
-        "DRIFTLOOP_ENVIRONMENT",
-        "POSTGRES_PASSWORD",
-        "POSTGRES_PORT",
-        "S3_SECRET_ACCESS_KEY",
-        "KAFKA_BOOTSTRAP_SERVERS",
-        "KAFKA_TOPIC_PREFIX",
-        "AIRFLOW_API_PASSWORD",
-        "AIRFLOW_JWT_SECRET",
-        "AIRFLOW_FERNET_KEY",
-    ):
-        monkeypatch.delenv(name, raising=False)
+    prefixes = ("DRIFTLOOP_", "KAFKA_", "POSTGRES_", "S3_", "MLFLOW_", "AIRFLOW_", "STACK_")
+    for name in list(os.environ):
+        if name.startswith(prefixes):
+            monkeypatch.delenv(name)
 
 
 def test_missing_secret_names_the_variable() -> None:

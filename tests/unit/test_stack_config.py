@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import os
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,10 @@ from driftloop.stack.supervisor import render_config
 @pytest.fixture
 def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> StackSettings:
     monkeypatch.chdir(tmp_path)
+    # Only what this fixture sets counts: no .env, no inherited connection variables.
+    for name in list(os.environ):
+        if name.startswith(("KAFKA_", "POSTGRES_", "S3_", "MLFLOW_", "AIRFLOW_", "STACK_")):
+            monkeypatch.delenv(name)
     monkeypatch.setenv("POSTGRES_PASSWORD", "pg-secret")
     monkeypatch.setenv("S3_SECRET_ACCESS_KEY", "s3-secret")
     monkeypatch.setenv("AIRFLOW_API_PASSWORD", "af-secret")
