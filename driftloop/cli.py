@@ -34,8 +34,8 @@ def _print_status(status: lifecycle.StackStatus) -> None:
         console.print("stack is not running (start it with `make up`)")
         return
     programs = Table(title="processes", show_lines=False)
-    for column in ("program", "state", "pid", "uptime"):
-        programs.add_column(column)
+    for column in ("program", "state", "pid", "uptime", "memory"):
+        programs.add_column(column, justify="right" if column == "memory" else "left")
     for program in status.programs:
         colour = "green" if program.state == "RUNNING" else "red"
         programs.add_row(
@@ -43,7 +43,11 @@ def _print_status(status: lifecycle.StackStatus) -> None:
             f"[{colour}]{program.state}[/{colour}]",
             str(program.pid or "-"),
             f"{program.uptime_seconds}s",
+            f"{program.resident_bytes / 2**20:,.0f} MiB",
         )
+    total = sum(program.resident_bytes for program in status.programs)
+    programs.add_section()
+    programs.add_row("total", "", "", "", f"{total / 2**20:,.0f} MiB")
     services = Table(title="services")
     for column in ("service", "address", "ready", "detail"):
         services.add_column(column)

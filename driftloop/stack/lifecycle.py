@@ -133,7 +133,7 @@ def up(settings: StackSettings, report: Report) -> StackStatus:
         report("migrating the Airflow metadata database")
         provision.migrate_airflow(settings)
     asyncio.run(_start_stage(supervisor, settings, ["mlflow", *airflow_names], report, 240))
-    report(f"stack up in {time.monotonic() - started:.1f}s")
+    report(f"every service ready in {time.monotonic() - started:.1f}s")
     return status(settings)
 
 
@@ -145,7 +145,7 @@ def down(settings: StackSettings, report: Report) -> None:
         return
     started = time.monotonic()
     supervisor.shutdown()
-    report(f"stack stopped in {time.monotonic() - started:.1f}s")
+    report(f"stopped in {time.monotonic() - started:.1f}s")
 
 
 def restart(settings: StackSettings, name: str, report: Report) -> None:

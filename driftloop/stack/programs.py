@@ -240,7 +240,12 @@ def mlflow_program(settings: StackSettings) -> Program:
             "--workers",
             "2",
         ],
-        environment=s3_client_environment(settings),
+        environment={
+            **s3_client_environment(settings),
+            # The job runner serves MLflow's GenAI jobs with seven ~250 MB worker processes;
+            # driftloop runs none of them.
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        },
     )
 
 

@@ -7,6 +7,7 @@ service crash-loops against a dependency that is still booting.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import psutil
 from supervisor.xmlrpc import SupervisorTransport
 
 from driftloop.stack.programs import Program
@@ -34,6 +36,7 @@ class ProgramState:
     pid: int
     uptime_seconds: int
     description: str
+    resident_bytes: int
 
 
 def _quote(value: str) -> str:
@@ -211,10 +214,30 @@ def _alive(pid: int) -> bool:
 def _program_state(info: dict[str, Any]) -> ProgramState:
     now, start = int(info.get("now", 0)), int(info.get("start", 0))
     running = info["statename"] == "RUNNING"
+    pid = int(info.get("pid", 0))
     return ProgramState(
         name=str(info["name"]),
         state=str(info["statename"]),
-        pid=int(info.get("pid", 0)),
+        pid=pid,
         uptime_seconds=now - start if running and start else 0,
         description=str(info.get("description", "")),
+        resident_bytes=_resident_bytes(pid) if running else 0,
     )
+
+
+def _resident_bytes(pid: int) -> int:
+    """Memory of a program with all its children (Airflow forks workers).
+
+    Proportional set size where the kernel exposes it, so pages shared between a parent and
+    its forks (or Postgres' shared buffers) are counted once in the total.
+    """
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            total += getattr(process.memory_full_info(), "pss", process.memory_info().rss)
+    return total
