@@ -1,0 +1,121 @@
+"""Drift reports: the Evidently snapshots as JSON for machines and HTML for people, stored in S3.
+
+Keys are ``drift-reports/<model>/<version>/<window_end>.json`` and ``.html`` beside it; the
+JSON is written last, so whoever finds it can rely on the HTML being there too.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Final
+
+import orjson
+from evidently.core.metric_types import render_widgets
+from evidently.legacy.renderers.html_widgets import group_widget
+
+from driftloop.drift.assessment import WindowBounds, WindowEvaluation
+from driftloop.objectstore import s3_client
+from driftloop.settings import ObjectStoreSettings
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
+
+REPORT_PREFIX: Final = "drift-reports/"
+REPORT_FORMAT: Final = 1
+"""Version of the JSON document's layout."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReportKeys:
+    """Object keys of one window's report."""
+
+    json: str
+    html: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReportDocuments:
+    """One window's report, rendered."""
+
+    json: bytes
+    html: bytes
+
+
+def report_keys(
+    model_name: str, model_version: int, window_end: datetime, *, prefix: str = REPORT_PREFIX
+) -> ReportKeys:
+    """Keys of the report of the window ending at ``window_end`` (UTC, to the microsecond)."""
+    if window_end.tzinfo is None:
+        raise ValueError("window_end must be timezone-aware")
+    stem = window_end.astimezone(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    base = f"{prefix}{model_name}/{model_version}/{stem}"
+    return ReportKeys(json=f"{base}.json", html=f"{base}.html")
+
+
+def report_uri(bucket: str, key: str) -> str:
+    """The ``s3://`` URI of an object (the ``report_uri`` of ``DriftDetected``)."""
+    return f"s3://{bucket}/{key}"
+
+
+def render_report(
+    evaluation: WindowEvaluation, *, model_name: str, model_version: int, window: WindowBounds
+) -> ReportDocuments:
+    """The JSON document (assessment and Evidently metrics) and the HTML report of a window."""
+    document = {
+        "report_format": REPORT_FORMAT,
+        "model_name": model_name,
+        "model_version": model_version,
+        "window": window.model_dump(mode="json"),
+        "assessment": evaluation.assessment.model_dump(mode="json"),
+        "evidently": {
+            "drift": _snapshot_dict(evaluation.drift_snapshot),
+            "quality": None
+            if evaluation.quality_snapshot is None
+            else _snapshot_dict(evaluation.quality_snapshot),
+        },
+    }
+    return ReportDocuments(json=orjson.dumps(document), html=_html(evaluation).encode())
+
+
+async def put_report(
+    s3: S3Client, bucket: str, keys: ReportKeys, documents: ReportDocuments
+) -> str:
+    """Store the HTML, then the JSON; returns the JSON's URI."""
+    # No "; charset=utf-8" parameter: S3Proxy computes the signature over a Content-Type
+    # without it and answers SignatureDoesNotMatch (seen on the dev stack); the HTML declares
+    # its charset itself.
+    await s3.put_object(Bucket=bucket, Key=keys.html, Body=documents.html, ContentType="text/html")
+    await s3.put_object(
+        Bucket=bucket, Key=keys.json, Body=documents.json, ContentType="application/json"
+    )
+    return report_uri(bucket, keys.json)
+
+
+async def upload_report(
+    settings: ObjectStoreSettings, keys: ReportKeys, documents: ReportDocuments
+) -> str:
+    """Store a report in the data bucket with a client of its own; returns the JSON's URI."""
+    async with s3_client(settings) as s3:
+        return await put_report(s3, settings.data_bucket, keys, documents)
+
+
+def _snapshot_dict(snapshot: Any) -> Any:
+    # Evidently's own encoder turns numpy scalars and arrays into JSON.
+    return json.loads(snapshot.json())
+
+
+def _html(evaluation: WindowEvaluation) -> str:
+    if evaluation.quality_snapshot is None:
+        return str(evaluation.drift_snapshot.get_html_str(as_iframe=False))
+    drift = evaluation.drift_snapshot.to_snapshot_model()
+    quality = evaluation.quality_snapshot.to_snapshot_model()
+    labelled = evaluation.assessment.labelled_rows
+    widgets = [
+        group_widget(title="Data and prediction drift", widgets=drift.widgets),
+        *drift.tests_widgets,
+        group_widget(title=f"Quality on the {labelled} labelled rows", widgets=quality.widgets),
+        *quality.tests_widgets,
+    ]
+    return str(render_widgets(widgets, as_iframe=False))
