@@ -14,7 +14,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Final, Literal, Self
 
-import pandas as pd  # type: ignore[import-untyped]  # pandas-stubs not in the env yet
+import pandas as pd
 from evidently import BinaryClassification, DataDefinition, Dataset, Regression, Report
 from evidently.metrics import (
     MAE,
@@ -359,7 +359,8 @@ def _model_columns(frame: pd.DataFrame, spec: FeatureSpec, columns: Sequence[str
         if feature is None or feature.kind is FeatureKind.NUMERIC or feature.dtype == "int":
             prepared[name] = pd.to_numeric(values, errors="coerce").astype("float64")
         else:
-            prepared[name] = values.astype(object).where(values.notna(), None)
+            # pandas-stubs do not accept None as `other`, which pandas documents and supports.
+            prepared[name] = values.astype(object).where(values.notna(), None)  # type: ignore[call-overload]
     return pd.DataFrame(prepared, index=frame.index)
 
 
