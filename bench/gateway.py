@@ -1,0 +1,328 @@
+"""Gateway benchmark: one LightGBM model, one row per request, wrk with 16 connections.
+
+Runs, one after the other in one invocation, in interleaved rounds keeping each target's best
+run (so the load of the shared machine disturbs every target alike):
+
+1. the gateway with Kafka publishing on (the real configuration);
+2. the same gateway with publishing off;
+3. a FastAPI endpoint that does nothing (the framework ceiling, bench/gateway_noop.py);
+4. ``mlflow models serve`` on the very same model artifacts;
+5. the gateway with publishing on while the champion alias moves to a new version and the
+   gateway reloads (p99 and failures during the swap against a steady run of the same length).
+
+Needs the dev stack (Kafka, MLflow) and ``wrk`` (Debian package). Prints the figures and the
+ratios the issue asks for, and writes them to bench/results/gateway-<time>.json.
+
+    uv run python bench/gateway.py [--seconds 15] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import orjson
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from driftloop import training
+from driftloop.settings import KafkaSettings, MlflowSettings, load_settings
+from schemas.features import load_feature_spec
+from schemas.topics import Topic
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+VENV_BIN = ROOT / ".venv" / "bin"
+ADMIN_TOKEN = secrets.token_urlsafe(16)
+CONNECTIONS = 16
+ROW = {
+    "season": 1,
+    "mnth": "Jan",
+    "hr": 8,
+    "holiday": 0,
+    "weekday": 2,
+    "workingday": 1,
+    "weathersit": "clear",
+    "temp": 0.24,
+    "atemp": 0.28,
+    "hum": 0.6,
+    "windspeed": 0.1,
+}
+
+
+@dataclass
+class Run:
+    """One wrk run."""
+
+    name: str
+    requests_per_second: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    requests: int
+    non_2xx: int
+    socket_errors: int
+
+
+def _milliseconds(value: str) -> float:
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", value).groups()  # type: ignore[union-attr]
+    return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
+
+
+def wrk(name: str, url: str, body: bytes, seconds: float) -> Run:
+    """Run wrk (one thread, 16 connections) against ``url`` and parse its report."""
+    command = [
+        "wrk", "-t1", f"-c{CONNECTIONS}", f"-d{int(seconds)}s", "--latency",
+        "-s", str(ROOT / "bench" / "gateway_post.lua"), url,
+    ]  # fmt: skip
+    output = subprocess.run(
+        command,
+        env={**os.environ, "BENCH_BODY": body.decode()},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    percentiles = dict(re.findall(r"^\s+(\d+)%\s+(\S+)$", output, re.MULTILINE))
+    errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
+    )
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    return Run(
+        name=name,
+        requests_per_second=float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),  # type: ignore[union-attr]
+        p50_ms=_milliseconds(percentiles["50"]),
+        p90_ms=_milliseconds(percentiles["90"]),
+        p99_ms=_milliseconds(percentiles["99"]),
+        requests=int(re.search(r"(\d+) requests in", output).group(1)),  # type: ignore[union-attr]
+        non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
+        socket_errors=sum(int(count) for count in errors.groups()) if errors else 0,
+    )
+
+
+@contextmanager
+def server(command: list[str], ready_url: str, env: dict[str, str], log: Path) -> Iterator[None]:
+    """Start a server in its own process group, wait until it answers, stop it afterwards."""
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"{command[0]} exited; see {log}")
+            try:
+                if httpx.get(ready_url, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{command} not ready in 120 s; see {log}")
+            time.sleep(0.2)
+        yield
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def reload_after(delay: float, port: int, answers: list[object]) -> None:
+    """Ask the gateway to reload its champion after ``delay`` seconds (the swap under load)."""
+    time.sleep(delay)
+    response = httpx.post(
+        f"http://127.0.0.1:{port}/admin/reload",
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        timeout=60,
+    )
+    answers.append(response.json().get("version", response.status_code))
+
+
+def warm(url: str, body: bytes) -> None:
+    """A few hundred requests so every server is measured warm."""
+    with httpx.Client(timeout=10) as client:
+        for _ in range(300):
+            client.post(url, content=body, headers={"content-type": "application/json"})
+
+
+async def create_topics(settings: KafkaSettings) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [NewTopic(settings.topic(topic), 3, 1) for topic in (Topic.PREDICTIONS, Topic.LABELS)]
+            + [NewTopic(settings.topic(Topic.MODEL_EVENTS), 1, 1)]
+        )
+    finally:
+        await admin.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=15.0, help="length of each wrk run")
+    parser.add_argument("--trees", type=int, default=200, help="boosting rounds of the model")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds, best kept")
+    arguments = parser.parse_args()
+    seconds = arguments.seconds
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"gateway-{stamp}-", dir=RESULTS))
+    spec = load_feature_spec("bikeshare")
+    mlflow_settings = load_settings(MlflowSettings)
+    kafka_settings = load_settings(KafkaSettings).model_copy(
+        update={"topic_prefix": f"bench{stamp}."}
+    )
+    asyncio.run(create_topics(kafka_settings))
+
+    frame = training.read_dataset(spec, months=["Jan", "Feb", "March"])
+    name = f"bench-gateway-{stamp}"
+    first = training.log_and_register(
+        training.train_booster(spec, frame, num_boost_round=arguments.trees),
+        spec,
+        tracking_uri=mlflow_settings.tracking_uri,
+        model_name=name,
+        work_dir=work,
+    )
+    training.set_champion(first, tracking_uri=mlflow_settings.tracking_uri)
+
+    env = {
+        **os.environ,
+        "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
+        # Every subprocess talks to the stack's MLflow, none to a default ./mlflow.db.
+        "MLFLOW_TRACKING_URI": mlflow_settings.tracking_uri,
+    }
+    body = orjson.dumps(ROW)
+    encoded = spec.encode_row(spec.validate_row(ROW))
+    mlflow_body = orjson.dumps(
+        {"dataframe_split": {"columns": list(spec.feature_names), "data": [encoded]}}
+    )
+    runs: dict[str, Run] = {}
+
+    def gateway_env(port: int, publish: bool) -> dict[str, str]:
+        return {
+            **env,
+            "GATEWAY_PORT": str(port),
+            "GATEWAY_MODEL_NAME": name,
+            "GATEWAY_PUBLISH": str(publish).lower(),
+            "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN,
+            "GATEWAY_MODEL_CACHE_DIR": str(work / "models"),
+            "GATEWAY_SPOOL_PATH": str(work / f"spool-{port}.sqlite3"),
+            "GATEWAY_MODEL_POLL_SECONDS": "3600",
+            "KAFKA_TOPIC_PREFIX": kafka_settings.topic_prefix,
+        }
+
+    gateway_command = [str(VENV_BIN / "python"), "-m", "gateway"]
+    model_dir = work / "models" / name / str(first.version)
+    # (label, command, readiness url, environment, url, body); ports fixed per label.
+    targets = [
+        ("gateway, publishing on", gateway_command, "http://127.0.0.1:18101/health/ready",
+         gateway_env(18101, True), "http://127.0.0.1:18101/predict", body),
+        ("gateway, publishing off", gateway_command, "http://127.0.0.1:18102/health/ready",
+         gateway_env(18102, False), "http://127.0.0.1:18102/predict", body),
+        ("no-op FastAPI",
+         [str(VENV_BIN / "uvicorn"), "bench.gateway_noop:app", "--port", "18103", "--loop",
+          "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"],
+         "http://127.0.0.1:18103/docs", env, "http://127.0.0.1:18103/predict", body),
+        ("mlflow models serve",
+         [str(VENV_BIN / "mlflow"), "models", "serve", "-m", str(model_dir), "-p", "18104",
+          "--host", "127.0.0.1", "--env-manager", "local"],
+         "http://127.0.0.1:18104/ping", env, "http://127.0.0.1:18104/invocations", mlflow_body),
+    ]  # fmt: skip
+    # The gateway run first fills the model cache that mlflow models serve reads.
+    for round_number in range(arguments.rounds):
+        for label, command, ready_url, target_env, url, payload in targets:
+            with server(command, ready_url, target_env, work / f"{label}-{round_number}.log"):
+                warm(url, payload)
+                run = wrk(label, url, payload, seconds)
+            # Interleaved rounds; the best of each target is kept, the run least disturbed by
+            # the other work on the shared machine.
+            if label not in runs or run.requests_per_second > runs[label].requests_per_second:
+                runs[label] = run
+
+    # The swap: a steady run, then the same length with a reload in the middle.
+    url = "http://127.0.0.1:18101/predict"
+    with server(
+        gateway_command,
+        "http://127.0.0.1:18101/health/ready",
+        gateway_env(18101, True),
+        work / "gateway-swap.log",
+    ):
+        warm(url, body)
+        runs["steady (before swap)"] = wrk("steady (before swap)", url, body, 8)
+        second = training.log_and_register(
+            training.train_booster(
+                spec, frame, num_boost_round=arguments.trees, params={"seed": 11}
+            ),
+            spec,
+            tracking_uri=mlflow_settings.tracking_uri,
+            model_name=name,
+            work_dir=work,
+        )
+        training.set_champion(second, tracking_uri=mlflow_settings.tracking_uri)
+        reload_status: list[object] = []
+        trigger = threading.Thread(target=reload_after, args=(2.0, 18101, reload_status))
+        trigger.start()
+        runs["during swap"] = wrk("during swap", url, body, 8)
+        trigger.join()
+        print(f"swap: reload answered version {reload_status}", file=sys.stderr)
+
+    report(runs, work, stamp)
+
+
+def report(runs: dict[str, Run], work: Path, stamp: str) -> None:
+    """Print the table and the ratios; keep them as JSON."""
+    load = Path("/proc/loadavg").read_text().split()[:3]
+    print(f"\ngateway benchmark {stamp}  (load average {' '.join(load)}, 2 cores, shared)")
+    print(f"{'run':28} {'req/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'non-2xx':>8}")
+    for run in runs.values():
+        print(
+            f"{run.name:28} {run.requests_per_second:9.0f} {run.p50_ms:8.2f} {run.p90_ms:8.2f} "
+            f"{run.p99_ms:8.2f} {run.non_2xx + run.socket_errors:8d}"
+        )
+    on = runs["gateway, publishing on"]
+    ratios = {
+        "publishing on / mlflow models serve (req/s, goal >= 25)": on.requests_per_second
+        / runs["mlflow models serve"].requests_per_second,
+        "publishing on / no-op FastAPI (req/s, goal >= 0.5)": on.requests_per_second
+        / runs["no-op FastAPI"].requests_per_second,
+        "publishing on / publishing off (req/s, goal >= 0.85)": on.requests_per_second
+        / runs["gateway, publishing off"].requests_per_second,
+        "p99 during swap / steady p99 (goal <= 2)": runs["during swap"].p99_ms
+        / runs["steady (before swap)"].p99_ms,
+    }
+    print()
+    for label, value in ratios.items():
+        print(f"{label:60} {value:7.2f}")
+    print(f"gateway p99 with publishing on: {on.p99_ms:.2f} ms (goal <= 15)")
+    print(f"failed requests during swap: {runs['during swap'].non_2xx}")
+    document = {
+        "stamp": stamp,
+        "load_average": load,
+        "runs": [asdict(run) for run in runs.values()],
+        "ratios": ratios,
+    }
+    path = RESULTS / f"gateway-{stamp}.json"
+    path.write_text(json.dumps(document, indent=2))
+    print(f"\nresults: {path}  (logs in {work})")
+
+
+if __name__ == "__main__":
+    main()

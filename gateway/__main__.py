@@ -1,0 +1,32 @@
+"""``python -m gateway``: serve the gateway with uvicorn (uvloop, httptools) from the settings."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from driftloop.settings import load_settings
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
+
+
+def main() -> None:
+    """Run one gateway process on GATEWAY_HOST:GATEWAY_PORT."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = load_settings(GatewaySettings)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        # Request lines are counted in Prometheus; a log line per request costs a fifth of
+        # the throughput at these rates.
+        access_log=False,
+        log_level="info",
+    )
+
+
+if __name__ == "__main__":
+    main()

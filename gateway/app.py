@@ -1,0 +1,128 @@
+"""The gateway's FastAPI application: ``create_app(settings)``, or ``gateway.app:app``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from starlette.exceptions import HTTPException
+
+from driftloop.champion import ChampionSource
+from driftloop.settings import load_settings
+from gateway.contract import Feedback, predict_request_body, row_schemas
+from gateway.metrics import GatewayMetrics
+from gateway.middleware import BodyTooLargeError, GatewayMiddleware
+from gateway.responses import JSONBytesResponse
+from gateway.routes import router
+from gateway.scoring import NoModelError, RequestProblemError
+from gateway.service import Gateway
+from gateway.settings import GatewaySettings
+from schemas.features import load_feature_spec
+
+
+def _problems(status: int, problems: list[dict[str, str]]) -> JSONBytesResponse:
+    return JSONBytesResponse({"detail": problems}, status_code=status)
+
+
+def create_app(
+    settings: GatewaySettings | None = None,
+    *,
+    registry: ChampionSource | None = None,
+    producer_factory: Callable[[], AIOKafkaProducer] | None = None,
+) -> FastAPI:
+    """The gateway app; its lifespan loads the model and connects Kafka.
+
+    ``registry`` and ``producer_factory`` replace the MLflow registry and the Kafka producer
+    (tests); by default they come from the settings.
+    """
+    settings = settings or load_settings(GatewaySettings)
+    spec = load_feature_spec(settings.feature_spec)
+    metrics = GatewayMetrics()
+    service = Gateway(settings, spec, metrics, registry=registry, producer_factory=producer_factory)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(
+        title="driftloop gateway",
+        summary=f"Predictions of the {spec.name} model: {spec.description}",
+        version="1",
+        lifespan=lifespan,
+        default_response_class=JSONBytesResponse,
+    )
+    app.state.gateway = service
+    app.include_router(router)
+    app.add_middleware(GatewayMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+
+    @app.exception_handler(RequestProblemError)
+    async def request_problem(request: Request, error: RequestProblemError) -> JSONBytesResponse:
+        return _problems(
+            error.status,
+            [{"field": problem.field, "reason": problem.reason} for problem in error.problems],
+        )
+
+    @app.exception_handler(NoModelError)
+    async def no_model(request: Request, error: NoModelError) -> JSONBytesResponse:
+        return _problems(503, [{"field": "model", "reason": str(error)}])
+
+    @app.exception_handler(BodyTooLargeError)
+    async def body_too_large(request: Request, error: BodyTooLargeError) -> JSONBytesResponse:
+        return _problems(413, [{"field": "body", "reason": f"larger than {error.limit} bytes"}])
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONBytesResponse:
+        problems = [
+            {
+                "field": ".".join(str(part) for part in detail.get("loc", ())) or "request",
+                "reason": str(detail.get("msg", "invalid")),
+            }
+            for detail in error.errors()
+        ]
+        return _problems(422, problems)
+
+    @app.exception_handler(HTTPException)
+    async def http_problem(request: Request, error: HTTPException) -> JSONBytesResponse:
+        return JSONBytesResponse(
+            {"detail": [{"field": "request", "reason": str(error.detail)}]},
+            status_code=error.status_code,
+            headers=error.headers,
+        )
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        document = get_openapi(
+            title=app.title, version=app.version, summary=app.summary, routes=app.routes
+        )
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
+        schemas.update(row_schemas(spec))
+        feedback = Feedback.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas["Feedback"] = feedback
+        predict = document["paths"]["/predict"]["post"]
+        predict["requestBody"] = predict_request_body(spec, settings.max_rows)
+        app.openapi_schema = document
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def __getattr__(name: str) -> FastAPI:
+    # ``uvicorn gateway.app:app`` builds the app from the environment on first access, so
+    # importing this module (tests, create_app) needs no configuration.
+    if name == "app":
+        return create_app()
+    raise AttributeError(name)
+
+
+__all__ = ["create_app"]

@@ -1,0 +1,104 @@
+"""Prometheus metrics of the gateway, on a registry of its own (one per app)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from driftloop.champion import Champion, LoadEvent
+
+# Request latency: the gateway answers in about a millisecond; the tail matters to 100 ms.
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1.0,
+)  # fmt: skip
+# Predicted values of the demo (bikes per hour, 0 to ~1000); other models set their own.
+_PREDICTION_BUCKETS = (0, 10, 25, 50, 100, 150, 200, 300, 400, 600, 800, 1000)
+
+
+class GatewayMetrics:
+    """Every metric the gateway exports."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        registry = self.registry
+        self.requests = Counter(
+            "gateway_requests",
+            "HTTP requests answered, by route template, method and status.",
+            ("route", "method", "status"),
+            registry=registry,
+        )
+        self.request_seconds = Histogram(
+            "gateway_request_duration_seconds",
+            "Time from request to response, by route template, method and status.",
+            ("route", "method", "status"),
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.predictions = Counter(
+            "gateway_predictions",
+            "Rows scored, by model name and version.",
+            ("model_name", "model_version"),
+            registry=registry,
+        )
+        self.prediction_values = Histogram(
+            "gateway_prediction_value",
+            "Distribution of the predicted values.",
+            ("model_name",),
+            buckets=_PREDICTION_BUCKETS,
+            registry=registry,
+        )
+        self.publish_errors = Counter(
+            "gateway_kafka_publish_errors",
+            "Events Kafka did not acknowledge in time (they go to the spool), by topic.",
+            ("topic",),
+            registry=registry,
+        )
+        self.published = Counter(
+            "gateway_kafka_published",
+            "Events acknowledged by Kafka, by topic.",
+            ("topic",),
+            registry=registry,
+        )
+        self.spool_depth = Gauge(
+            "gateway_spool_depth", "Events waiting in the on-disk spool.", registry=registry
+        )
+        self.spooled = Counter(
+            "gateway_spooled_events", "Events written to the spool.", registry=registry
+        )
+        self.spool_dropped = Counter(
+            "gateway_spool_dropped_events",
+            "Events lost because the spool was full (alert on any increase).",
+            registry=registry,
+        )
+        self.kafka_up = Gauge(
+            "gateway_kafka_up",
+            "1 while events go straight to Kafka, 0 while they are spooled.",
+            registry=registry,
+        )
+        self.model_loads = Counter(
+            "gateway_model_loads",
+            "Model load attempts, by outcome (loaded, unchanged, failed), source and reason.",
+            ("outcome", "source", "reason"),
+            registry=registry,
+        )
+        self.model_info = Gauge(
+            "gateway_model_info",
+            "The serving model: 1 for the current name/version/run, absent before any load.",
+            ("model_name", "model_version", "run_id"),
+            registry=registry,
+        )
+        self.model_loaded_at = Gauge(
+            "gateway_model_loaded_timestamp_seconds",
+            "When the serving model was loaded (Unix time).",
+            registry=registry,
+        )
+
+    def record_load(self, event: LoadEvent) -> None:
+        """Count one model load attempt (the champion holder's listener)."""
+        # Reasons are a small fixed set (start, poll, model_event, admin), safe as a label.
+        self.model_loads.labels(event.outcome.value, event.source.value, event.reason).inc()
+
+    def record_champion(self, champion: Champion) -> None:
+        """Make ``champion`` the one reported by ``gateway_model_info``."""
+        self.model_info.clear()
+        self.model_info.labels(champion.name, str(champion.version), champion.run_id).set(1)
+        self.model_loaded_at.set(champion.loaded_at.timestamp())

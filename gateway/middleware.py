@@ -1,0 +1,135 @@
+"""One ASGI middleware for every request: request id, body size limit, request metrics.
+
+Pure ASGI rather than ``BaseHTTPMiddleware``: it adds no task and no body copy per request.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from typing import Final
+
+import orjson
+from prometheus_client import Counter, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.metrics import GatewayMetrics
+
+REQUEST_ID_HEADER: Final = "x-request-id"
+# A client's request id becomes a Kafka key and the prediction log's key; the gateway appends
+# ":<row>" for list requests, so it leaves room under the 128 characters of a RequestId.
+REQUEST_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+UNMATCHED_ROUTE: Final = "unmatched"
+
+
+class BodyTooLargeError(Exception):
+    """The request body passed the size limit while it was being read."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body larger than {limit} bytes")
+        self.limit = limit
+
+
+def problem_body(field: str, reason: str) -> bytes:
+    """The JSON error body every 4xx of the gateway uses."""
+    return orjson.dumps({"detail": [{"field": field, "reason": reason}]})
+
+
+class GatewayMiddleware:
+    """Assigns the request id, enforces the body limit and records requests and latency."""
+
+    def __init__(self, app: ASGIApp, *, metrics: GatewayMetrics, max_body_bytes: int) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+        # Labelled children resolved once per (route, method, status): labels() takes a lock.
+        self._children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id: str | None = None
+        declared_length: int | None = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                request_id = value.decode("latin-1")
+            elif name == b"content-length":
+                declared_length = int(value) if value.isdigit() else None
+        state = scope.setdefault("state", {})
+        state["started"] = started
+        status = 500
+        request_id_bytes = b""
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            if message["type"] == "http.response.start" and request_id_bytes:
+                message["headers"] = [
+                    *message.get("headers", ()),
+                    (b"x-request-id", request_id_bytes),
+                ]
+            await send(message)
+
+        try:
+            if request_id is not None and not REQUEST_ID_PATTERN.fullmatch(request_id):
+                await _reject(
+                    send_with_id,
+                    400,
+                    "X-Request-ID",
+                    "must be 1 to 100 characters of letters, digits, '.', '_' or '-', "
+                    "starting with a letter or digit",
+                )
+                return
+            request_id = request_id or uuid.uuid4().hex
+            request_id_bytes = request_id.encode()
+            state["request_id"] = request_id
+            if declared_length is not None and declared_length > self.max_body_bytes:
+                await _reject(send_with_id, 413, "body", f"larger than {self.max_body_bytes} bytes")
+                return
+            await self.app(scope, self._limited(receive), send_with_id)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", UNMATCHED_ROUTE)
+            labels = (template, scope["method"], str(status))
+            children = self._children.get(labels)
+            if children is None:
+                children = self._children[labels] = (
+                    self.metrics.requests.labels(*labels),
+                    self.metrics.request_seconds.labels(*labels),
+                )
+            children[0].inc()
+            children[1].observe(time.perf_counter() - started)
+
+    def _limited(self, receive: Receive) -> Receive:
+        received = 0
+        limit = self.max_body_bytes
+
+        async def receive_limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLargeError(limit)
+            return message
+
+        return receive_limited
+
+
+async def _reject(send: Send, status: int, field: str, reason: str) -> None:
+    body = problem_body(field, reason)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,152 @@
+"""The gateway's running parts, created and stopped by the app's lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from collections.abc import Callable
+
+from aiokafka import AIOKafkaProducer
+
+from driftloop.champion import (
+    ChampionHolder,
+    ChampionSource,
+    LoadEvent,
+    LoadOutcome,
+    ModelRegistry,
+)
+from driftloop.spool import Spool
+from gateway.metrics import GatewayMetrics
+from gateway.model_events import FollowerState, ModelEventFollower
+from gateway.publishing import EventPublisher
+from gateway.scoring import Problem, RequestProblemError, Scorer
+from gateway.settings import GatewaySettings
+from schemas.events import Event
+from schemas.features import FeatureSpec
+from schemas.topics import Topic
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    """Champion holder, scorer, publisher, spool and background tasks of one gateway process."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        spec: FeatureSpec,
+        metrics: GatewayMetrics,
+        *,
+        registry: ChampionSource | None = None,
+        producer_factory: Callable[[], AIOKafkaProducer] | None = None,
+    ) -> None:
+        self.settings = settings
+        self._producer_factory = producer_factory
+        self.spec = spec
+        self.metrics = metrics
+        self.model_name = settings.model_name or spec.registered_model_name
+        self.holder = ChampionHolder(
+            registry or ModelRegistry(settings.mlflow.tracking_uri),
+            self.model_name,
+            settings.model_cache_dir,
+            alias=settings.model_alias,
+            expected_spec=spec,
+            on_load=self._model_loaded,
+        )
+        self.spool: Spool | None = None
+        self.publisher: EventPublisher | None = None
+        self.follower: ModelEventFollower | None = None
+        self.labels_topic = settings.kafka.topic(Topic.LABELS)
+        self.scorer = Scorer(
+            spec,
+            self.holder,
+            None,
+            metrics,
+            max_rows=settings.max_rows,
+            predictions_topic=settings.kafka.topic(Topic.PREDICTIONS),
+        )
+        self._api_keys = tuple(key.get_secret_value().encode() for key in settings.api_keys)
+        self._admin_token = settings.admin_token.get_secret_value().encode()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Open the spool, connect Kafka, load the model and start the background tasks."""
+        if self.settings.publish:
+            self.spool = Spool(
+                self.settings.spool_path, max_records=self.settings.spool_max_records
+            )
+            self.publisher = EventPublisher(
+                self.settings.kafka,
+                self.spool,
+                self.metrics,
+                timeout_seconds=self.settings.kafka_timeout_seconds,
+                producer_factory=self._producer_factory,
+            )
+            self.scorer.publisher = self.publisher
+            await self.publisher.start(connect_within_seconds=self.settings.kafka_timeout_seconds)
+        await self.holder.start()
+        self._tasks.append(
+            asyncio.create_task(
+                self.holder.poll(self.settings.model_poll_seconds), name="champion-poll"
+            )
+        )
+        if self.settings.model_events:
+            self.follower = ModelEventFollower(self.settings.kafka, self.holder)
+            self._tasks.append(asyncio.create_task(self.follower.run(), name="model-events"))
+
+    async def stop(self) -> None:
+        """Stop the background tasks, hand the queued events to Kafka or the spool, close."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.publisher is not None:
+            await self.publisher.stop()
+        if self.spool is not None:
+            self.spool.close()
+
+    def publish_label(self, event: Event) -> None:
+        """Queue a ground-truth event for the labels topic."""
+        if self.publisher is None:
+            raise RequestProblemError(
+                409, [Problem("body", "publishing is off on this gateway (GATEWAY_PUBLISH)")]
+            )
+        self.publisher.publish(self.labels_topic, event)
+
+    @property
+    def kafka_state(self) -> str:
+        """direct, spooling, stopped, or off when publishing is disabled."""
+        return self.publisher.state.value if self.publisher is not None else "off"
+
+    @property
+    def model_events_state(self) -> str:
+        """following, connecting or off."""
+        return (self.follower.state if self.follower else FollowerState.OFF).value
+
+    def check_api_key(self, presented: str | None) -> None:
+        """Refuse a request without one of the configured API keys (when any is configured)."""
+        if not self._api_keys:
+            return
+        if presented is None:
+            raise RequestProblemError(401, [Problem("X-API-Key", "an API key is required")])
+        candidate = presented.encode()
+        # Compare with every key in constant time: the answer does not leak which was close.
+        if not any(hmac.compare_digest(candidate, key) for key in self._api_keys):
+            raise RequestProblemError(401, [Problem("X-API-Key", "unknown API key")])
+
+    def check_admin(self, authorization: str | None) -> None:
+        """Refuse an admin request without the bearer token."""
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise RequestProblemError(401, [Problem("Authorization", "a bearer token is required")])
+        if not hmac.compare_digest(token.encode(), self._admin_token):
+            raise RequestProblemError(403, [Problem("Authorization", "wrong admin token")])
+
+    def _model_loaded(self, event: LoadEvent) -> None:
+        self.metrics.record_load(event)
+        champion = self.holder.current
+        if event.outcome is LoadOutcome.LOADED and champion is not None:
+            self.metrics.record_champion(champion)

@@ -1,0 +1,144 @@
+"""Training functions: the bikeshare seed data, its encoding, a fitted model, MLflow logging."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from driftloop import training
+from schemas.features import FeatureSpec, load_feature_spec
+
+
+@pytest.fixture(scope="module")
+def spec() -> FeatureSpec:
+    return load_feature_spec("bikeshare")
+
+
+@pytest.fixture
+def tracking_uri(tmp_path: Path) -> str:
+    """A throw-away sqlite registry whose artifacts stay in tmp_path (not ./mlruns)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(tracking_uri=uri).create_experiment(
+        training.DEFAULT_EXPERIMENT, artifact_location=(tmp_path / "artifacts").as_uri()
+    )
+    return uri
+
+
+def test_reads_the_seed_data_in_time_order(spec: FeatureSpec) -> None:
+    frame = training.read_dataset(spec, months=["Jan"])
+
+    assert set(frame["mnth"]) == {"Jan"}
+    assert list(frame["day"]) == sorted(frame["day"])
+    assert len(frame) > 600
+
+
+def test_feature_matrix_follows_the_declaration(spec: FeatureSpec) -> None:
+    frame = training.read_dataset(spec, months=["Jan"]).head(3)
+
+    matrix = training.feature_matrix(spec, frame)
+
+    assert matrix.shape == (3, len(spec.features))
+    first = frame.iloc[0]
+    row = {name: first[name] for name in spec.feature_names}
+    row["hr"] = int(row["hr"])
+    expected = spec.encode_row(spec.validate_row({k: _plain(v) for k, v in row.items()}))
+    np.testing.assert_allclose(matrix[0], expected)
+
+
+def _plain(value: object) -> object:
+    return value.item() if hasattr(value, "item") else value
+
+
+def test_feature_matrix_refuses_unknown_categories(spec: FeatureSpec) -> None:
+    frame = training.read_dataset(spec, months=["Jan"]).head(2).copy()
+    frame.loc[0, "mnth"] = "Smarch"
+
+    with pytest.raises(ValueError, match="mnth"):
+        training.feature_matrix(spec, frame)
+
+
+def test_missing_values_become_nan(spec: FeatureSpec) -> None:
+    frame = training.read_dataset(spec, months=["Jan"]).head(2).copy()
+    frame.loc[0, "temp"] = None
+    frame.loc[1, "weathersit"] = None
+
+    matrix = training.feature_matrix(spec, frame)
+
+    assert np.isnan(matrix[0, spec.feature_names.index("temp")])
+    assert np.isnan(matrix[1, spec.feature_names.index("weathersit")])
+
+
+def test_trained_model_beats_the_mean(spec: FeatureSpec) -> None:
+    train = training.read_dataset(spec, months=["Jan", "Feb"])
+    holdout = training.read_dataset(spec, months=["March"])
+
+    booster = training.train_booster(spec, train, num_boost_round=60)
+
+    truth = training.target_vector(spec, holdout)
+    predicted = booster.predict(training.feature_matrix(spec, holdout))
+    model_rmse = float(np.sqrt(np.mean((predicted - truth) ** 2)))
+    mean_rmse = float(np.sqrt(np.mean((truth.mean() - truth) ** 2)))
+    assert model_rmse < 0.8 * mean_rmse
+    assert booster.num_feature() == len(spec.features)
+
+
+def test_logs_registers_and_promotes(spec: FeatureSpec, tmp_path: Path, tracking_uri: str) -> None:
+    booster = training.train_booster(
+        spec, training.read_dataset(spec, months=["Jan"]), num_boost_round=5
+    )
+
+    model = training.log_and_register(
+        booster,
+        spec,
+        tracking_uri=tracking_uri,
+        model_name="bikeshare-unit",
+        metrics={"rmse": 1.0},
+        work_dir=tmp_path,
+    )
+    training.set_champion(model, tracking_uri=tracking_uri)
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    champion = client.get_model_version_by_alias("bikeshare-unit", training.CHAMPION_ALIAS)
+    assert (int(champion.version), champion.run_id) == (model.version, model.run_id)
+    logged = yaml.safe_load(
+        Path(
+            client.download_artifacts(model.run_id, training.FEATURE_SPEC_FILE, str(tmp_path))
+        ).read_text()
+    )
+    assert FeatureSpec.model_validate(logged) == spec
+
+
+def test_saved_model_has_the_flavour_layout(spec: FeatureSpec, tmp_path: Path) -> None:
+    booster = training.train_booster(
+        spec, training.read_dataset(spec, months=["Jan"]), num_boost_round=3
+    )
+
+    directory = training.save_model(booster, spec, tmp_path / "model")
+
+    assert (directory / "MLmodel").is_file()
+    assert (directory / "model.lgb").is_file()
+    assert (directory / "extra_files" / training.FEATURE_SPEC_FILE).is_file()
+
+
+def test_logging_leaves_the_process_tracking_uri_alone(
+    spec: FeatureSpec, tmp_path: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    booster = training.train_booster(
+        spec, training.read_dataset(spec, months=["Jan"]), num_boost_round=2
+    )
+
+    training.log_and_register(
+        booster,
+        spec,
+        tracking_uri=tracking_uri,
+        model_name="bikeshare-unit-env",
+        work_dir=tmp_path,
+    )
+
+    assert "MLFLOW_TRACKING_URI" not in os.environ
