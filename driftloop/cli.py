@@ -6,6 +6,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from consumers.batch_cli import batch_app
+from consumers.dlq_cli import dlq_app
 from driftloop.settings import SettingsError, load_settings
 from driftloop.stack import lifecycle
 from driftloop.stack.settings import StackSettings
@@ -13,6 +15,8 @@ from driftloop.stack.settings import StackSettings
 app = typer.Typer(help="driftloop: serve, log, watch for drift, retrain and promote models.")
 stack_app = typer.Typer(help="The native stack (no Docker): up, down, status.")
 app.add_typer(stack_app, name="stack")
+app.add_typer(dlq_app, name="dlq")
+app.add_typer(batch_app, name="batch")
 
 console = Console()
 

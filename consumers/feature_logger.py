@@ -1,0 +1,350 @@
+"""feature-logger: every prediction and label, exactly once, in Postgres and Parquet.
+
+Consumes ``predictions`` and ``labels`` in one group. Each micro-batch is written to Postgres
+(COPY into staging, ``INSERT … ON CONFLICT (request_id)``) and its offsets are committed after
+the database commit; the same predictions are buffered and flushed to the object store as
+Parquet with their own offsets (``driftloop.featurestore``). Run with
+``python -m consumers.feature_logger``; metrics on ``FEATURE_LOGGER_METRICS_PORT`` (9101).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
+from datetime import timedelta
+from typing import Annotated, Any, Final, cast
+
+import aiohttp
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.structs import TopicPartition
+from botocore.exceptions import BotoCoreError, ClientError
+from prometheus_client import Counter, Gauge, start_http_server
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from driftloop import kafka
+from driftloop.consumer_loop import (
+    DUPLICATES,
+    RECORDS_OUT,
+    WRITE_SECONDS,
+    ConsumerLoop,
+    Delivery,
+    LoopOptions,
+    install_stop_signals,
+)
+from driftloop.featurestore import FeatureStore
+from driftloop.migrations import SCHEMA_NAME
+from driftloop.objectstore import s3_client
+from driftloop.prediction_log import (
+    UNAVAILABLE_ERRORS,
+    PredictionLog,
+    WriteCounts,
+    open_prediction_log,
+)
+from driftloop.settings import (
+    DriftloopSettings,
+    KafkaSettings,
+    ObjectStoreSettings,
+    PostgresSettings,
+    SettingsError,
+    load_settings,
+)
+from schemas.events import TOPIC_EVENTS, GroundTruth, PredictionEvent
+from schemas.features import load_feature_spec
+from schemas.topics import Topic
+
+NAME: Final = "feature-logger"
+log = logging.getLogger(NAME)
+
+OBJECT_STORE_ERRORS: Final[tuple[type[BaseException], ...]] = (
+    BotoCoreError,
+    ClientError,
+    aiohttp.ClientError,
+)
+
+PENDING_LABELS = Counter(
+    "driftloop_feature_logger_labels_pending_total",
+    "Labels stored as pending because their prediction was not logged yet.",
+)
+PENDING_MOVED = Counter(
+    "driftloop_feature_logger_pending_labels_moved_total",
+    "Pending labels joined to their prediction by the periodic sweep.",
+)
+PENDING_EXPIRED = Counter(
+    "driftloop_feature_logger_pending_labels_expired_total",
+    "Pending labels deleted after the retention without their prediction arriving.",
+)
+PARQUET_BUFFERED = Gauge(
+    "driftloop_feature_logger_parquet_buffered_rows",
+    "Predictions buffered for the next Parquet flush.",
+)
+PARQUET_FLUSH_FAILURES = Counter(
+    "driftloop_feature_logger_parquet_flush_failures_total",
+    "Parquet flushes that failed because the object store or Postgres was unavailable.",
+)
+
+Seconds = Annotated[float, Field(gt=0)]
+
+
+class FeatureLoggerSettings(DriftloopSettings):
+    """The feature logger (``FEATURE_LOGGER_*``) and the connections it uses."""
+
+    model_config = SettingsConfigDict(env_prefix="FEATURE_LOGGER_")
+
+    group: str = Field(
+        default="feature-logger",
+        description="FEATURE_LOGGER_GROUP: Kafka consumer group (default feature-logger).",
+    )
+    db_schema: str = Field(
+        default="public",
+        pattern=SCHEMA_NAME.pattern,
+        description="FEATURE_LOGGER_DB_SCHEMA: Postgres schema of the log tables (default "
+        "public; tests use one per test).",
+    )
+    max_batch: Annotated[int, Field(ge=1, le=100_000)] = Field(
+        default=5000,
+        description="FEATURE_LOGGER_MAX_BATCH: records per micro-batch (default 5000).",
+    )
+    poll_timeout_ms: Annotated[int, Field(ge=1)] = Field(
+        default=200,
+        description="FEATURE_LOGGER_POLL_TIMEOUT_MS: longest wait for a batch (default 200).",
+    )
+    parquet_enabled: bool = Field(
+        default=True,
+        description="FEATURE_LOGGER_PARQUET_ENABLED: also write Parquet to the object store "
+        "(default true).",
+    )
+    parquet_prefix: str = Field(
+        default="features/",
+        description="FEATURE_LOGGER_PARQUET_PREFIX: key prefix in S3_DATA_BUCKET "
+        "(default features/).",
+    )
+    flush_interval_seconds: Seconds = Field(
+        default=60.0,
+        description="FEATURE_LOGGER_FLUSH_INTERVAL_SECONDS: Parquet flush interval, at most "
+        "one file per model/date/hour partition per interval (default 60).",
+    )
+    max_buffered_rows: Annotated[int, Field(ge=1)] = Field(
+        default=200_000,
+        description="FEATURE_LOGGER_MAX_BUFFERED_ROWS: flush early at this many buffered rows; "
+        "consumption pauses when a full buffer cannot be flushed (default 200000).",
+    )
+    feature_spec: str = Field(
+        default="bikeshare",
+        description="FEATURE_LOGGER_FEATURE_SPEC: declaration giving the Parquet column types of "
+        "its model (default bikeshare; other models' types are inferred).",
+    )
+    pending_label_retention_hours: Annotated[float, Field(gt=0)] = Field(
+        default=168.0,
+        description="FEATURE_LOGGER_PENDING_LABEL_RETENTION_HOURS: how long a label waits for "
+        "its prediction before it is deleted (default 168 = 7 days, the labels topic's "
+        "retention).",
+    )
+    pending_sweep_interval_seconds: Seconds = Field(
+        default=60.0,
+        description="FEATURE_LOGGER_PENDING_SWEEP_INTERVAL_SECONDS: how often pending labels "
+        "are joined and expired (default 60).",
+    )
+    metrics_port: Annotated[int, Field(ge=0, lt=65536)] = Field(
+        default=9101,
+        description="FEATURE_LOGGER_METRICS_PORT: Prometheus /metrics port (default 9101; 0 "
+        "picks a free port).",
+    )
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    postgres: PostgresSettings = Field(default_factory=PostgresSettings)
+    s3: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
+
+
+class FeatureLogger:
+    """Writes each batch to the prediction log, then buffers and flushes it as Parquet."""
+
+    def __init__(
+        self,
+        prediction_log: PredictionLog,
+        store: FeatureStore | None,
+        *,
+        predictions_topic: str,
+        pending_retention: timedelta,
+        sweep_interval_seconds: float,
+    ) -> None:
+        self.prediction_log = prediction_log
+        self.store = store
+        self.predictions_topic = predictions_topic
+        self.pending_retention = pending_retention
+        self.sweep_interval_seconds = sweep_interval_seconds
+        self._next_sweep = time.monotonic()
+        self._next_flush_attempt = 0.0
+        self._flush_backoff = 0.5
+
+    def is_transient(self, error: BaseException) -> bool:
+        return isinstance(error, UNAVAILABLE_ERRORS + OBJECT_STORE_ERRORS)
+
+    async def write(self, deliveries: Sequence[Delivery[PredictionEvent | GroundTruth]]) -> None:
+        predictions: list[Delivery[PredictionEvent]] = []
+        labels: list[GroundTruth] = []
+        for delivery in deliveries:
+            if isinstance(delivery.event, PredictionEvent):
+                predictions.append(cast("Delivery[PredictionEvent]", delivery))
+            else:
+                labels.append(delivery.event)
+        counts = WriteCounts()
+        if predictions or labels:
+            started = time.perf_counter()
+            counts = await self.prediction_log.write(predictions, labels)
+            WRITE_SECONDS.labels(NAME, "postgres").observe(time.perf_counter() - started)
+            RECORDS_OUT.labels(NAME, "postgres").inc(
+                counts.predictions_inserted + counts.labels_written + counts.labels_pending
+            )
+            DUPLICATES.labels(NAME, "postgres").inc(counts.predictions_duplicate)
+            PENDING_LABELS.inc(counts.labels_pending)
+        if self.store is not None:
+            self.store.add(predictions, counts.first_records)
+            await self._flush_when_due()
+            PARQUET_BUFFERED.set(self.store.buffered_rows)
+        if time.monotonic() >= self._next_sweep:
+            sweep = await self.prediction_log.sweep_pending_labels(self.pending_retention)
+            PENDING_MOVED.inc(sweep.moved)
+            PENDING_EXPIRED.inc(sweep.expired)
+            if sweep.expired:
+                log.warning("deleted %d pending labels older than the retention", sweep.expired)
+            self._next_sweep = time.monotonic() + self.sweep_interval_seconds
+
+    async def _flush_when_due(self) -> None:
+        store = self.store
+        if store is None or not store.flush_due() or time.monotonic() < self._next_flush_attempt:
+            return
+        started = time.perf_counter()
+        try:
+            rows = await store.flush()
+        except Exception as error:
+            if not self.is_transient(error):
+                raise
+            PARQUET_FLUSH_FAILURES.inc()
+            if store.buffered_rows >= store.max_buffered_rows:
+                raise  # buffer full: the loop pauses consumption until a flush succeeds
+            # Parquet keeps its own offsets, so Postgres logging goes on while the object store
+            # is away; the buffer absorbs the gap up to max_buffered_rows.
+            log.warning("Parquet flush failed (%s); retry in %.1fs", error, self._flush_backoff)
+            self._next_flush_attempt = time.monotonic() + self._flush_backoff
+            self._flush_backoff = min(self._flush_backoff * 2, 30.0)
+            return
+        self._flush_backoff = 0.5
+        WRITE_SECONDS.labels(NAME, "parquet").observe(time.perf_counter() - started)
+        RECORDS_OUT.labels(NAME, "parquet").inc(rows)
+
+    async def on_assigned(self, consumer: Any, partitions: frozenset[TopicPartition]) -> None:
+        if self.store is not None:
+            await self.store.restore(
+                consumer, [tp for tp in partitions if tp.topic == self.predictions_topic]
+            )
+
+    async def on_revoked(self, partitions: frozenset[TopicPartition]) -> None:
+        if self.store is None:
+            return
+        try:
+            await self.store.flush()
+        except Exception as error:
+            if not self.is_transient(error):
+                raise
+            log.warning("flush on revoke failed (%s); the next owner replays the buffer", error)
+        self.store.release(partitions)
+
+    async def close(self) -> None:
+        """Flush the buffered rows on a clean stop; a failure leaves them to the replay."""
+        if self.store is None:
+            return
+        try:
+            await self.store.flush()
+        except Exception as error:
+            if not self.is_transient(error):
+                raise
+            log.warning("final flush failed (%s); rows will be replayed at the next start", error)
+
+
+async def run_feature_logger(settings: FeatureLoggerSettings) -> None:
+    """Run the feature logger until SIGTERM/SIGINT (or a non-transient failure)."""
+    topics = {
+        settings.kafka.topic(topic): TOPIC_EVENTS[topic]
+        for topic in (Topic.PREDICTIONS, Topic.LABELS)
+    }
+    options = LoopOptions(
+        name=NAME,
+        group=settings.group,
+        topics=topics,
+        dead_letter_topics={
+            settings.kafka.topic(topic): settings.kafka.topic(topic.dead_letter)
+            for topic in (Topic.PREDICTIONS, Topic.LABELS)
+        },
+        max_batch=settings.max_batch,
+        poll_timeout_ms=settings.poll_timeout_ms,
+    )
+    prediction_log = await open_prediction_log(settings.postgres, settings.db_schema)
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(_closing, "Postgres pool", prediction_log.close)
+        store = None
+        if settings.parquet_enabled:
+            s3 = await stack.enter_async_context(s3_client(settings.s3))
+            specs = [load_feature_spec(settings.feature_spec)] if settings.feature_spec else []
+            store = FeatureStore(
+                prediction_log.pool,
+                s3,
+                settings.s3.data_bucket,
+                settings.parquet_prefix,
+                flush_interval_seconds=settings.flush_interval_seconds,
+                max_buffered_rows=settings.max_buffered_rows,
+                specs=specs,
+            )
+        producer = kafka.producer(settings.kafka, f"{NAME}-dlq")
+        await kafka.start_with_retry(producer, settings.kafka)
+        stack.push_async_callback(_closing, "producer", producer.stop)
+        consumer = kafka.consumer(
+            settings.kafka,
+            settings.group,
+            # Range assignment gives one consumer the same partition number of both topics;
+            # both are keyed by request id, so a label usually meets its prediction's consumer.
+            partition_assignment_strategy=(RangePartitionAssignor,),
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+        )
+        await kafka.start_with_retry(consumer, settings.kafka)
+        stack.push_async_callback(_closing, "consumer", consumer.stop)
+        logger = FeatureLogger(
+            prediction_log,
+            store,
+            predictions_topic=settings.kafka.topic(Topic.PREDICTIONS),
+            pending_retention=timedelta(hours=settings.pending_label_retention_hours),
+            sweep_interval_seconds=settings.pending_sweep_interval_seconds,
+        )
+        loop = ConsumerLoop(options, consumer, producer, logger)
+        install_stop_signals(loop.stop)
+        await loop.run()
+        log.info("consumption stopped; flushing Parquet and closing")
+        await logger.close()
+    log.info("stopped cleanly")
+
+
+async def _closing(what: str, close: Callable[[], Awaitable[None]]) -> None:
+    log.info("closing the %s", what)
+    await close()
+
+
+def main() -> None:
+    """Entry point of ``python -m consumers.feature_logger``."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        settings = load_settings(FeatureLoggerSettings)
+    except SettingsError as error:
+        log.error("%s", error)  # noqa: TRY400 - the message names the variables; no traceback
+        sys.exit(2)
+    start_http_server(settings.metrics_port)
+    asyncio.run(run_feature_logger(settings))
+
+
+if __name__ == "__main__":
+    main()

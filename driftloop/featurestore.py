@@ -1,0 +1,385 @@
+"""Parquet feature partitions in the object store, exactly once, with their own Kafka offsets.
+
+Rows are buffered and flushed every interval as one file per ``model/date/hour`` partition:
+``<prefix>model=<name>/date=<YYYY-MM-DD>/hour=<HH>/<flush id>.parquet``. Which Kafka offsets
+are in committed files is kept in Postgres (``feature_offsets``: next offset per predictions
+partition), independently of the consumer group's offsets, which follow the faster Postgres
+writes. A flush:
+
+1. records its intent (flush id, partitions, object keys) in ``feature_flushes``;
+2. puts the files;
+3. in one transaction: advances ``feature_offsets`` (only from the values it started from — a
+   fence against another owner of the partition), adds the files to the ``feature_files``
+   manifest with the offset ranges they hold, and deletes the intent.
+
+On assignment the new owner deletes the objects of intents that never completed and seeks
+the consumer back to ``feature_offsets`` when that is behind the group's offset, skipping the
+records at lower offsets for Parquet. So a crash at any step neither loses nor duplicates a
+row in the files, while the Postgres writes stay idempotent by request id. Between a crash
+and the next start, objects of an unfinished flush may exist: ``feature_files`` is the exact
+list.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import TYPE_CHECKING, Any, Final
+
+import asyncpg
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+from aiokafka.structs import TopicPartition
+
+from driftloop.consumer_loop import Delivery
+from schemas.events import PredictionEvent
+from schemas.features import FeatureSpec
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
+
+log = logging.getLogger(__name__)
+
+_ARROW_TYPES: Final = {"int": pa.int64(), "float": pa.float64(), "str": pa.string()}
+BASE_SCHEMA: Final = pa.schema(
+    [
+        ("request_id", pa.string()),
+        ("event_id", pa.string()),
+        ("predicted_at", pa.timestamp("us", tz="UTC")),
+        ("model_name", pa.string()),
+        ("model_version", pa.int32()),
+        ("run_id", pa.string()),
+        ("prediction", pa.float64()),
+        ("latency_ms", pa.float64()),
+        ("source", pa.string()),
+        ("kafka_partition", pa.int32()),
+        ("kafka_offset", pa.int64()),
+    ]
+)
+_RESERVED: Final = frozenset(BASE_SCHEMA.names)
+
+
+class FencedError(RuntimeError):
+    """Another consumer advanced this partition's Parquet offsets: this flush is void."""
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionKey:
+    """One object-store partition: a model's rows of one UTC hour."""
+
+    model_name: str
+    day: date
+    hour: int
+
+    def object_key(self, prefix: str, flush_id: str) -> str:
+        return (
+            f"{prefix}model={self.model_name}/date={self.day.isoformat()}/"
+            f"hour={self.hour:02d}/{flush_id}.parquet"
+        )
+
+
+def feature_column(name: str) -> str:
+    """Column of a feature in the files: its name, unless a base column already has it."""
+    return f"feature_{name}" if name in _RESERVED else name
+
+
+@dataclass(slots=True)
+class _Buffer:
+    rows: dict[PartitionKey, list[Delivery[PredictionEvent]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    # Per Kafka partition: the offset after the last record seen.
+    next: dict[TopicPartition, int] = field(default_factory=dict)
+    size: int = 0
+    flush_id: str | None = None
+
+
+class FeatureStore:
+    """Buffers logged predictions and flushes them as Parquet with exactly-once offsets."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        s3: S3Client,
+        bucket: str,
+        prefix: str,
+        *,
+        flush_interval_seconds: float,
+        max_buffered_rows: int,
+        specs: Iterable[FeatureSpec] = (),
+    ) -> None:
+        self.pool = pool
+        self.s3 = s3
+        self.bucket = bucket
+        self.prefix = prefix
+        self.flush_interval_seconds = flush_interval_seconds
+        self.max_buffered_rows = max_buffered_rows
+        self._specs = {spec.registered_model_name: spec for spec in specs}
+        self._committed: dict[TopicPartition, int | None] = {}
+        self._buffer = _Buffer()
+        self._last_flush = time.monotonic()
+
+    @property
+    def buffered_rows(self) -> int:
+        return self._buffer.size
+
+    def add(
+        self,
+        deliveries: Sequence[Delivery[PredictionEvent]],
+        first_records: frozenset[tuple[int, int]] | None = None,
+    ) -> int:
+        """Buffer the deliveries not yet in committed files (a retried batch adds nothing).
+
+        Only the record that logged a request first in Postgres (``first_records``; None means
+        every one) becomes a row, so a duplicate message never reaches the files twice.
+        """
+        buffer = self._buffer
+        added = 0
+        keys: dict[tuple[str, int, int, int, int], PartitionKey] = {}
+        for delivery in deliveries:
+            tp = TopicPartition(delivery.topic, delivery.partition)
+            if tp not in self._committed:
+                continue  # not ours (revoked since it was fetched)
+            committed = self._committed[tp]
+            if committed is not None and delivery.offset < committed:
+                continue
+            if delivery.offset < buffer.next.get(tp, -1):
+                continue
+            buffer.next[tp] = delivery.offset + 1
+            if (
+                first_records is not None
+                and (delivery.partition, delivery.offset) not in first_records
+            ):
+                continue
+            event = delivery.event
+            # occurred_at is UTC already (the event type normalises it).
+            moment = event.occurred_at
+            hour = (event.model_name, moment.year, moment.month, moment.day, moment.hour)
+            key = keys.get(hour)
+            if key is None:
+                key = keys[hour] = PartitionKey(event.model_name, moment.date(), moment.hour)
+            buffer.rows[key].append(delivery)
+            buffer.size += 1
+            added += 1
+        if added:
+            buffer.flush_id = None  # new content: a new flush id (see flush)
+        return added
+
+    def flush_due(self) -> bool:
+        """Whether the interval has passed (with rows buffered) or the buffer is full."""
+        if not self._buffer.size:
+            return False
+        elapsed = time.monotonic() - self._last_flush
+        return elapsed >= self.flush_interval_seconds or self._buffer.size >= self.max_buffered_rows
+
+    async def flush(self) -> int:
+        """Write the buffer as one file per partition and commit its offsets; returns rows."""
+        buffer = self._buffer
+        if not buffer.size:
+            self._last_flush = time.monotonic()
+            return 0
+        # A retry of a failed flush with unchanged content reuses its id, so it overwrites its
+        # own objects instead of leaving copies behind.
+        if buffer.flush_id is None:
+            buffer.flush_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}"
+        flush_id = buffer.flush_id
+        files = {
+            key.object_key(self.prefix, flush_id): (key, rows) for key, rows in buffer.rows.items()
+        }
+        partitions = sorted(buffer.next, key=lambda tp: (tp.topic, tp.partition))
+        async with self.pool.acquire() as connection:
+            await connection.execute(
+                "INSERT INTO feature_flushes (flush_id, partitions, object_keys) "
+                "VALUES ($1, $2, $3) ON CONFLICT (flush_id) DO UPDATE "
+                "SET object_keys = EXCLUDED.object_keys",
+                flush_id,
+                [_partition_name(tp) for tp in partitions],
+                list(files),
+            )
+        manifest = []
+        for object_key, (key, rows) in files.items():
+            table, offsets = self._table(key, rows)
+            sink = io.BytesIO()
+            pq.write_table(
+                table.replace_schema_metadata(
+                    {**(table.schema.metadata or {}), b"driftloop.kafka_offsets": offsets}
+                ),
+                sink,
+                compression="zstd",
+            )
+            await self.s3.put_object(Bucket=self.bucket, Key=object_key, Body=sink.getvalue())
+            manifest.append((object_key, flush_id, key, len(rows), offsets))
+        async with self.pool.acquire() as connection, connection.transaction():
+            for tp in partitions:
+                await self._advance(connection, tp, buffer.next[tp])
+            await connection.executemany(
+                "INSERT INTO feature_files (object_key, flush_id, model_name, partition_date, "
+                "partition_hour, row_count, offsets) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                [
+                    (
+                        object_key,
+                        flush_id,
+                        key.model_name,
+                        key.day,
+                        key.hour,
+                        count,
+                        offsets.decode(),
+                    )
+                    for object_key, flush_id, key, count, offsets in manifest
+                ],
+            )
+            await connection.execute("DELETE FROM feature_flushes WHERE flush_id = $1", flush_id)
+        for tp in partitions:
+            self._committed[tp] = buffer.next[tp]
+        rows_written = buffer.size
+        self._buffer = _Buffer()
+        self._last_flush = time.monotonic()
+        log.info("flushed %d rows in %d Parquet files (%s)", rows_written, len(files), flush_id)
+        return rows_written
+
+    async def _advance(self, connection: asyncpg.Connection, tp: TopicPartition, to: int) -> None:
+        expected = self._committed.get(tp)
+        if expected is None:
+            status = await connection.execute(
+                "INSERT INTO feature_offsets (topic, partition, next_offset) VALUES ($1, $2, $3) "
+                "ON CONFLICT (topic, partition) DO NOTHING",
+                tp.topic,
+                tp.partition,
+                to,
+            )
+        else:
+            status = await connection.execute(
+                "UPDATE feature_offsets SET next_offset = $3, updated_at = now() "
+                "WHERE topic = $1 AND partition = $2 AND next_offset = $4",
+                tp.topic,
+                tp.partition,
+                to,
+                expected,
+            )
+        if status.endswith(" 0"):
+            raise FencedError(f"Parquet offsets of {_partition_name(tp)} moved under this flush")
+
+    def _table(
+        self, key: PartitionKey, rows: Sequence[Delivery[PredictionEvent]]
+    ) -> tuple[pa.Table, bytes]:
+        events = [delivery.event for delivery in rows]
+        columns: dict[str, Any] = {
+            "request_id": [event.request_id for event in events],
+            "event_id": [str(event.event_id) for event in events],
+            "predicted_at": [event.occurred_at for event in events],
+            "model_name": [event.model_name for event in events],
+            "model_version": [event.model_version for event in events],
+            "run_id": [event.run_id for event in events],
+            "prediction": [event.prediction for event in events],
+            "latency_ms": [event.latency_ms for event in events],
+            "source": [event.source for event in events],
+            "kafka_partition": [delivery.partition for delivery in rows],
+            "kafka_offset": [delivery.offset for delivery in rows],
+        }
+        arrays = [pa.array(columns[name], type=BASE_SCHEMA.field(name).type) for name in columns]
+        fields = list(BASE_SCHEMA)
+        spec = self._specs.get(key.model_name)
+        names = (
+            list(spec.feature_names)
+            if spec is not None
+            else sorted({name for event in events for name in event.features})
+        )
+        for name in names:
+            values = [event.features.get(name) for event in events]
+            arrow_type = _ARROW_TYPES[spec.feature(name).dtype] if spec is not None else None
+            array = _feature_array(values, arrow_type)
+            arrays.append(array)
+            fields.append(pa.field(feature_column(name), array.type))
+        ranges: dict[str, list[int]] = {}
+        for delivery in rows:
+            span = ranges.setdefault(
+                f"{delivery.topic}:{delivery.partition}", [delivery.offset, delivery.offset]
+            )
+            span[0] = min(span[0], delivery.offset)
+            span[1] = max(span[1], delivery.offset)
+        return pa.Table.from_arrays(arrays, schema=pa.schema(fields)), orjson.dumps(ranges)
+
+    async def restore(self, consumer: Any, partitions: Iterable[TopicPartition]) -> None:
+        """Take over ``partitions``: void unfinished flushes, seek back to the Parquet offsets.
+
+        Called with the consumer positioned at the group's committed offsets.
+        """
+        owned = list(partitions)
+        names = [_partition_name(tp) for tp in owned]
+        async with self.pool.acquire() as connection:
+            unfinished = await connection.fetch(
+                "SELECT flush_id, object_keys FROM feature_flushes WHERE partitions && $1", names
+            )
+            stored = await connection.fetch(
+                "SELECT topic, partition, next_offset FROM feature_offsets "
+                "WHERE topic = ANY($1::text[])",
+                sorted({tp.topic for tp in owned}),
+            )
+        for row in unfinished:
+            for object_key in row["object_keys"]:
+                await self.s3.delete_object(Bucket=self.bucket, Key=object_key)
+            async with self.pool.acquire() as connection:
+                await connection.execute(
+                    "DELETE FROM feature_flushes WHERE flush_id = $1", row["flush_id"]
+                )
+            log.warning("voided unfinished flush %s", row["flush_id"])
+        offsets = {
+            TopicPartition(row["topic"], row["partition"]): row["next_offset"] for row in stored
+        }
+        for tp in owned:
+            committed = await consumer.committed(tp)
+            target = offsets.get(tp)
+            if target is None:
+                target = await self._start(consumer, tp, committed)
+            self._committed[tp] = target
+            if committed is None or target < committed:
+                # Records between the two are in Postgres (idempotent) but not yet in Parquet.
+                consumer.seek(tp, target)
+
+    async def _start(self, consumer: Any, tp: TopicPartition, committed: int | None) -> int:
+        # The first export of a partition starts where the group does, and that start is stored
+        # before any row is logged, so a crash before the first flush cannot skip rows.
+        if committed is None:
+            committed = (await consumer.beginning_offsets([tp]))[tp]
+        async with self.pool.acquire() as connection:
+            await connection.execute(
+                "INSERT INTO feature_offsets (topic, partition, next_offset) VALUES ($1, $2, $3) "
+                "ON CONFLICT (topic, partition) DO NOTHING",
+                tp.topic,
+                tp.partition,
+                committed,
+            )
+            stored: int = await connection.fetchval(
+                "SELECT next_offset FROM feature_offsets WHERE topic = $1 AND partition = $2",
+                tp.topic,
+                tp.partition,
+            )
+        return stored
+
+    def release(self, partitions: Iterable[TopicPartition]) -> None:
+        """Forget revoked partitions and drop the whole buffer (the next owner replays it)."""
+        for tp in partitions:
+            self._committed.pop(tp, None)
+        self._buffer = _Buffer()
+
+
+def _feature_array(values: list[Any], arrow_type: pa.DataType | None) -> pa.Array:
+    for candidate in (arrow_type, None):
+        try:
+            return pa.array(values, type=candidate)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            continue
+    # Mixed types in one file (an undeclared model, or values off their declaration): the
+    # rows are kept, as text, rather than failing the flush.
+    return pa.array([None if value is None else str(value) for value in values], type=pa.string())
+
+
+def _partition_name(tp: TopicPartition) -> str:
+    return f"{tp.topic}:{tp.partition}"

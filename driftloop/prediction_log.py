@@ -1,0 +1,277 @@
+"""The prediction log in Postgres: idempotent micro-batch writes of predictions and labels.
+
+A batch is copied (binary ``COPY``) into session-local staging tables, then inserted with
+``ON CONFLICT (request_id)`` in the same transaction, so a batch replayed after a crash adds
+nothing. A label whose prediction is not logged yet waits in ``pending_labels``; it moves to
+``labels`` when its prediction arrives (or at the next sweep), and is deleted after the
+retention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Final
+
+import asyncpg
+import orjson
+
+from driftloop.connect import connect_with_retry
+from driftloop.consumer_loop import Delivery
+from driftloop.migrations import SCHEMA_NAME, apply_migrations
+from driftloop.settings import PostgresSettings
+from schemas.events import GroundTruth, PredictionEvent
+
+PREDICTION_COLUMNS: Final = (
+    "request_id",
+    "event_id",
+    "predicted_at",
+    "model_name",
+    "model_version",
+    "run_id",
+    "features",
+    "prediction",
+    "latency_ms",
+    "source",
+    "kafka_partition",
+    "kafka_offset",
+)
+LABEL_COLUMNS: Final = ("request_id", "label", "observed_at", "event_id")
+
+# Postgres errors that mean "the database is not reachable right now", not "this data is bad".
+UNAVAILABLE_ERRORS: Final[tuple[type[BaseException], ...]] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.InterfaceError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+)
+
+_STAGING = """
+CREATE TEMP TABLE IF NOT EXISTS staged_predictions
+    (LIKE prediction_log INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS staged_labels
+    (LIKE pending_labels INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;
+"""
+_INSERT_PREDICTIONS = """
+INSERT INTO prediction_log (request_id, event_id, predicted_at, model_name, model_version,
+                            run_id, features, prediction, latency_ms, source,
+                            kafka_partition, kafka_offset)
+SELECT request_id, event_id, predicted_at, model_name, model_version,
+       run_id, features, prediction, latency_ms, source, kafka_partition, kafka_offset
+FROM staged_predictions
+ON CONFLICT (request_id) DO NOTHING
+"""
+# Which records of the batch logged their request first (a replayed or duplicate record did not).
+_FIRST_RECORDS = """
+SELECT s.kafka_partition, s.kafka_offset
+FROM staged_predictions s JOIN prediction_log p USING (request_id)
+WHERE p.kafka_partition = s.kafka_partition AND p.kafka_offset = s.kafka_offset
+"""
+# A later observation of the same request's label replaces an earlier one; a replay of the same
+# label changes nothing. DISTINCT ON keeps one row per key, as ON CONFLICT DO UPDATE requires.
+_INSERT_KNOWN_LABELS = """
+INSERT INTO labels (request_id, label, observed_at, event_id)
+SELECT DISTINCT ON (s.request_id) s.request_id, s.label, s.observed_at, s.event_id
+FROM staged_labels s JOIN prediction_log p USING (request_id)
+ORDER BY s.request_id, s.observed_at DESC
+ON CONFLICT (request_id) DO UPDATE
+SET label = EXCLUDED.label, observed_at = EXCLUDED.observed_at, event_id = EXCLUDED.event_id
+WHERE labels.observed_at < EXCLUDED.observed_at
+"""
+_INSERT_PENDING_LABELS = """
+INSERT INTO pending_labels (request_id, label, observed_at, event_id)
+SELECT DISTINCT ON (s.request_id) s.request_id, s.label, s.observed_at, s.event_id
+FROM staged_labels s
+WHERE NOT EXISTS (SELECT 1 FROM prediction_log p WHERE p.request_id = s.request_id)
+ORDER BY s.request_id, s.observed_at DESC
+ON CONFLICT (request_id) DO UPDATE
+SET label = EXCLUDED.label, observed_at = EXCLUDED.observed_at, event_id = EXCLUDED.event_id
+WHERE pending_labels.observed_at < EXCLUDED.observed_at
+"""
+# Pending labels whose prediction is now logged: those of this batch's predictions, or (the
+# sweep) all of them, which catches a label and its prediction committed concurrently.
+_MOVE_PENDING_OF_BATCH = """
+WITH moved AS (
+    DELETE FROM pending_labels l USING staged_predictions s
+    WHERE l.request_id = s.request_id
+    RETURNING l.request_id, l.label, l.observed_at, l.event_id
+)
+INSERT INTO labels (request_id, label, observed_at, event_id)
+SELECT DISTINCT ON (request_id) request_id, label, observed_at, event_id FROM moved
+ORDER BY request_id
+ON CONFLICT (request_id) DO UPDATE
+SET label = EXCLUDED.label, observed_at = EXCLUDED.observed_at, event_id = EXCLUDED.event_id
+WHERE labels.observed_at < EXCLUDED.observed_at
+"""
+_MOVE_ALL_PENDING = """
+WITH moved AS (
+    DELETE FROM pending_labels l USING prediction_log p
+    WHERE l.request_id = p.request_id
+    RETURNING l.request_id, l.label, l.observed_at, l.event_id
+)
+INSERT INTO labels (request_id, label, observed_at, event_id)
+SELECT request_id, label, observed_at, event_id FROM moved
+ON CONFLICT (request_id) DO UPDATE
+SET label = EXCLUDED.label, observed_at = EXCLUDED.observed_at, event_id = EXCLUDED.event_id
+WHERE labels.observed_at < EXCLUDED.observed_at
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class WriteCounts:
+    """What one batch changed: new rows, and records the log already held."""
+
+    predictions_inserted: int = 0
+    predictions_duplicate: int = 0
+    labels_written: int = 0
+    labels_pending: int = 0
+    first_records: frozenset[tuple[int, int]] | None = None
+    """(partition, offset) of the records that logged their request first; None: all of them."""
+
+
+@dataclass(frozen=True, slots=True)
+class SweepCounts:
+    """What a pending-label sweep did."""
+
+    moved: int
+    expired: int
+
+
+def _affected(status: str) -> int:
+    # asyncpg returns the command tag, e.g. "INSERT 0 42" or "DELETE 3".
+    return int(status.rsplit(" ", 1)[-1])
+
+
+async def _prepare_session(connection: asyncpg.Connection) -> None:
+    await connection.execute(_STAGING)
+
+
+async def open_prediction_log(
+    settings: PostgresSettings,
+    schema: str = "public",
+    *,
+    max_size: int = 2,
+    give_up_after_seconds: float = 300.0,
+) -> PredictionLog:
+    """Apply the migrations to ``schema`` and open a pool whose sessions work in it."""
+    if not SCHEMA_NAME.match(schema):
+        raise ValueError(f"invalid schema name {schema!r}")
+    options = {
+        "host": settings.host,
+        "port": settings.port,
+        "user": settings.user,
+        "password": settings.password.get_secret_value(),
+        "database": settings.db,
+    }
+    address = f"{settings.host}:{settings.port}/{settings.db}"
+
+    async def migrate() -> None:
+        connection = await asyncpg.connect(**options)
+        try:
+            await apply_migrations(connection, schema)
+        finally:
+            await connection.close()
+
+    await connect_with_retry(
+        "PostgreSQL",
+        address,
+        migrate,
+        give_up_after_seconds=give_up_after_seconds,
+        retry_on=UNAVAILABLE_ERRORS,
+    )
+
+    async def connect() -> asyncpg.Pool:
+        return await asyncpg.create_pool(
+            **options,
+            min_size=1,
+            max_size=max_size,
+            server_settings={"search_path": schema},
+            init=_prepare_session,
+        )
+
+    pool = await connect_with_retry(
+        "PostgreSQL",
+        address,
+        connect,
+        give_up_after_seconds=give_up_after_seconds,
+        retry_on=UNAVAILABLE_ERRORS,
+    )
+    return PredictionLog(pool, schema)
+
+
+class PredictionLog:
+    """Writes predictions and labels to the platform database, idempotently."""
+
+    def __init__(self, pool: asyncpg.Pool, schema: str) -> None:
+        self.pool = pool
+        self.schema = schema
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def write(
+        self, predictions: Sequence[Delivery[PredictionEvent]], labels: Sequence[GroundTruth]
+    ) -> WriteCounts:
+        """Insert a batch in one transaction; rows already logged are left as they are."""
+        inserted = labelled = pending = 0
+        first_records: frozenset[tuple[int, int]] | None = None
+        async with self.pool.acquire() as connection, connection.transaction():
+            if predictions:
+                await connection.copy_records_to_table(
+                    "staged_predictions",
+                    records=[_prediction_row(delivery) for delivery in predictions],
+                    columns=PREDICTION_COLUMNS,
+                )
+                inserted = _affected(await connection.execute(_INSERT_PREDICTIONS))
+                if inserted < len(predictions):
+                    first_records = frozenset(
+                        (row[0], row[1]) for row in await connection.fetch(_FIRST_RECORDS)
+                    )
+                labelled += _affected(await connection.execute(_MOVE_PENDING_OF_BATCH))
+            if labels:
+                await connection.copy_records_to_table(
+                    "staged_labels",
+                    records=[_label_row(event) for event in labels],
+                    columns=LABEL_COLUMNS,
+                )
+                labelled += _affected(await connection.execute(_INSERT_KNOWN_LABELS))
+                pending = _affected(await connection.execute(_INSERT_PENDING_LABELS))
+        return WriteCounts(inserted, len(predictions) - inserted, labelled, pending, first_records)
+
+    async def sweep_pending_labels(self, retention: timedelta) -> SweepCounts:
+        """Move pending labels whose prediction arrived; delete those older than ``retention``."""
+        async with self.pool.acquire() as connection, connection.transaction():
+            moved = _affected(await connection.execute(_MOVE_ALL_PENDING))
+            expired = _affected(
+                await connection.execute(
+                    "DELETE FROM pending_labels WHERE received_at < now() - $1::interval",
+                    retention,
+                )
+            )
+        return SweepCounts(moved, expired)
+
+
+def _prediction_row(delivery: Delivery[PredictionEvent]) -> tuple[object, ...]:
+    event = delivery.event
+    return (
+        event.request_id,
+        event.event_id,
+        event.occurred_at,
+        event.model_name,
+        event.model_version,
+        event.run_id,
+        orjson.dumps(event.features).decode(),
+        event.prediction,
+        event.latency_ms,
+        event.source,
+        delivery.partition,
+        delivery.offset,
+    )
+
+
+def _label_row(event: GroundTruth) -> tuple[object, ...]:
+    return (event.request_id, event.label, event.observed_at, event.event_id)

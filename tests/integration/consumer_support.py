@@ -1,0 +1,199 @@
+"""What the consumer integration tests share: topics per test, consumer subprocesses, polling."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
+
+import httpx
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from driftloop import kafka
+from driftloop.settings import KafkaSettings
+from driftloop.training import (
+    RegisteredModel,
+    log_and_register,
+    read_dataset,
+    set_champion,
+    train_booster,
+)
+from schemas.events import Event
+from schemas.features import load_feature_spec
+from schemas.topics import Topic, topic_specs
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+
+async def create_topics(settings: KafkaSettings, topics: Iterable[Topic]) -> None:
+    """Create ``topics`` and their dead-letter twins under the settings' prefix."""
+    wanted = {settings.topic(topic) for topic in topics}
+    wanted |= {settings.topic(topic.dead_letter) for topic in topics}
+    specs = [spec for spec in topic_specs(settings.topic_prefix) if spec.name in wanted]
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(spec.name, spec.partitions, 1) for spec in specs])
+    finally:
+        await admin.close()
+
+
+async def produce(settings: KafkaSettings, topic: Topic, events: Sequence[Event]) -> None:
+    """Send typed events keyed by their partition key and wait for every acknowledgement."""
+    await produce_raw(
+        settings, topic, [(event.partition_key(), event.to_bytes()) for event in events]
+    )
+
+
+async def produce_raw(
+    settings: KafkaSettings, topic: Topic | str, messages: Sequence[tuple[bytes | None, bytes]]
+) -> None:
+    name = settings.topic(topic) if isinstance(topic, Topic) else topic
+    producer = kafka.producer(settings, "test-producer", linger_ms=20, max_batch_size=1024 * 1024)
+    await producer.start()
+    try:
+        batch = []
+        for key, value in messages:
+            batch.append(await producer.send(name, value, key=key))
+            if len(batch) >= 5000:
+                await asyncio.gather(*batch)
+                batch.clear()
+        await asyncio.gather(*batch)
+    finally:
+        await producer.stop()
+
+
+async def read_topic(settings: KafkaSettings, topic: str, *, expected: int, within: float = 60):
+    """Every record of ``topic`` from the start, once at least ``expected`` have arrived."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        partitions = [
+            TopicPartition(topic, partition)
+            for partition in sorted(
+                consumer.partitions_for_topic(topic) or await _partitions(consumer, topic)
+            )
+        ]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        records = []
+        deadline = time.monotonic() + within
+        while len(records) < expected and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for items in batch.values():
+                records.extend(items)
+        return records
+    finally:
+        await consumer.stop()
+
+
+async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
+    await consumer._client.force_metadata_update()
+    return consumer.partitions_for_topic(topic) or set()
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], *, within: float = 90, what: str = "condition"
+) -> None:
+    """Poll ``check`` until it holds; fail with ``what`` after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within:.0f}s waiting for {what}")
+        await asyncio.sleep(0.2)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class ConsumerProcess:
+    """A consumer started as its own process (``python -m consumers.<name>``)."""
+
+    def __init__(self, module: str, environment: dict[str, str], log_path: Path) -> None:
+        self.module = module
+        self.environment = {**os.environ, **environment}
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ConsumerProcess:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", self.module],
+            cwd=REPOSITORY,
+            env=self.environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no flush, no commit, no goodbye."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(timeout=30)
+
+    def terminate(self, timeout: float = 60) -> int:
+        """SIGTERM and wait for the graceful stop; returns the exit code."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def close(self) -> None:
+        if self.alive():
+            with contextlib.suppress(Exception):
+                self.terminate(timeout=20)
+        if self.alive():
+            self.kill()
+
+
+def register_champion(tracking_uri: str, model_name: str, work_dir: Path) -> RegisteredModel:
+    """A small bikeshare model registered under ``model_name`` with the champion alias."""
+    spec = load_feature_spec("bikeshare")
+    frame = read_dataset(spec, months=["Jan", "Feb"])
+    booster = train_booster(spec, frame, num_boost_round=20)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    model = log_and_register(
+        booster, spec, tracking_uri=tracking_uri, model_name=model_name, work_dir=work_dir
+    )
+    set_champion(model, tracking_uri=tracking_uri)
+    return model
+
+
+async def metric(port: int | str, name: str, **labels: str) -> float | None:
+    """One sample of a consumer's /metrics, or None when it is not exposed (yet)."""
+    async with httpx.AsyncClient() as client:
+        try:
+            text = (await client.get(f"http://127.0.0.1:{port}/metrics", timeout=5)).text
+        except httpx.HTTPError:
+            return None
+    selector = ",".join(f'{key}="{value}"' for key, value in labels.items())
+    prefix = f"{name}{{{selector}}} " if labels else f"{name} "
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return float(line.removeprefix(prefix))
+    return None

@@ -1,0 +1,139 @@
+"""The batch scorer's write, the batch file rows and dead-letter selection, with nothing running."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pytest
+
+from consumers.batch_cli import rows_from_records
+from consumers.batch_scorer import BatchScorer, NoChampionError
+from consumers.dlq_cli import StoredLetter, select
+from driftloop.consumer_loop import Delivery
+from schemas.events import (
+    DeadLetter,
+    FailureKind,
+    PredictionEvent,
+    ScoringRequest,
+    ScoringResult,
+)
+from schemas.features import load_feature_spec
+
+SPEC = load_feature_spec("bikeshare")
+ROW = {
+    "season": 1, "mnth": "Jan", "hr": 8, "holiday": 0, "weekday": 2, "workingday": 1,
+    "weathersit": "clear", "temp": 0.2, "atemp": 0.2, "hum": 0.5, "windspeed": 0.1,
+}  # fmt: skip
+
+
+@dataclass
+class FakeChampion:
+    name: str = "bikeshare"
+    version: int = 4
+    run_id: str = "a" * 32
+
+    def predict(self, matrix: Any) -> Any:
+        assert matrix.shape[1] == len(SPEC.features)
+        return np.arange(len(matrix), dtype=np.float64) + 0.5
+
+
+class FakeHolder:
+    model_name = "bikeshare"
+
+    def __init__(self, champion: FakeChampion | None) -> None:
+        self.current = champion
+
+
+class FakeProducer:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, bytes | None]] = []
+
+    async def send(self, topic: str, value: bytes, key: bytes | None = None) -> Any:
+        self.sent.append((topic, value, key))
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.set_result(None)
+        return future
+
+
+def scorer(champion: FakeChampion | None) -> tuple[BatchScorer, FakeProducer]:
+    producer = FakeProducer()
+    return (
+        BatchScorer(
+            FakeHolder(champion),  # type: ignore[arg-type]
+            SPEC,
+            producer,  # type: ignore[arg-type]
+            results_topic="scoring.results",
+            predictions_topic="predictions",
+        ),
+        producer,
+    )
+
+
+def request(index: int, **changes: Any) -> Delivery[ScoringRequest]:
+    event = ScoringRequest(request_id=f"r-{index}", features={**ROW, **changes}, batch_id="b-1")
+    return Delivery(event, "scoring.requests", 0, index)
+
+
+async def test_a_batch_is_scored_in_one_call_and_answered_per_request() -> None:
+    batch_scorer, producer = scorer(FakeChampion())
+    await batch_scorer.write([request(0), request(1, hr=42), request(2)])
+    results = [ScoringResult.from_bytes(v) for t, v, _ in producer.sent if t == "scoring.results"]
+    events = [PredictionEvent.from_bytes(v) for t, v, _ in producer.sent if t == "predictions"]
+    by_id = {result.request_id: result for result in results}
+    assert by_id["r-0"].prediction == 0.5
+    assert by_id["r-2"].prediction == 1.5
+    assert by_id["r-1"].prediction is None
+    assert "hr" in (by_id["r-1"].error or "")
+    assert {result.model_version for result in results} == {4}
+    assert {result.batch_id for result in results} == {"b-1"}
+    assert [event.request_id for event in events] == ["r-0", "r-2"]
+    assert {event.source for event in events} == {"batch"}
+    assert {event.run_id for event in events} == {"a" * 32}
+    keys = {key for topic, _, key in producer.sent if topic == "scoring.results"}
+    assert keys == {b"b-1"}
+
+
+async def test_without_a_champion_the_batch_waits() -> None:
+    batch_scorer, producer = scorer(None)
+    with pytest.raises(NoChampionError):
+        await batch_scorer.write([request(0)])
+    assert batch_scorer.is_transient(NoChampionError("x"))
+    assert producer.sent == []
+
+
+def test_file_rows_become_declared_json_values() -> None:
+    records = [{**ROW, "hr": 8.0, "temp": math.nan, "bikers": 12, "day": 1}]
+    (row,) = rows_from_records(SPEC, records)
+    assert row["hr"] == 8
+    assert isinstance(row["hr"], int)
+    assert row["temp"] is None
+    assert "bikers" not in row
+    SPEC.validate_row(row)
+
+
+def test_dead_letters_are_selected_by_offset_range_and_failure() -> None:
+    def stored(offset: int, failure: FailureKind) -> StoredLetter:
+        letter = DeadLetter(
+            original_value=b"x",
+            failure=failure,
+            reason="bad",
+            source_topic="predictions",
+            source_partition=0,
+            source_offset=offset,
+            consumer_group="g",
+            occurred_at=datetime.now(UTC),
+        )
+        return StoredLetter(0, offset, letter)
+
+    letters = [
+        stored(0, FailureKind.INVALID_JSON),
+        stored(1, FailureKind.INVALID_EVENT),
+        stored(2, FailureKind.INVALID_JSON),
+    ]
+    assert [s.offset for s in select(letters, failure=FailureKind.INVALID_JSON)] == [0, 2]
+    assert [s.offset for s in select(letters, from_offset=1, to_offset=1)] == [1]

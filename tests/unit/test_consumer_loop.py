@@ -1,0 +1,249 @@
+"""The consumer loop against in-memory Kafka doubles: decode, dead-letter, write, commit."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from aiokafka.structs import TopicPartition
+
+from driftloop.consumer_loop import ConsumerLoop, Delivery, LoopOptions
+from schemas.events import TOPIC_EVENTS, DeadLetter, FailureKind, GroundTruth, PredictionEvent
+from schemas.topics import Topic
+
+TOPIC = "predictions"
+TP0 = TopicPartition(TOPIC, 0)
+TP1 = TopicPartition(TOPIC, 1)
+
+
+@dataclass
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    value: bytes | None
+    key: bytes | None = None
+
+
+def prediction(index: int) -> PredictionEvent:
+    return PredictionEvent(
+        request_id=f"r-{index}",
+        model_name="bikeshare",
+        model_version=1,
+        run_id=uuid.uuid4().hex,
+        features={"temp": 0.5},
+        prediction=1.0,
+        latency_ms=1.0,
+        source="http",
+    )
+
+
+class FakeConsumer:
+    """Hands out scripted batches; records commits, pauses and seeks."""
+
+    def __init__(self, batches: list[dict[TopicPartition, list[Record]]]) -> None:
+        self.batches = batches
+        self.assigned: set[TopicPartition] = {TP0, TP1}
+        self.paused: set[TopicPartition] = set()
+        self.commits: list[dict[TopicPartition, int]] = []
+        self.seeks: list[tuple[TopicPartition, int]] = []
+        self.listener: Any = None
+        self.loop: ConsumerLoop[Any] | None = None
+        self.polls_while_paused = 0
+        self.paused_once = asyncio.Event()
+
+    def subscribe(self, topics: list[str], listener: Any) -> None:
+        self.listener = listener
+
+    async def getmany(self, timeout_ms: int = 0, max_records: int | None = None) -> Any:
+        await asyncio.sleep(0)
+        if self.paused:
+            self.polls_while_paused += 1
+            return {}
+        if self.batches:
+            return self.batches.pop(0)
+        assert self.loop is not None
+        self.loop.stop()
+        return {}
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.assigned)
+
+    def pause(self, *partitions: TopicPartition) -> None:
+        self.paused |= set(partitions)
+        self.paused_once.set()
+
+    def resume(self, *partitions: TopicPartition) -> None:
+        self.paused -= set(partitions)
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        self.commits.append(dict(offsets))
+
+    def highwater(self, tp: TopicPartition) -> int:
+        return 100
+
+    async def committed(self, tp: TopicPartition) -> int | None:
+        return 7
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.seeks.append((tp, offset))
+
+    async def seek_to_beginning(self, *partitions: TopicPartition) -> None:
+        self.seeks += [(tp, 0) for tp in partitions]
+
+
+class FakeProducer:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes, bytes | None]] = []
+
+    async def send(self, topic: str, value: bytes, key: bytes | None = None) -> Any:
+        self.sent.append((topic, value, key))
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.set_result(None)
+        return future
+
+
+@dataclass
+class RecordingProcessor:
+    failures: list[BaseException] = field(default_factory=list)
+    written: list[list[str]] = field(default_factory=list)
+    assigned: list[frozenset[TopicPartition]] = field(default_factory=list)
+
+    def is_transient(self, error: BaseException) -> bool:
+        return isinstance(error, ConnectionError)
+
+    async def write(self, deliveries: Sequence[Delivery[PredictionEvent]]) -> None:
+        if not deliveries:
+            return
+        if self.failures:
+            raise self.failures.pop(0)
+        self.written.append([delivery.event.request_id for delivery in deliveries])
+
+    async def on_assigned(self, consumer: Any, partitions: frozenset[TopicPartition]) -> None:
+        self.assigned.append(partitions)
+
+    async def on_revoked(self, partitions: frozenset[TopicPartition]) -> None:
+        return None
+
+
+def make_loop(
+    batches: list[dict[TopicPartition, list[Record]]], processor: RecordingProcessor
+) -> tuple[ConsumerLoop[PredictionEvent], FakeConsumer, FakeProducer]:
+    consumer = FakeConsumer(batches)
+    producer = FakeProducer()
+    options = LoopOptions(
+        name="test",
+        group="test-group",
+        topics={TOPIC: TOPIC_EVENTS[Topic.PREDICTIONS]},
+        dead_letter_topics={TOPIC: f"{TOPIC}.dlq"},
+        backoff_initial_seconds=0.01,
+        backoff_max_seconds=0.02,
+    )
+    loop: ConsumerLoop[PredictionEvent] = ConsumerLoop(options, consumer, producer, processor)  # type: ignore[arg-type]
+    consumer.loop = loop
+    return loop, consumer, producer
+
+
+def good(partition: int, offset: int) -> Record:
+    event = prediction(offset)
+    return Record(TOPIC, partition, offset, event.to_bytes(), event.partition_key())
+
+
+async def test_writes_then_commits_the_next_offsets() -> None:
+    processor = RecordingProcessor()
+    loop, consumer, _ = make_loop([{TP0: [good(0, 0), good(0, 1)], TP1: [good(1, 5)]}], processor)
+    await loop.run()
+    assert processor.written == [["r-0", "r-1", "r-5"]]
+    assert consumer.commits == [{TP0: 2, TP1: 6}]
+
+
+async def test_bad_messages_go_to_the_dead_letter_topic_and_good_ones_go_on() -> None:
+    label = GroundTruth(request_id="x", label=1.0, observed_at=prediction(0).occurred_at)
+    garbage = [
+        Record(TOPIC, 0, 0, b"{not json", b"k"),
+        Record(TOPIC, 0, 1, b"[1, 2]"),
+        Record(TOPIC, 0, 2, label.to_bytes()),
+        Record(
+            TOPIC,
+            0,
+            3,
+            prediction(3).to_bytes().replace(b'"schema_version":1', b'"schema_version":9'),
+        ),
+        Record(TOPIC, 0, 4, prediction(4).to_bytes().replace(b'"prediction":1.0,', b"")),
+        Record(TOPIC, 0, 5, None),
+    ]
+    processor = RecordingProcessor()
+    loop, consumer, producer = make_loop([{TP0: [*garbage, good(0, 6)]}], processor)
+    await loop.run()
+    assert processor.written == [["r-6"]]
+    assert consumer.commits == [{TP0: 7}]
+    letters = [DeadLetter.from_bytes(value) for topic, value, _ in producer.sent]
+    assert all(topic == f"{TOPIC}.dlq" for topic, _, _ in producer.sent)
+    assert [letter.failure for letter in letters] == [
+        FailureKind.INVALID_JSON,
+        FailureKind.NOT_AN_OBJECT,
+        FailureKind.UNEXPECTED_EVENT_TYPE,
+        FailureKind.UNSUPPORTED_SCHEMA_VERSION,
+        FailureKind.INVALID_EVENT,
+        FailureKind.INVALID_JSON,
+    ]
+    assert letters[0].original_value == b"{not json"
+    assert letters[0].original_key == b"k"
+    assert [letter.source_offset for letter in letters] == [0, 1, 2, 3, 4, 5]
+    assert {letter.source_topic for letter in letters} == {TOPIC}
+    assert {letter.consumer_group for letter in letters} == {"test-group"}
+    assert "prediction" in letters[4].reason
+
+
+async def test_a_transient_failure_pauses_and_retries_the_same_batch() -> None:
+    processor = RecordingProcessor(failures=[ConnectionError("db down"), ConnectionError("still")])
+    loop, consumer, _ = make_loop([{TP0: [good(0, 0)]}], processor)
+    await loop.run()
+    assert processor.written == [["r-0"]]
+    assert consumer.commits == [{TP0: 1}]
+    assert consumer.polls_while_paused >= 2  # the group saw it alive during the backoff
+    assert not consumer.paused
+
+
+async def test_a_non_transient_failure_stops_without_committing() -> None:
+    processor = RecordingProcessor(failures=[RuntimeError("bug")])
+    loop, consumer, _ = make_loop([{TP0: [good(0, 0)]}], processor)
+    with pytest.raises(RuntimeError, match="bug"):
+        await loop.run()
+    assert consumer.commits == []
+
+
+async def test_stopping_during_a_backoff_abandons_the_batch_uncommitted() -> None:
+    processor = RecordingProcessor(failures=[ConnectionError("down")] * 1000)
+    loop, consumer, _ = make_loop([{TP0: [good(0, 0)]}], processor)
+    task = asyncio.create_task(loop.run())
+    await asyncio.wait_for(consumer.paused_once.wait(), 5)
+    loop.stop()
+    await asyncio.wait_for(task, 5)
+    assert consumer.commits == []
+    assert processor.written == []
+
+
+async def test_new_partitions_are_positioned_before_their_records_are_used() -> None:
+    processor = RecordingProcessor()
+    # Records fetched between the assignment and the take-over are dropped (and re-fetched
+    # from the committed offset the loop seeks to).
+    loop, consumer, _ = make_loop([{TP0: [good(0, 3)]}, {TP0: [good(0, 7)]}], processor)
+    await consumer_listener_assigns(loop, consumer, {TP0})
+    await loop.run()
+    assert consumer.seeks == [(TP0, 7)]
+    assert processor.assigned == [frozenset({TP0})]
+    assert processor.written == [["r-7"]]
+    assert consumer.commits == [{TP0: 8}]
+
+
+async def consumer_listener_assigns(
+    loop: ConsumerLoop[Any], consumer: FakeConsumer, partitions: set[TopicPartition]
+) -> None:
+    loop._assigned(frozenset(partitions))
+    # aiokafka may already have fetched records of the new partitions before the pause.
+    consumer.paused.clear()
