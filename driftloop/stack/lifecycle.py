@@ -17,6 +17,7 @@ from driftloop.stack.programs import (
     airflow_programs,
     kafka_program,
     mlflow_program,
+    platform_programs,
     postgres_program,
     prometheus_program,
     s3proxy_program,
@@ -56,6 +57,7 @@ def all_programs(settings: StackSettings) -> list[Program]:
         prometheus_program(settings),
         mlflow_program(settings),
         *airflow_programs(settings),
+        *platform_programs(settings),
     ]
 
 
@@ -90,7 +92,7 @@ async def _start_stage(
         *(wait_ready(probe, settings, timeout_seconds, alive(probe)) for probe in probes)
     )
     for result in results:
-        report(f"{result.service:<11} ready at {result.address}")
+        report(f"{result.service:<14} ready at {result.address}")
 
 
 def up(settings: StackSettings, report: Report) -> StackStatus:
@@ -133,6 +135,10 @@ def up(settings: StackSettings, report: Report) -> StackStatus:
         report("migrating the Airflow metadata database")
         provision.migrate_airflow(settings)
     asyncio.run(_start_stage(supervisor, settings, ["mlflow", *airflow_names], report, 240))
+    # The platform's services last: they need Kafka, Postgres, S3 and MLflow (they retry,
+    # but starting them on a ready stack keeps their logs free of start-up noise).
+    platform = [program.name for program in platform_programs(settings)]
+    asyncio.run(_start_stage(supervisor, settings, platform, report, 180))
     report(f"every service ready in {time.monotonic() - started:.1f}s")
     return status(settings)
 
@@ -157,7 +163,7 @@ def restart(settings: StackSettings, name: str, report: Report) -> None:
     supervisor.start(name)
     if probe := _probe_of(name):
         readiness = asyncio.run(wait_ready(probe, settings, 240))
-        report(f"{readiness.service:<11} ready at {readiness.address}")
+        report(f"{readiness.service:<14} ready at {readiness.address}")
     else:
         report(f"{name} restarted")
 

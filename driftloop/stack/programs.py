@@ -353,3 +353,30 @@ def prometheus_program(settings: StackSettings) -> Program:
             "--storage.tsdb.retention.time=15d",
         ],
     )
+
+
+def platform_programs(settings: StackSettings) -> list[Program]:
+    """The platform's own services; the stack assigns their ports, as compose does."""
+    python = sys.executable
+    return [
+        Program(
+            name="gateway",
+            command=[python, "-m", "gateway"],
+            environment={"GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": str(settings.gateway_port)},
+            directory=REPO_ROOT,
+        ),
+        Program(
+            name="feature-logger",
+            command=[python, "-m", "consumers.feature_logger"],
+            environment={"FEATURE_LOGGER_METRICS_PORT": str(settings.feature_logger_metrics_port)},
+            directory=REPO_ROOT,
+            stop_wait_seconds=60,
+        ),
+        Program(
+            name="batch-scorer",
+            command=[python, "-m", "consumers.batch_scorer"],
+            environment={"BATCH_SCORER_METRICS_PORT": str(settings.batch_scorer_metrics_port)},
+            directory=REPO_ROOT,
+            stop_wait_seconds=60,
+        ),
+    ]

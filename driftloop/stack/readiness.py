@@ -106,8 +106,23 @@ async def probe_prometheus(settings: StackSettings) -> None:
     await _get_ok(f"http://127.0.0.1:{settings.prometheus_port}/-/ready")
 
 
+async def probe_gateway(settings: StackSettings) -> None:
+    await _get_ok(f"http://127.0.0.1:{settings.gateway_port}/health/live")
+
+
+async def probe_feature_logger(settings: StackSettings) -> None:
+    await _get_ok(f"http://127.0.0.1:{settings.feature_logger_metrics_port}/metrics")
+
+
+async def probe_batch_scorer(settings: StackSettings) -> None:
+    await _get_ok(f"http://127.0.0.1:{settings.batch_scorer_metrics_port}/metrics")
+
+
 def address_of(service: str, settings: StackSettings) -> str:
     addresses = {
+        "gateway": f"http://127.0.0.1:{settings.gateway_port}",
+        "feature-logger": f"http://127.0.0.1:{settings.feature_logger_metrics_port}/metrics",
+        "batch-scorer": f"http://127.0.0.1:{settings.batch_scorer_metrics_port}/metrics",
         "postgres": f"localhost:{settings.postgres.port}",
         "kafka": settings.kafka.bootstrap_servers,
         "s3proxy": settings.s3.endpoint_url,
@@ -125,6 +140,9 @@ PROBES: dict[str, Probe] = {
     "mlflow": probe_mlflow,
     "airflow": probe_airflow,
     "prometheus": probe_prometheus,
+    "gateway": probe_gateway,
+    "feature-logger": probe_feature_logger,
+    "batch-scorer": probe_batch_scorer,
 }
 
 

@@ -47,6 +47,15 @@ class StackSettings(DriftloopSettings):
         description="STACK_AIRFLOW_PARALLELISM: LocalExecutor worker processes (default 4; "
         "Airflow's 32 would swamp 2 cores).",
     )
+    gateway_port: Port = Field(
+        default=8000, description="STACK_GATEWAY_PORT: the gateway's HTTP port (default 8000)."
+    )
+    feature_logger_metrics_port: Port = Field(
+        default=9101, description="STACK_FEATURE_LOGGER_METRICS_PORT (default 9101)."
+    )
+    batch_scorer_metrics_port: Port = Field(
+        default=9102, description="STACK_BATCH_SCORER_METRICS_PORT (default 9102)."
+    )
     postgres_superuser: str = Field(
         default="postgres",
         description="STACK_POSTGRES_SUPERUSER: cluster owner, reached over the unix socket "

@@ -87,6 +87,9 @@ def test_every_stack_program_is_rendered(settings: StackSettings) -> None:
         "airflow-scheduler",
         "airflow-dag-processor",
         "airflow-triggerer",
+        "gateway",
+        "feature-logger",
+        "batch-scorer",
     }
 
 
