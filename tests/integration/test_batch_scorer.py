@@ -10,15 +10,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from consumer_support import (
-    ConsumerProcess,
-    create_topics,
-    eventually,
-    free_port,
-    metric,
-    read_topic,
-    register_champion,
-)
 from typer.testing import CliRunner
 
 from consumers.batch_cli import batch_app, rows_from_records
@@ -28,6 +19,15 @@ from driftloop.training import RegisteredModel, read_dataset
 from schemas.events import PredictionEvent
 from schemas.features import load_feature_spec
 from schemas.topics import Topic
+from tests.integration.consumer_support import (
+    ConsumerProcess,
+    create_topics,
+    eventually,
+    free_port,
+    metric,
+    read_topic,
+    register_champion,
+)
 
 SPEC = load_feature_spec("bikeshare")
 TOPICS = [Topic.SCORING_REQUESTS, Topic.SCORING_RESULTS, Topic.PREDICTIONS]

@@ -10,16 +10,6 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from consumer_support import (
-    ConsumerProcess,
-    create_topics,
-    eventually,
-    free_port,
-    produce,
-    produce_raw,
-    read_topic,
-    register_champion,
-)
 from typer.testing import CliRunner
 
 from consumers.dlq_cli import dlq_app, read_dead_letters, replay_dead_letters, select
@@ -33,6 +23,16 @@ from schemas.events import (
     ScoringResult,
 )
 from schemas.topics import Topic
+from tests.integration.consumer_support import (
+    ConsumerProcess,
+    create_topics,
+    eventually,
+    free_port,
+    produce,
+    produce_raw,
+    read_topic,
+    register_champion,
+)
 
 
 def garbage(good: bytes) -> list[tuple[bytes | None, bytes]]:

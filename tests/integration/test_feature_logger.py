@@ -16,18 +16,18 @@ import asyncpg
 import httpx
 import pyarrow.parquet as pq
 import pytest
-from consumer_support import (
+
+from driftloop.objectstore import s3_client
+from driftloop.settings import KafkaSettings, ObjectStoreSettings, PostgresSettings
+from schemas.events import GroundTruth, PredictionEvent
+from schemas.topics import Topic
+from tests.integration.consumer_support import (
     ConsumerProcess,
     create_topics,
     eventually,
     free_port,
     produce,
 )
-
-from driftloop.objectstore import s3_client
-from driftloop.settings import KafkaSettings, ObjectStoreSettings, PostgresSettings
-from schemas.events import GroundTruth, PredictionEvent
-from schemas.topics import Topic
 
 RUN_ID = uuid.uuid4().hex
 OUTAGE_BACKOFF_ROUNDS = 5
