@@ -379,4 +379,12 @@ def platform_programs(settings: StackSettings) -> list[Program]:
             directory=REPO_ROOT,
             stop_wait_seconds=60,
         ),
+        Program(
+            name="retrain-trigger",
+            command=[python, "-m", "consumers.retrain_trigger"],
+            environment={
+                "RETRAIN_TRIGGER_METRICS_PORT": str(settings.retrain_trigger_metrics_port)
+            },
+            directory=REPO_ROOT,
+        ),
     ]

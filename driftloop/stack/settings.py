@@ -56,6 +56,9 @@ class StackSettings(DriftloopSettings):
     batch_scorer_metrics_port: Port = Field(
         default=9102, description="STACK_BATCH_SCORER_METRICS_PORT (default 9102)."
     )
+    retrain_trigger_metrics_port: Port = Field(
+        default=9104, description="STACK_RETRAIN_TRIGGER_METRICS_PORT (default 9104)."
+    )
     postgres_superuser: str = Field(
         default="postgres",
         description="STACK_POSTGRES_SUPERUSER: cluster owner, reached over the unix socket "
