@@ -8,6 +8,8 @@ from rich.table import Table
 
 from consumers.batch_cli import batch_app
 from consumers.dlq_cli import dlq_app
+from driftloop.bootstrap_cli import model_app
+from driftloop.replay_cli import demo_app
 from driftloop.settings import SettingsError, load_settings
 from driftloop.stack import lifecycle
 from driftloop.stack.settings import StackSettings
@@ -17,6 +19,8 @@ stack_app = typer.Typer(help="The native stack (no Docker): up, down, status.")
 app.add_typer(stack_app, name="stack")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(batch_app, name="batch")
+app.add_typer(model_app, name="model")
+app.add_typer(demo_app, name="demo")
 
 console = Console()
 

@@ -21,7 +21,9 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 import yaml
+from mlflow.models.signature import ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, DataType, Schema
 
 from schemas.features import FeatureKind, FeatureSpec, Task
 
@@ -165,6 +167,7 @@ def log_and_register(
                 booster,
                 name="model",
                 registered_model_name=name,
+                signature=model_signature(spec),
                 extra_files=[str(spec_path)],
                 # Explicit requirements: inferring them imports the model in a subprocess.
                 pip_requirements=[f"lightgbm=={lgb.__version__}"],
@@ -175,6 +178,13 @@ def log_and_register(
     if version is None:
         raise RuntimeError(f"MLflow did not register {name}")
     return RegisteredModel(name=name, version=int(version), run_id=run.info.run_id)
+
+
+def model_signature(spec: FeatureSpec) -> ModelSignature:
+    """The booster's input as MLflow records it: one double per feature, in declared order
+    (categories as their codes, NaN for missing), and one double out."""
+    inputs = Schema([ColSpec(DataType.double, name) for name in spec.feature_names])
+    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec(DataType.double)]))
 
 
 def set_champion(model: RegisteredModel, *, tracking_uri: str) -> None:

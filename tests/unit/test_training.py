@@ -142,3 +142,10 @@ def test_logging_leaves_the_process_tracking_uri_alone(
     )
 
     assert "MLFLOW_TRACKING_URI" not in os.environ
+
+
+def test_signature_lists_every_declared_feature_in_order() -> None:
+    spec = load_feature_spec("bikeshare")
+    signature = training.model_signature(spec)
+    assert signature.inputs.input_names() == list(spec.feature_names)
+    assert {column.type.name for column in signature.inputs.inputs} == {"double"}

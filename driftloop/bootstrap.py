@@ -1,0 +1,235 @@
+"""The first model: trained on the opening months of the seed data, registered as champion.
+
+Training window: January to March 2011 (the winter quarter). The rest of 2011 is what the demo
+replays, so the model meets the seasonal drift the platform is there to catch (mean ``temp``
+0.20 in January, 0.76 in July). The holdout is the last ``holdout_days`` days of the window in
+time order, never a random sample: hourly traffic is autocorrelated, so a shuffled holdout
+would flatter the model.
+
+The **reference dataset** the drift monitor compares windows against is the whole window (train
+and holdout rows) with the declared features, the model's ``prediction``, the target, the time
+columns and a ``split`` column; it is stored as Parquet in the run's artifacts
+(``reference/reference.parquet``) and read back with ``load_reference``.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import lightgbm as lgb
+import mlflow.artifacts
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from driftloop import training
+from schemas.events import ModelPromoted
+from schemas.features import FeatureSpec
+
+TRAINING_MONTHS: Final = ("Jan", "Feb", "March")
+HOLDOUT_DAYS: Final = 14
+REFERENCE_ARTIFACT_DIR: Final = "reference"
+REFERENCE_FILE: Final = "reference.parquet"
+REFERENCE_ARTIFACT: Final = f"{REFERENCE_ARTIFACT_DIR}/{REFERENCE_FILE}"
+# Model-version tag naming the reference artifact, so readers need not know the convention.
+REFERENCE_TAG: Final = "reference_artifact"
+SPLIT_COLUMN: Final = "split"
+# The drift monitor's prediction column (driftloop.drift.assessment.PREDICTION_COLUMN, checked
+# equal by the unit tests); not imported from there because Evidently takes seconds to import.
+PREDICTION_COLUMN: Final = "prediction"
+
+
+@dataclass(frozen=True, slots=True)
+class HoldoutScores:
+    """Regression quality of a model on the holdout rows."""
+
+    rmse: float
+    mae: float
+    rows: int
+
+
+@dataclass(frozen=True, slots=True)
+class BootstrapResult:
+    """The registered first model, its holdout scores and what it took."""
+
+    model: training.RegisteredModel
+    scores: HoldoutScores
+    training_rows: int
+    reference_rows: int
+    training_seconds: float
+
+
+class ChampionExistsError(RuntimeError):
+    """A champion is already registered (bootstrap only replaces it when forced)."""
+
+    def __init__(self, name: str, version: int) -> None:
+        super().__init__(f"{name} already has a champion: version {version}")
+        self.name = name
+        self.version = version
+
+
+def split_holdout(
+    spec: FeatureSpec, frame: pd.DataFrame, *, holdout_days: int = HOLDOUT_DAYS
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Training rows and the holdout: the last ``holdout_days`` days of the frame, in time order."""
+    if spec.dataset is None:
+        raise ValueError(f"feature declaration {spec.name} ships no dataset")
+    if holdout_days < 1:
+        raise ValueError("the holdout needs at least one day")
+    day_column = spec.dataset.order_by[0]
+    days = frame[day_column]
+    first_holdout_day = days.max() - holdout_days + 1
+    if first_holdout_day <= days.min():
+        raise ValueError(f"{holdout_days} holdout days leave no training rows")
+    in_holdout = days >= first_holdout_day
+    return frame[~in_holdout].reset_index(drop=True), frame[in_holdout].reset_index(drop=True)
+
+
+def score_holdout(
+    truth: npt.NDArray[np.float64], predicted: npt.NDArray[np.float64]
+) -> HoldoutScores:
+    """RMSE and MAE of predictions against the truth."""
+    if len(truth) == 0 or len(truth) != len(predicted):
+        raise ValueError("scores need as many predictions as true values, at least one")
+    errors = predicted - truth
+    return HoldoutScores(
+        rmse=math.sqrt(float(np.mean(errors**2))),
+        mae=float(np.mean(np.abs(errors))),
+        rows=len(truth),
+    )
+
+
+def reference_frame(
+    spec: FeatureSpec, parts: Sequence[tuple[str, pd.DataFrame]], booster: lgb.Booster
+) -> pd.DataFrame:
+    """Time columns, features, the model's ``prediction``, the target and each row's split."""
+    if spec.dataset is None:
+        raise ValueError(f"feature declaration {spec.name} ships no dataset")
+    time_columns = [name for name in spec.dataset.order_by if name not in spec.feature_names]
+    columns = [*time_columns, *spec.feature_names]
+    frames = []
+    for split, part in parts:
+        predictions = np.asarray(booster.predict(training.feature_matrix(spec, part)))
+        reference = part[columns].copy()
+        reference[PREDICTION_COLUMN] = predictions.astype(np.float64)
+        reference[spec.target.name] = training.target_vector(spec, part)
+        reference[SPLIT_COLUMN] = split
+        frames.append(reference)
+    return pd.concat(frames, ignore_index=True)
+
+
+def current_champion(tracking_uri: str, model_name: str) -> int | None:
+    """The version the ``champion`` alias points at, or None when there is none."""
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        version = client.get_model_version_by_alias(model_name, training.CHAMPION_ALIAS)
+    except MlflowException as error:
+        if error.error_code in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}:
+            return None
+        raise
+    return int(version.version)
+
+
+def bootstrap_model(
+    spec: FeatureSpec,
+    *,
+    tracking_uri: str,
+    model_name: str | None = None,
+    months: Sequence[str] = TRAINING_MONTHS,
+    holdout_days: int = HOLDOUT_DAYS,
+    num_boost_round: int = 200,
+    force: bool = False,
+) -> BootstrapResult:
+    """Train on ``months``, score the holdout, log model and reference, make it champion."""
+    name = model_name or spec.registered_model_name
+    existing = current_champion(tracking_uri, name)
+    if existing is not None and not force:
+        raise ChampionExistsError(name, existing)
+    window = training.read_dataset(spec, months=months)
+    train, holdout = split_holdout(spec, window, holdout_days=holdout_days)
+    started = time.perf_counter()
+    booster = training.train_booster(spec, train, num_boost_round=num_boost_round)
+    training_seconds = time.perf_counter() - started
+    predicted = np.asarray(booster.predict(training.feature_matrix(spec, holdout)))
+    scores = score_holdout(training.target_vector(spec, holdout), predicted.astype(np.float64))
+    reference = reference_frame(spec, [("train", train), ("holdout", holdout)], booster)
+    params = {
+        "training_months": ",".join(months),
+        "holdout_days": holdout_days,
+        "training_rows": len(train),
+        "holdout_rows": len(holdout),
+        "num_boost_round": num_boost_round,
+        "feature_spec": spec.name,
+        **training.DEFAULT_PARAMS,
+    }
+    metrics = {
+        "holdout_rmse": scores.rmse,
+        "holdout_mae": scores.mae,
+        "training_seconds": training_seconds,
+    }
+    with tempfile.TemporaryDirectory(prefix="driftloop-bootstrap-") as work:
+        work_dir = Path(work)
+        model = training.log_and_register(
+            booster,
+            spec,
+            tracking_uri=tracking_uri,
+            model_name=name,
+            metrics=metrics,
+            params=params,
+            work_dir=work_dir,
+        )
+        reference_dir = work_dir / REFERENCE_ARTIFACT_DIR
+        reference_dir.mkdir()
+        reference.to_parquet(reference_dir / REFERENCE_FILE, index=False)
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        # Logged after the model so the run exists; the version tag lets the drift monitor
+        # find the reference from the registry alone.
+        client.log_artifact(model.run_id, str(reference_dir / REFERENCE_FILE), "reference")
+        client.set_model_version_tag(name, str(model.version), REFERENCE_TAG, REFERENCE_ARTIFACT)
+    training.set_champion(model, tracking_uri=tracking_uri)
+    return BootstrapResult(
+        model=model,
+        scores=scores,
+        training_rows=len(train),
+        reference_rows=len(reference),
+        training_seconds=training_seconds,
+    )
+
+
+def promotion_event(result: BootstrapResult) -> ModelPromoted:
+    """The ``ModelPromoted`` that makes the gateway load the first champion at once."""
+    return ModelPromoted(
+        model_name=result.model.name,
+        model_version=result.model.version,
+        run_id=result.model.run_id,
+        champion_version=None,
+        metric_name="rmse",
+        greater_is_better=False,
+        challenger_score=result.scores.rmse,
+        champion_score=None,
+    )
+
+
+def load_reference(tracking_uri: str, model_name: str, version: int) -> pd.DataFrame:
+    """The reference dataset logged with a model version (features, prediction, target)."""
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    model_version = client.get_model_version(model_name, str(version))
+    if model_version.run_id is None:
+        raise LookupError(f"{model_name} version {version} has no run")
+    artifact = model_version.tags.get(REFERENCE_TAG, REFERENCE_ARTIFACT)
+    with tempfile.TemporaryDirectory(prefix="driftloop-reference-") as work:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=model_version.run_id,
+            artifact_path=artifact,
+            dst_path=work,
+            tracking_uri=tracking_uri,
+        )
+        return pd.read_parquet(local)
