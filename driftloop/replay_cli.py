@@ -17,6 +17,7 @@ from rich.live import Live
 from rich.table import Table
 
 from driftloop.settings import PostgresSettings, SettingsError, load_settings
+from driftloop.stack.settings import StackSettings
 from schemas.features import load_feature_spec
 
 if TYPE_CHECKING:
@@ -148,7 +149,9 @@ async def _replay(
 
 @demo_app.command()
 def replay(
-    gateway_url: str = typer.Option("http://127.0.0.1:8000", help="The gateway's base URL."),
+    gateway_url: str | None = typer.Option(
+        None, help="The gateway's base URL (default: the native stack's, STACK_GATEWAY_PORT)."
+    ),
     api_key: str | None = typer.Option(
         None, envvar="DRIFTLOOP_API_KEY", help="X-API-Key, when the gateway requires one."
     ),
@@ -165,6 +168,8 @@ def replay(
 
     try:
         postgres = load_settings(PostgresSettings)
+        if gateway_url is None:
+            gateway_url = f"http://127.0.0.1:{load_settings(StackSettings).gateway_port}"
         first_day, last_day = day_of_year(start), day_of_year(until)
     except (SettingsError, ValueError) as error:
         console.print(f"[red]{error}[/red]")
