@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -49,11 +50,19 @@ async def probe_kafka(settings: StackSettings) -> None:
     admin = AIOKafkaAdminClient(
         bootstrap_servers=settings.kafka.bootstrap_servers, request_timeout_ms=3000
     )
-    await admin.start()
+    # A broker still booting is the expected case while polling; aiokafka would log every
+    # refused connection as an error. The probe reports the failure itself.
+    aiokafka_log = logging.getLogger("aiokafka")
+    previous_level = aiokafka_log.level
+    aiokafka_log.setLevel(logging.CRITICAL)
     try:
-        await admin.list_topics()
+        await admin.start()
+        try:
+            await admin.list_topics()
+        finally:
+            await admin.close()
     finally:
-        await admin.close()
+        aiokafka_log.setLevel(previous_level)
 
 
 def s3_client(settings: StackSettings) -> object:
