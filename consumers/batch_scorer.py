@@ -41,6 +41,7 @@ from driftloop.consumer_loop import (
     LoopOptions,
     install_stop_signals,
 )
+from driftloop.model_events import ModelEventFollower
 from driftloop.settings import (
     DriftloopSettings,
     KafkaSettings,
@@ -279,6 +280,10 @@ async def run_batch_scorer(settings: BatchScorerSettings) -> None:
     async with AsyncExitStack() as stack:
         poller = asyncio.create_task(holder.poll(settings.model_poll_seconds), name="champion-poll")
         stack.push_async_callback(_cancel, poller)
+        # ModelPromoted swaps the model between batches within a second; polling is the net.
+        follower = ModelEventFollower(settings.kafka, holder, reader=NAME)
+        following = asyncio.create_task(follower.run(), name="model-events")
+        stack.push_async_callback(_cancel, following)
         # Large producer batches: results of one batch share a partition (keyed by batch id),
         # and an idempotent producer keeps one request in flight per partition.
         producer = kafka.producer(settings.kafka, NAME, max_batch_size=PRODUCER_BATCH_BYTES)

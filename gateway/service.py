@@ -17,9 +17,9 @@ from driftloop.champion import (
     LoadOutcome,
     ModelRegistry,
 )
+from driftloop.model_events import FollowerState, ModelEventFollower
 from driftloop.spool import Spool
 from gateway.metrics import GatewayMetrics
-from gateway.model_events import FollowerState, ModelEventFollower
 from gateway.publishing import EventPublisher
 from gateway.scoring import Problem, RequestProblemError, Scorer
 from gateway.settings import GatewaySettings
@@ -93,7 +93,7 @@ class Gateway:
             )
         )
         if self.settings.model_events:
-            self.follower = ModelEventFollower(self.settings.kafka, self.holder)
+            self.follower = ModelEventFollower(self.settings.kafka, self.holder, reader="gateway")
             self._tasks.append(asyncio.create_task(self.follower.run(), name="model-events"))
 
     async def stop(self) -> None:

@@ -1,4 +1,8 @@
-"""Following ``model.events``: a ``ModelPromoted`` for the served model triggers a reload."""
+"""Following ``model.events``: a ``ModelPromoted`` for the served model triggers a reload.
+
+Shared by every process that serves the champion (the gateway, the batch-scorer), so a
+promotion reaches all of them within a second; alias polling stays as the safety net.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ RELOAD_REASON = "model_event"
 
 
 class FollowerState(StrEnum):
-    """Whether promotions reach this gateway now."""
+    """Whether promotions reach this process now."""
 
     OFF = "off"
     CONNECTING = "connecting"
@@ -30,13 +34,19 @@ class FollowerState(StrEnum):
 
 
 class ModelEventFollower:
-    """Reads every model event (no consumer group: every gateway instance needs each one)."""
+    """Reads every model event (no consumer group: every serving instance needs each one)."""
 
     def __init__(
-        self, settings: KafkaSettings, holder: ChampionHolder, *, retry_seconds: float = 2.0
+        self,
+        settings: KafkaSettings,
+        holder: ChampionHolder,
+        *,
+        reader: str,
+        retry_seconds: float = 2.0,
     ) -> None:
         self.settings = settings
         self.holder = holder
+        self.reader = reader
         self.retry_seconds = retry_seconds
         self.topic = settings.topic(Topic.MODEL_EVENTS)
         self.state = FollowerState.OFF
@@ -45,11 +55,11 @@ class ModelEventFollower:
         """Follow the topic until cancelled, reconnecting after any Kafka failure."""
         while True:
             self.state = FollowerState.CONNECTING
-            # Without a group nothing is committed: a gateway that was away catches up by
+            # Without a group nothing is committed: a process that was away catches up by
             # resolving the alias at start and by polling, not by replaying old events.
             consumer = kafka.consumer(
                 self.settings,
-                "gateway-model-events",
+                f"{self.reader}-model-events",
                 self.topic,
                 group_id=None,
                 auto_offset_reset="latest",
@@ -75,7 +85,7 @@ class ModelEventFollower:
             event = decode_model_event(value or b"")
         except EventDecodeError as error:
             # Dead-lettering is the job of the topic's group consumers; a reader without a
-            # group would write one copy per gateway instance.
+            # group would write one copy per serving instance.
             log.warning("ignoring an unreadable message on %s: %s", self.topic, error)
             return
         if isinstance(event, ModelPromoted) and event.model_name == self.holder.model_name:
