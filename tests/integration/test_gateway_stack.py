@@ -261,14 +261,12 @@ async def test_promotion_event_swaps_the_model_without_failures(
             )
         finally:
             await producer.stop()
-        promoted_at = time.monotonic()
 
         async def serving_challenger() -> bool:
             current = (await client.get("/models/current")).json()
             return bool(current["version"] == challenger.version)
 
         await _eventually(serving_challenger, within=60)
-        swap_seconds = time.monotonic() - promoted_at
         await _eventually(lambda: _has_version(versions, challenger.version), within=10)
     finally:
         stop.set()
@@ -278,7 +276,6 @@ async def test_promotion_event_swaps_the_model_without_failures(
     assert set(statuses) == {200}
     assert versions[0] == first["version"]
     assert versions[-1] == challenger.version
-    assert swap_seconds < 60
 
 
 async def _has_version(versions: list[int], version: int) -> bool:
