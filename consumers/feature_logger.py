@@ -36,11 +36,11 @@ from driftloop.consumer_loop import (
     LoopOptions,
     install_stop_signals,
 )
+from driftloop.database import UNAVAILABLE_ERRORS
 from driftloop.featurestore import FeatureStore
 from driftloop.migrations import SCHEMA_NAME
 from driftloop.objectstore import s3_client
 from driftloop.prediction_log import (
-    UNAVAILABLE_ERRORS,
     PredictionLog,
     WriteCounts,
     open_prediction_log,

@@ -45,8 +45,8 @@ from driftloop.consumer_loop import (
     LoopOptions,
     install_stop_signals,
 )
+from driftloop.database import UNAVAILABLE_ERRORS
 from driftloop.migrations import SCHEMA_NAME
-from driftloop.prediction_log import UNAVAILABLE_ERRORS
 from driftloop.retrain_ledger import (
     Decision,
     RetrainLedger,

@@ -17,9 +17,8 @@ from typing import Final
 import asyncpg
 import orjson
 
-from driftloop.connect import connect_with_retry
 from driftloop.consumer_loop import Delivery
-from driftloop.migrations import SCHEMA_NAME, apply_migrations
+from driftloop.database import open_migrated_pool
 from driftloop.settings import PostgresSettings
 from schemas.events import GroundTruth, PredictionEvent
 
@@ -40,15 +39,6 @@ PREDICTION_COLUMNS: Final = (
 LABEL_COLUMNS: Final = ("request_id", "label", "observed_at", "event_id")
 
 # Postgres errors that mean "the database is not reachable right now", not "this data is bad".
-UNAVAILABLE_ERRORS: Final[tuple[type[BaseException], ...]] = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.InterfaceError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.AdminShutdownError,
-)
 
 _STAGING = """
 CREATE TEMP TABLE IF NOT EXISTS staged_predictions
@@ -158,47 +148,12 @@ async def open_prediction_log(
     give_up_after_seconds: float = 300.0,
 ) -> PredictionLog:
     """Apply the migrations to ``schema`` and open a pool whose sessions work in it."""
-    if not SCHEMA_NAME.match(schema):
-        raise ValueError(f"invalid schema name {schema!r}")
-    options = {
-        "host": settings.host,
-        "port": settings.port,
-        "user": settings.user,
-        "password": settings.password.get_secret_value(),
-        "database": settings.db,
-    }
-    address = f"{settings.host}:{settings.port}/{settings.db}"
-
-    async def migrate() -> None:
-        connection = await asyncpg.connect(**options)
-        try:
-            await apply_migrations(connection, schema)
-        finally:
-            await connection.close()
-
-    await connect_with_retry(
-        "PostgreSQL",
-        address,
-        migrate,
+    pool = await open_migrated_pool(
+        settings,
+        schema,
+        max_size=max_size,
+        init=_prepare_session,
         give_up_after_seconds=give_up_after_seconds,
-        retry_on=UNAVAILABLE_ERRORS,
-    )
-
-    async def connect() -> asyncpg.Pool:
-        return await asyncpg.create_pool(
-            **options,
-            min_size=1,
-            max_size=max_size,
-            server_settings={"search_path": schema},
-            init=_prepare_session,
-        )
-
-    pool = await connect_with_retry(
-        "PostgreSQL",
-        address,
-        connect,
-        give_up_after_seconds=give_up_after_seconds,
-        retry_on=UNAVAILABLE_ERRORS,
     )
     return PredictionLog(pool, schema)
 

@@ -18,9 +18,7 @@ from typing import Final
 
 import asyncpg
 
-from driftloop.connect import connect_with_retry
-from driftloop.migrations import SCHEMA_NAME, apply_migrations
-from driftloop.prediction_log import UNAVAILABLE_ERRORS
+from driftloop.database import open_migrated_pool
 from driftloop.settings import PostgresSettings
 from schemas.events import DriftDetected
 
@@ -250,41 +248,7 @@ async def open_retrain_ledger(
     settings: PostgresSettings, schema: str = "public", *, give_up_after_seconds: float = 300.0
 ) -> RetrainLedger:
     """Apply the migrations to ``schema`` and open a small pool whose sessions work in it."""
-    if not SCHEMA_NAME.match(schema):
-        raise ValueError(f"invalid schema name {schema!r}")
-    options = {
-        "host": settings.host,
-        "port": settings.port,
-        "user": settings.user,
-        "password": settings.password.get_secret_value(),
-        "database": settings.db,
-    }
-    address = f"{settings.host}:{settings.port}/{settings.db}"
-
-    async def migrate() -> None:
-        connection = await asyncpg.connect(**options)
-        try:
-            await apply_migrations(connection, schema)
-        finally:
-            await connection.close()
-
-    async def connect() -> asyncpg.Pool:
-        return await asyncpg.create_pool(
-            **options, min_size=1, max_size=2, server_settings={"search_path": schema}
-        )
-
-    await connect_with_retry(
-        "PostgreSQL",
-        address,
-        migrate,
-        give_up_after_seconds=give_up_after_seconds,
-        retry_on=UNAVAILABLE_ERRORS,
-    )
-    pool = await connect_with_retry(
-        "PostgreSQL",
-        address,
-        connect,
-        give_up_after_seconds=give_up_after_seconds,
-        retry_on=UNAVAILABLE_ERRORS,
+    pool = await open_migrated_pool(
+        settings, schema, max_size=2, give_up_after_seconds=give_up_after_seconds
     )
     return RetrainLedger(pool)
