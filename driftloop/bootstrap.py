@@ -14,7 +14,6 @@ columns and a ``split`` column; it is stored as Parquet in the run's artifacts
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from collections.abc import Sequence
@@ -23,37 +22,27 @@ from pathlib import Path
 from typing import Final
 
 import lightgbm as lgb
-import mlflow.artifacts
 import numpy as np
-import numpy.typing as npt
 import pandas as pd
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 
 from driftloop import training
+
+# Shared with the retrain DAG, defined in driftloop.training; re-exported under their old names.
+from driftloop.training import PREDICTION_COLUMN as PREDICTION_COLUMN
+from driftloop.training import REFERENCE_ARTIFACT as REFERENCE_ARTIFACT
+from driftloop.training import REFERENCE_ARTIFACT_DIR as REFERENCE_ARTIFACT_DIR
+from driftloop.training import REFERENCE_FILE as REFERENCE_FILE
+from driftloop.training import REFERENCE_TAG as REFERENCE_TAG
+from driftloop.training import SPLIT_COLUMN as SPLIT_COLUMN
+from driftloop.training import HoldoutScores as HoldoutScores
+from driftloop.training import current_champion as current_champion
+from driftloop.training import load_reference as load_reference
+from driftloop.training import score_holdout as score_holdout
 from schemas.events import ModelPromoted
 from schemas.features import FeatureSpec
 
 TRAINING_MONTHS: Final = ("Jan", "Feb", "March")
 HOLDOUT_DAYS: Final = 14
-REFERENCE_ARTIFACT_DIR: Final = "reference"
-REFERENCE_FILE: Final = "reference.parquet"
-REFERENCE_ARTIFACT: Final = f"{REFERENCE_ARTIFACT_DIR}/{REFERENCE_FILE}"
-# Model-version tag naming the reference artifact, so readers need not know the convention.
-REFERENCE_TAG: Final = "reference_artifact"
-SPLIT_COLUMN: Final = "split"
-# The drift monitor's prediction column (driftloop.drift.assessment.PREDICTION_COLUMN, checked
-# equal by the unit tests); not imported from there because Evidently takes seconds to import.
-PREDICTION_COLUMN: Final = "prediction"
-
-
-@dataclass(frozen=True, slots=True)
-class HoldoutScores:
-    """Regression quality of a model on the holdout rows."""
-
-    rmse: float
-    mae: float
-    rows: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,20 +82,6 @@ def split_holdout(
     return frame[~in_holdout].reset_index(drop=True), frame[in_holdout].reset_index(drop=True)
 
 
-def score_holdout(
-    truth: npt.NDArray[np.float64], predicted: npt.NDArray[np.float64]
-) -> HoldoutScores:
-    """RMSE and MAE of predictions against the truth."""
-    if len(truth) == 0 or len(truth) != len(predicted):
-        raise ValueError("scores need as many predictions as true values, at least one")
-    errors = predicted - truth
-    return HoldoutScores(
-        rmse=math.sqrt(float(np.mean(errors**2))),
-        mae=float(np.mean(np.abs(errors))),
-        rows=len(truth),
-    )
-
-
 def reference_frame(
     spec: FeatureSpec, parts: Sequence[tuple[str, pd.DataFrame]], booster: lgb.Booster
 ) -> pd.DataFrame:
@@ -114,28 +89,7 @@ def reference_frame(
     if spec.dataset is None:
         raise ValueError(f"feature declaration {spec.name} ships no dataset")
     time_columns = [name for name in spec.dataset.order_by if name not in spec.feature_names]
-    columns = [*time_columns, *spec.feature_names]
-    frames = []
-    for split, part in parts:
-        predictions = np.asarray(booster.predict(training.feature_matrix(spec, part)))
-        reference = part[columns].copy()
-        reference[PREDICTION_COLUMN] = predictions.astype(np.float64)
-        reference[spec.target.name] = training.target_vector(spec, part)
-        reference[SPLIT_COLUMN] = split
-        frames.append(reference)
-    return pd.concat(frames, ignore_index=True)
-
-
-def current_champion(tracking_uri: str, model_name: str) -> int | None:
-    """The version the ``champion`` alias points at, or None when there is none."""
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    try:
-        version = client.get_model_version_by_alias(model_name, training.CHAMPION_ALIAS)
-    except MlflowException as error:
-        if error.error_code in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}:
-            return None
-        raise
-    return int(version.version)
+    return training.reference_frame(spec, parts, booster, leading_columns=time_columns)
 
 
 def bootstrap_model(
@@ -176,7 +130,8 @@ def bootstrap_model(
         "training_seconds": training_seconds,
     }
     with tempfile.TemporaryDirectory(prefix="driftloop-bootstrap-") as work:
-        work_dir = Path(work)
+        # The reference is logged in the model's run and named by a version tag, so the drift
+        # monitor finds it from the registry alone.
         model = training.log_and_register(
             booster,
             spec,
@@ -184,16 +139,9 @@ def bootstrap_model(
             model_name=name,
             metrics=metrics,
             params=params,
-            work_dir=work_dir,
+            reference=reference,
+            work_dir=Path(work),
         )
-        reference_dir = work_dir / REFERENCE_ARTIFACT_DIR
-        reference_dir.mkdir()
-        reference.to_parquet(reference_dir / REFERENCE_FILE, index=False)
-        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-        # Logged after the model so the run exists; the version tag lets the drift monitor
-        # find the reference from the registry alone.
-        client.log_artifact(model.run_id, str(reference_dir / REFERENCE_FILE), "reference")
-        client.set_model_version_tag(name, str(model.version), REFERENCE_TAG, REFERENCE_ARTIFACT)
     training.set_champion(model, tracking_uri=tracking_uri)
     return BootstrapResult(
         model=model,
@@ -216,20 +164,3 @@ def promotion_event(result: BootstrapResult) -> ModelPromoted:
         challenger_score=result.scores.rmse,
         champion_score=None,
     )
-
-
-def load_reference(tracking_uri: str, model_name: str, version: int) -> pd.DataFrame:
-    """The reference dataset logged with a model version (features, prediction, target)."""
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    model_version = client.get_model_version(model_name, str(version))
-    if model_version.run_id is None:
-        raise LookupError(f"{model_name} version {version} has no run")
-    artifact = model_version.tags.get(REFERENCE_TAG, REFERENCE_ARTIFACT)
-    with tempfile.TemporaryDirectory(prefix="driftloop-reference-") as work:
-        local = mlflow.artifacts.download_artifacts(
-            run_id=model_version.run_id,
-            artifact_path=artifact,
-            dst_path=work,
-            tracking_uri=tracking_uri,
-        )
-        return pd.read_parquet(local)

@@ -1,26 +1,37 @@
-"""Training a model from its feature declaration: read, encode, fit, log, register, promote.
+"""Training a model from its feature declaration: read, encode, fit, score, log, register, promote.
 
-Ordinary functions: the retrain DAG wires them into tasks, the tests and the benchmarks call
-them directly. The model is a native LightGBM ``Booster`` logged with the MLflow LightGBM
-flavour; the feature declaration travels inside the model's artifacts, so whoever loads the
-model (``driftloop.champion``) can check it reads the inputs it was trained on.
+Ordinary functions: the first model (``driftloop.bootstrap``) and the retrain DAG
+(``driftloop.retraining``) use them, the tests and the benchmarks call them directly. The model
+is a native LightGBM ``Booster`` logged with the MLflow LightGBM flavour; the feature
+declaration travels inside the model's artifacts, so whoever loads the model
+(``driftloop.champion``) can check it reads the inputs it was trained on.
+
+Every registered version carries its **reference dataset**: the rows it was trained and held
+out on, with the declared features, the model's ``prediction``, the target and a ``split``
+column, as Parquet in its run's artifacts (``reference/reference.parquet``, named by the
+version tag ``reference_artifact``). The drift monitor compares live windows against it and
+the retrain DAG trains the next challenger on it; ``load_reference`` reads it back.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Collection, Mapping
+import tempfile
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
 import lightgbm as lgb
 import mlflow
+import mlflow.artifacts
 import mlflow.lightgbm
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
 import yaml
+from mlflow.exceptions import MlflowException
 from mlflow.models.signature import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, DataType, Schema
@@ -32,6 +43,15 @@ CHAMPION_ALIAS: Final = "champion"
 # Name of the declaration file inside the model's artifacts (read by driftloop.champion).
 FEATURE_SPEC_FILE: Final = "feature_spec.yaml"
 DEFAULT_EXPERIMENT: Final = "driftloop"
+REFERENCE_ARTIFACT_DIR: Final = "reference"
+REFERENCE_FILE: Final = "reference.parquet"
+REFERENCE_ARTIFACT: Final = f"{REFERENCE_ARTIFACT_DIR}/{REFERENCE_FILE}"
+# Model-version tag naming the reference artifact, so readers need not know the convention.
+REFERENCE_TAG: Final = "reference_artifact"
+SPLIT_COLUMN: Final = "split"
+# The drift monitor's prediction column (driftloop.drift.assessment.PREDICTION_COLUMN, checked
+# equal by the unit tests); not imported from there because Evidently takes seconds to import.
+PREDICTION_COLUMN: Final = "prediction"
 
 DEFAULT_PARAMS: Final[Mapping[str, Any]] = {
     "learning_rate": 0.05,
@@ -42,6 +62,15 @@ DEFAULT_PARAMS: Final[Mapping[str, Any]] = {
     "deterministic": True,
     "verbosity": -1,
 }
+
+
+@dataclass(frozen=True, slots=True)
+class HoldoutScores:
+    """Regression quality of a model on the holdout rows."""
+
+    rmse: float
+    mae: float
+    rows: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,12 +173,30 @@ def log_and_register(
     experiment: str = DEFAULT_EXPERIMENT,
     metrics: Mapping[str, float] | None = None,
     params: Mapping[str, Any] | None = None,
+    reference: pd.DataFrame | None = None,
+    run_name: str | None = None,
+    run_tags: Mapping[str, str] | None = None,
+    version_tags: Mapping[str, str] | None = None,
     work_dir: Path,
 ) -> RegisteredModel:
-    """Log the booster (LightGBM flavour, declaration inside) in a new run and register it."""
+    """Log the booster (LightGBM flavour, declaration inside) in a new run and register it.
+
+    The run gets ``params``, ``metrics``, ``run_tags``, the declaration and, when given, the
+    ``reference`` dataset. The version is created last, with ``version_tags`` (and the
+    reference's tag) in the same call: a registered version is always complete, so a caller
+    that finds one by its tags can rely on it.
+    """
     name = model_name or spec.registered_model_name
     spec_path = work_dir / FEATURE_SPEC_FILE
     spec_path.write_text(feature_spec_document(spec), encoding="utf-8")
+    tags = dict(version_tags or {})
+    reference_path: Path | None = None
+    if reference is not None:
+        reference_dir = work_dir / REFERENCE_ARTIFACT_DIR
+        reference_dir.mkdir(exist_ok=True)
+        reference_path = reference_dir / REFERENCE_FILE
+        reference.to_parquet(reference_path, index=False)
+        tags[REFERENCE_TAG] = REFERENCE_ARTIFACT
     # The fluent API is the only way to log a model; its tracking URI is process-global and
     # mirrored into MLFLOW_TRACKING_URI (inherited by subprocesses), so both are restored
     # afterwards; None unsets the variable again when it was not set.
@@ -157,27 +204,26 @@ def log_and_register(
     mlflow.set_tracking_uri(tracking_uri)
     try:
         mlflow.set_experiment(experiment)
-        with mlflow.start_run() as run:
+        with mlflow.start_run(run_name=run_name, tags=dict(run_tags or {})) as run:
             if params:
                 mlflow.log_params(dict(params))
             if metrics:
                 mlflow.log_metrics(dict(metrics))
             mlflow.log_artifact(str(spec_path))
+            if reference_path is not None:
+                mlflow.log_artifact(str(reference_path), REFERENCE_ARTIFACT_DIR)
             info = mlflow.lightgbm.log_model(
                 booster,
                 name="model",
-                registered_model_name=name,
                 signature=model_signature(spec),
                 extra_files=[str(spec_path)],
                 # Explicit requirements: inferring them imports the model in a subprocess.
                 pip_requirements=[f"lightgbm=={lgb.__version__}"],
             )
+            version = mlflow.register_model(info.model_uri, name, tags=tags or None)
     finally:
         mlflow.set_tracking_uri(previous_uri)  # type: ignore[arg-type]  # None: unset
-    version = info.registered_model_version
-    if version is None:
-        raise RuntimeError(f"MLflow did not register {name}")
-    return RegisteredModel(name=name, version=int(version), run_id=run.info.run_id)
+    return RegisteredModel(name=name, version=int(version.version), run_id=run.info.run_id)
 
 
 def model_signature(spec: FeatureSpec) -> ModelSignature:
@@ -191,3 +237,67 @@ def set_champion(model: RegisteredModel, *, tracking_uri: str) -> None:
     """Point the registered model's ``champion`` alias at this version."""
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     client.set_registered_model_alias(model.name, CHAMPION_ALIAS, str(model.version))
+
+
+def current_champion(tracking_uri: str, model_name: str) -> int | None:
+    """The version the ``champion`` alias points at, or None when there is none."""
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        version = client.get_model_version_by_alias(model_name, CHAMPION_ALIAS)
+    except MlflowException as error:
+        if error.error_code in {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}:
+            return None
+        raise
+    return int(version.version)
+
+
+def score_holdout(
+    truth: npt.NDArray[np.float64], predicted: npt.NDArray[np.float64]
+) -> HoldoutScores:
+    """RMSE and MAE of predictions against the truth."""
+    if len(truth) == 0 or len(truth) != len(predicted):
+        raise ValueError("scores need as many predictions as true values, at least one")
+    errors = predicted - truth
+    return HoldoutScores(
+        rmse=math.sqrt(float(np.mean(errors**2))),
+        mae=float(np.mean(np.abs(errors))),
+        rows=len(truth),
+    )
+
+
+def reference_frame(
+    spec: FeatureSpec,
+    parts: Sequence[tuple[str, pd.DataFrame]],
+    booster: lgb.Booster,
+    *,
+    leading_columns: Sequence[str] = (),
+) -> pd.DataFrame:
+    """``leading_columns`` (e.g. time columns), the features, the model's ``prediction``, the
+    target and each row's split, for each ``(split, rows)`` part in turn."""
+    columns = [*leading_columns, *spec.feature_names]
+    frames = []
+    for split, part in parts:
+        predictions = np.asarray(booster.predict(feature_matrix(spec, part)))
+        reference = part[columns].copy()
+        reference[PREDICTION_COLUMN] = predictions.astype(np.float64)
+        reference[spec.target.name] = target_vector(spec, part)
+        reference[SPLIT_COLUMN] = split
+        frames.append(reference)
+    return pd.concat(frames, ignore_index=True)
+
+
+def load_reference(tracking_uri: str, model_name: str, version: int) -> pd.DataFrame:
+    """The reference dataset logged with a model version (features, prediction, target)."""
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    model_version = client.get_model_version(model_name, str(version))
+    if model_version.run_id is None:
+        raise LookupError(f"{model_name} version {version} has no run")
+    artifact = model_version.tags.get(REFERENCE_TAG, REFERENCE_ARTIFACT)
+    with tempfile.TemporaryDirectory(prefix="driftloop-reference-") as work:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=model_version.run_id,
+            artifact_path=artifact,
+            dst_path=work,
+            tracking_uri=tracking_uri,
+        )
+        return pd.read_parquet(local)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -42,3 +43,47 @@ def test_dag_files_parse_without_heavy_imports(dag_file: Path) -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
     )
     assert result.stdout.strip().splitlines()[-1:] in ([], [""]), result.stdout
+
+
+def test_retrain_model_wires_its_tasks_in_order(dagbag: object) -> None:
+    dag = dagbag.dags["retrain_model"]  # type: ignore[attr-defined]
+
+    assert dag.schedule is None
+    assert dag.max_active_runs == 1
+    assert {task.task_id: sorted(task.upstream_task_ids) for task in dag.tasks} == {
+        "extract": [],
+        "train": ["extract"],
+        "evaluate": ["extract", "train"],
+        "decide": ["evaluate", "extract", "train"],
+        "cleanup": ["decide", "extract"],
+    }
+    # Transient failures (MLflow, S3, Kafka down) are retried; refusals fail fast in the task.
+    assert all(dag.get_task(name).retries >= 1 for name in ("extract", "train", "decide"))
+    assert "model_name" in (dag.doc_md or "")
+
+
+def test_retrain_model_params_are_the_policy_defaults(dagbag: object) -> None:
+    from driftloop.retrain_policy import RetrainPolicy
+
+    dag = dagbag.dags["retrain_model"]  # type: ignore[attr-defined]
+
+    assert {name: dag.params[name] for name in dag.params} == RetrainPolicy().model_dump()
+
+
+def test_retrain_model_params_refuse_what_the_policy_refuses(dagbag: object) -> None:
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    dag = dagbag.dags["retrain_model"]  # type: ignore[attr-defined]
+
+    def validated(conf: dict[str, object]) -> dict[str, object]:
+        # What Airflow does with a trigger's conf: the DAG's params, overridden, validated.
+        params = copy.deepcopy(dag.params)
+        params.update(conf)
+        return params.validate()  # type: ignore[no-any-return]
+
+    assert (
+        validated({"promotion_margin": 0.5, "model_name": "bikeshare"})["promotion_margin"] == 0.5
+    )
+    for bad in ({"promotion_margin": -0.1}, {"num_boost_round": 0}, {"holdout_fraction": "x"}):
+        with pytest.raises(ParamValidationError):
+            validated(bad)
