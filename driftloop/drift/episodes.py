@@ -89,7 +89,7 @@ class EpisodeStep(BaseModel):
 def episode_id(model_name: str, model_version: int, first_window_end: datetime) -> str:
     """Stable id of the episode whose first drifted window ended at ``first_window_end``."""
     moment = first_window_end.astimezone(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
-    readable = f"drift-{model_name}-v{model_version}-{moment}"
+    readable = f"{model_name}-v{model_version}-{moment}"
     if len(readable) <= _MAX_EPISODE_ID:
         return readable
     digest = hashlib.sha256(readable.encode()).hexdigest()[:16]
@@ -106,6 +106,16 @@ def follow(state: EpisodeState, model_version: int) -> EpisodeState:
     if model_version == state.model_version:
         return state
     return start(state.model_name, model_version)
+
+
+def skip(state: EpisodeState, window_end: datetime) -> EpisodeState:
+    """Move past a refused window: it is not observed (streaks unchanged), but not read again."""
+    if window_end.tzinfo is None:
+        raise ValueError("window_end must be timezone-aware")
+    window_end = window_end.astimezone(UTC)
+    if state.last_window_end is not None and window_end <= state.last_window_end:
+        return state
+    return state.model_copy(update={"last_window_end": window_end})
 
 
 def advance(

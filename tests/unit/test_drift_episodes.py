@@ -59,7 +59,7 @@ def test_drift_holds_after_consecutive_windows() -> None:
     assert second.state.phase is EpisodePhase.HOLDING
     # The id names the first drifted window of the streak, not the one that confirmed it.
     assert second.episode_id == episode_id("bikeshare", 1, hour(1))
-    assert second.episode_id == "drift-bikeshare-v1-20110401T010000.000000Z"
+    assert second.episode_id == "bikeshare-v1-20110401T010000.000000Z"
 
 
 def test_one_window_is_enough_when_configured() -> None:

@@ -1,0 +1,260 @@
+"""drift-monitor: Evidently on each new window of the champion's log; DriftDetected on drift.
+
+Reads the prediction log (``prediction_log`` joined with ``labels``) of each monitored model's
+champion version, judges tumbling windows against that version's reference dataset
+(``driftloop.drift``), stores each report in the object store and each run in ``drift_runs``,
+exports the scores to Prometheus and publishes ``DriftDetected`` to ``drift.events`` once drift
+holds for the policy's consecutive windows. Run with ``python -m consumers.drift_monitor``;
+metrics on ``DRIFT_MONITOR_METRICS_PORT`` (9103). ``python -m consumers.drift_monitor status``
+prints the latest windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
+from datetime import timedelta
+from typing import TYPE_CHECKING, Annotated, Final
+
+from prometheus_client import start_http_server
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
+
+from driftloop import kafka
+from driftloop.consumer_loop import install_stop_signals
+from driftloop.drift.champions import RegistryChampions
+from driftloop.drift.monitor import DriftMonitor, MonitorOptions
+from driftloop.drift.policy import DriftPolicy
+from driftloop.drift.reports import REPORT_PREFIX, ReportDocuments, ReportKeys, put_report
+from driftloop.drift.store import open_drift_store
+from driftloop.migrations import SCHEMA_NAME
+from driftloop.objectstore import s3_client
+from driftloop.settings import (
+    DriftloopSettings,
+    KafkaSettings,
+    MlflowSettings,
+    ObjectStoreSettings,
+    PostgresSettings,
+    SettingsError,
+    load_settings,
+)
+from schemas.events import DriftDetected
+from schemas.features import declared_feature_specs, load_feature_spec
+from schemas.topics import Topic
+
+if TYPE_CHECKING:
+    from aiokafka import AIOKafkaProducer
+    from types_aiobotocore_s3 import S3Client
+
+NAME: Final = "drift-monitor"
+log = logging.getLogger(NAME)
+
+Seconds = Annotated[float, Field(gt=0)]
+
+
+class DriftMonitorSettings(DriftloopSettings):
+    """The drift monitor (``DRIFT_MONITOR_*``) and the connections it uses."""
+
+    model_config = SettingsConfigDict(env_prefix="DRIFT_MONITOR_")
+
+    models: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="DRIFT_MONITOR_MODELS: comma-separated registered models to monitor "
+        "(default empty: the registered_model_name of every declaration in schemas/models).",
+    )
+    window_rows: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
+        default=168,
+        description="DRIFT_MONITOR_WINDOW_ROWS: rows in a full window (default 168, a week of "
+        "hourly traffic); at least the policy's min_rows.",
+    )
+    max_window_age_seconds: Seconds = Field(
+        default=3600.0,
+        description="DRIFT_MONITOR_MAX_WINDOW_AGE_SECONDS: a partial window of at least min_rows "
+        "rows is judged once its oldest row is this old (default 3600).",
+    )
+    settle_seconds: Annotated[float, Field(ge=0)] = Field(
+        default=3.0,
+        description="DRIFT_MONITOR_SETTLE_SECONDS: rows logged less than this ago wait for a "
+        "later window, so lagging log partitions are not cut out (default 3).",
+    )
+    poll_seconds: Seconds = Field(
+        default=2.0,
+        description="DRIFT_MONITOR_POLL_SECONDS: pause between rounds over the models (default 2).",
+    )
+    champion_refresh_seconds: Seconds = Field(
+        default=5.0,
+        description="DRIFT_MONITOR_CHAMPION_REFRESH_SECONDS: how often the champion alias is "
+        "resolved again; a new version switches windows and reference (default 5).",
+    )
+    backoff_max_seconds: Seconds = Field(
+        default=30.0,
+        description="DRIFT_MONITOR_BACKOFF_MAX_SECONDS: longest pause before retrying a model "
+        "whose check failed (default 30).",
+    )
+    policy: DriftPolicy = Field(
+        default_factory=DriftPolicy,
+        description="DRIFT_MONITOR_POLICY: JSON object overriding fields of the drift policy, "
+        'e.g. {"consecutive_windows": 3} (default: driftloop.drift.policy.DriftPolicy).',
+    )
+    report_prefix: str = Field(
+        default=REPORT_PREFIX,
+        min_length=1,
+        description="DRIFT_MONITOR_REPORT_PREFIX: object key prefix of the reports in the data "
+        "bucket (default drift-reports/).",
+    )
+    db_schema: str = Field(
+        default="public",
+        pattern=SCHEMA_NAME.pattern,
+        description="DRIFT_MONITOR_DB_SCHEMA: Postgres schema of the prediction log and the "
+        "drift runs (default public; tests use one per test).",
+    )
+    metrics_port: Annotated[int, Field(ge=0, lt=65536)] = Field(
+        default=9103,
+        description="DRIFT_MONITOR_METRICS_PORT: Prometheus /metrics port (default 9103; 0 picks "
+        "a free port).",
+    )
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    postgres: PostgresSettings = Field(default_factory=PostgresSettings)
+    s3: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
+    mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(name.strip() for name in value.split(",") if name.strip())
+        return value
+
+    def monitored_models(self) -> list[str]:
+        """The models monitored: the configured ones, else every declared model."""
+        if self.models:
+            return list(dict.fromkeys(self.models))
+        return sorted(
+            {load_feature_spec(name).registered_model_name for name in declared_feature_specs()}
+        )
+
+    def monitor_options(self) -> MonitorOptions:
+        return MonitorOptions(
+            window_rows=self.window_rows,
+            max_window_age=timedelta(seconds=self.max_window_age_seconds),
+            settle=timedelta(seconds=self.settle_seconds),
+            champion_refresh=timedelta(seconds=self.champion_refresh_seconds),
+            report_prefix=self.report_prefix,
+        )
+
+
+def kafka_publisher(
+    producer: AIOKafkaProducer, topic: str
+) -> Callable[[DriftDetected], Awaitable[None]]:
+    """Publishes a drift event keyed by model and waits for the broker's acknowledgement."""
+
+    async def publish(event: DriftDetected) -> None:
+        await producer.send_and_wait(topic, event.to_bytes(), key=event.partition_key())
+
+    return publish
+
+
+def report_store(
+    s3: S3Client, bucket: str
+) -> Callable[[str, str, ReportDocuments], Awaitable[str]]:
+    """Stores a window's report in ``bucket``; returns the JSON document's URI."""
+
+    async def store(json_key: str, html_key: str, documents: ReportDocuments) -> str:
+        return await put_report(s3, bucket, ReportKeys(json=json_key, html=html_key), documents)
+
+    return store
+
+
+async def run_drift_monitor(settings: DriftMonitorSettings) -> None:
+    """Run the monitor until SIGTERM/SIGINT."""
+    models = settings.monitored_models()
+    store = await open_drift_store(settings.postgres, settings.db_schema)
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(store.close)
+        s3 = await stack.enter_async_context(s3_client(settings.s3))
+        producer = kafka.producer(settings.kafka, NAME)
+        await kafka.start_with_retry(producer, settings.kafka)
+        stack.push_async_callback(producer.stop)
+        topic = settings.kafka.topic(Topic.DRIFT_EVENTS)
+        monitor = DriftMonitor(
+            store=store,
+            champions=RegistryChampions(settings.mlflow.tracking_uri),
+            publish=kafka_publisher(producer, topic),
+            store_report=report_store(s3, settings.s3.data_bucket),
+            models=models,
+            policy=settings.policy,
+            options=settings.monitor_options(),
+        )
+        stopping = asyncio.Event()
+        install_stop_signals(stopping.set)
+        log.info(
+            "monitoring %s: windows of %d rows (min %d, %d in a row to drift), events to %s",
+            models,
+            settings.window_rows,
+            settings.policy.min_rows,
+            settings.policy.consecutive_windows,
+            topic,
+        )
+        await monitor.run(
+            stopping,
+            poll_seconds=settings.poll_seconds,
+            backoff_max_seconds=settings.backoff_max_seconds,
+        )
+    log.info("stopped cleanly")
+
+
+async def print_status(settings: DriftMonitorSettings, limit: int) -> None:
+    """Print the latest windows judged, newest first."""
+    store = await open_drift_store(settings.postgres, settings.db_schema, give_up_after_seconds=10)
+    try:
+        for run in await store.recent(limit=limit):
+            share = "-" if run.drift_share is None else f"{run.drift_share:.2f}"
+            rmse = (run.quality or {}).get("rmse")
+            print(  # noqa: T201 - a command-line report
+                f"{run.checked_at:%Y-%m-%d %H:%M:%S}\t{run.model_name} v{run.model_version}\t"
+                f"{run.outcome}\t{run.window_rows} rows\tshare {share}\t"
+                f"{','.join(run.drifted_features) or '-'}\t"
+                f"rmse {'-' if rmse is None else f'{rmse:.1f}'}\t"
+                f"{run.episode_id or '-'}{' (event)' if run.drift_holds else ''}\t"
+                f"{run.report_uri or run.refusal_reason or ''}"
+            )
+    finally:
+        await store.close()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m consumers.drift_monitor [run | status [--limit N]]`` (default: run)."""
+    parser = argparse.ArgumentParser(prog="python -m consumers.drift_monitor")
+    parser.add_argument("command", nargs="?", choices=("run", "status"), default="run")
+    parser.add_argument("--limit", type=int, default=20, help="status: rows shown")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.command == "run" else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        settings = load_settings(DriftMonitorSettings)
+    except SettingsError as error:
+        log.error("%s", error)  # noqa: TRY400 - the message names the variables; no traceback
+        sys.exit(2)
+    if args.command == "status":
+        asyncio.run(print_status(settings, args.limit))
+        return
+    # A service log has no terminal: no MLflow download progress bars in it.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Evidently's quality preset also scores slices of one row, where scikit-learn warns that
+    # R² is undefined; the window's R² itself is computed on every labelled row.
+    warnings.filterwarnings("ignore", message=r"R\^2 score is not well-defined")
+    start_http_server(settings.metrics_port)
+    asyncio.run(run_drift_monitor(settings))
+
+
+if __name__ == "__main__":
+    main()
