@@ -29,7 +29,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Final, Protocol
@@ -60,6 +60,8 @@ class ChampionRef:
     name: str
     version: int
     run_id: str
+    registered_at: datetime | None = field(default=None, compare=False)
+    """When the version was registered (its age for monitoring); ``None`` when unknown."""
 
 
 class _SingleRowPredictor:
@@ -116,11 +118,13 @@ class Champion:
     booster: lgb.Booster
     spec: FeatureSpec
     _single_row: _SingleRowPredictor | None = field(default=None, repr=False)
+    registered_at: datetime | None = None
+    """When the version was registered in the registry; ``None`` when unknown."""
 
     @property
     def ref(self) -> ChampionRef:
         """The registry version this model is."""
-        return ChampionRef(self.name, self.version, self.run_id)
+        return ChampionRef(self.name, self.version, self.run_id, self.registered_at)
 
     def predict(self, matrix: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         """Scores of a (rows x declared features) float64 matrix, NaN for missing values."""
@@ -190,7 +194,11 @@ class ModelRegistry:
             raise ChampionLoadError(f"cannot resolve {name}@{alias}: {error}") from error
         if not version.run_id:
             raise ChampionLoadError(f"{name} version {version.version} has no run id")
-        return ChampionRef(name, int(version.version), str(version.run_id))
+        created = version.creation_timestamp
+        registered_at = (
+            datetime.fromtimestamp(created / 1000, tz=UTC) if created is not None else None
+        )
+        return ChampionRef(name, int(version.version), str(version.run_id), registered_at)
 
     def download(self, ref: ChampionRef, destination: Path) -> None:
         """Download the version's model artifacts into the (existing, empty) ``destination``."""
@@ -253,14 +261,26 @@ class ChampionCache:
         pointer = self.root / name / _POINTER_FILE
         try:
             document = json.loads(pointer.read_text())
-            ref = ChampionRef(str(document["name"]), int(document["version"]), document["run_id"])
+            registered = document.get("registered_at")
+            ref = ChampionRef(
+                str(document["name"]),
+                int(document["version"]),
+                document["run_id"],
+                datetime.fromisoformat(registered) if registered else None,
+            )
         except (OSError, ValueError, KeyError, TypeError):
             return None
         return ref if self.has(ref) else None
 
 
 def _ref_document(ref: ChampionRef) -> dict[str, object]:
-    return {"name": ref.name, "version": ref.version, "run_id": ref.run_id}
+    registered = ref.registered_at.isoformat() if ref.registered_at is not None else None
+    return {
+        "name": ref.name,
+        "version": ref.version,
+        "run_id": ref.run_id,
+        "registered_at": registered,
+    }
 
 
 def load_champion(
@@ -300,6 +320,7 @@ def load_champion(
         booster,
         spec,
         _SingleRowPredictor(booster, len(spec.features)),
+        ref.registered_at,
     )
     # The first predictions of a fresh booster pay for lazy initialisation; pay it here.
     warm = np.full((_WARM_ROWS, len(spec.features)), np.nan)

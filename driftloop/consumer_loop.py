@@ -26,6 +26,7 @@ because of a failure it does not commit. A second Ctrl+C exits at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -79,7 +80,8 @@ WRITE_SECONDS = Histogram(
 )
 LAG = Gauge(
     "driftloop_consumer_lag",
-    "Records behind the partition's high watermark after the last processed batch.",
+    "Records of the assigned partition not committed yet: its end offset minus the group's "
+    "committed offset, after every poll and every few seconds while consumption is paused.",
     ["consumer", "topic", "partition"],
 )
 COMMITTED_OFFSET = Gauge(
@@ -157,6 +159,8 @@ class LoopOptions:
     poll_timeout_ms: int = 500
     backoff_initial_seconds: float = 0.5
     backoff_max_seconds: float = 15.0
+    paused_lag_refresh_seconds: float = 5.0
+    """While paused on a failing sink, how often the end offsets are asked for (the lag)."""
 
 
 @dataclass(slots=True)
@@ -188,10 +192,18 @@ class ConsumerLoop(Generic[E]):
         self._lock = asyncio.Lock()
         self._revoking = False
         self._pending: dict[TopicPartition, int] = {}
+        self._committed: dict[TopicPartition, int] = {}
         self._taking_over: set[TopicPartition] = set()
+        self._paused_lag_due = 0.0
         self._accepted = {topic: tuple(events) for topic, events in options.topics.items()}
         SINKS_UP.labels(options.name).set(1)
         READY.labels(options.name).set(0)
+        # Counters exist at 0 before their first event: an alert on increase() sees the first
+        # dead letter or backoff, and a panel shows 0 rather than no data.
+        BACKOFFS.labels(options.name)
+        for topic in options.topics:
+            for failure in FailureKind:
+                DEAD_LETTERS.labels(options.name, topic, failure.value)
 
     def stop(self) -> None:
         """Ask the loop to finish its batch, commit and return."""
@@ -236,6 +248,7 @@ class ConsumerLoop(Generic[E]):
                 await self.consumer.seek_to_beginning(tp)
             else:
                 self.consumer.seek(tp, committed)
+                self._committed[tp] = committed
         await self.processor.on_assigned(self.consumer, partitions)
         self._taking_over.clear()
         self.consumer.resume(*partitions)
@@ -250,7 +263,7 @@ class ConsumerLoop(Generic[E]):
             return
         self._pending.update(batch.offsets)
         await self._commit_pending()
-        self._record_lag(batch.offsets)
+        self._record_lag()
 
     def _decode(self, records: Mapping[TopicPartition, list[Any]]) -> _Batch[E]:
         batch: _Batch[E] = _Batch()
@@ -326,6 +339,9 @@ class ConsumerLoop(Generic[E]):
                     if not paused:
                         self.consumer.pause(*self.consumer.assignment())
                         paused = True
+                        self._paused_lag_due = (
+                            time.monotonic() + self.options.paused_lag_refresh_seconds
+                        )
                     await self._wait_paused(delay)
                     delay = min(delay * 2, self.options.backoff_max_seconds)
                     continue
@@ -340,6 +356,9 @@ class ConsumerLoop(Generic[E]):
         while True:
             if self.stopping.is_set() or self._revoking:
                 raise _AbandonedError
+            if time.monotonic() >= self._paused_lag_due:
+                self._paused_lag_due = time.monotonic() + self.options.paused_lag_refresh_seconds
+                await self._record_paused_lag()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
@@ -359,16 +378,45 @@ class ConsumerLoop(Generic[E]):
             self._pending.clear()
             return
         self._pending.clear()
+        self._committed.update(offsets)
         for tp, offset in offsets.items():
             COMMITTED_OFFSET.labels(self.options.name, tp.topic, str(tp.partition)).set(offset)
 
-    def _record_lag(self, offsets: Mapping[TopicPartition, int]) -> None:
-        for tp, position in offsets.items():
+    def _record_lag(self) -> None:
+        # Every assigned partition, with records in this batch or not: the high watermark of
+        # the last fetch, which covers idle partitions too, against the committed offset.
+        for tp in self.consumer.assignment():
+            committed = self._committed.get(tp)
             highwater = self.consumer.highwater(tp)
-            if highwater is not None:
-                LAG.labels(self.options.name, tp.topic, str(tp.partition)).set(
-                    max(highwater - position, 0)
-                )
+            if committed is not None and highwater is not None:
+                self._set_lag(tp, highwater - committed)
+
+    async def _record_paused_lag(self) -> None:
+        # Paused partitions are not fetched, so their high watermark stands still while the
+        # log grows: ask the brokers for the end offsets instead.
+        partitions = [tp for tp in self.consumer.assignment() if tp in self._committed]
+        if not partitions:
+            return
+        try:
+            ends = await self.consumer.end_offsets(partitions)
+        except KafkaError as error:
+            log.debug("%s: end offsets unavailable (%s)", self.options.name, error)
+            return
+        for tp, end in ends.items():
+            committed = self._committed.get(tp)
+            if committed is not None:
+                self._set_lag(tp, end - committed)
+
+    def _set_lag(self, tp: TopicPartition, records: int) -> None:
+        LAG.labels(self.options.name, tp.topic, str(tp.partition)).set(max(records, 0))
+
+    def _forget(self, partitions: Iterable[TopicPartition]) -> None:
+        # A partition now owned by another member reports its lag there, not here.
+        for tp in partitions:
+            self._committed.pop(tp, None)
+            for gauge in (LAG, COMMITTED_OFFSET):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(self.options.name, tp.topic, str(tp.partition))
 
     def _assigned(self, partitions: frozenset[TopicPartition]) -> None:
         self.consumer.pause(*partitions)
@@ -382,6 +430,7 @@ class ConsumerLoop(Generic[E]):
                 self._taking_over -= partitions
                 await self._commit_pending()
                 await self.processor.on_revoked(partitions)
+                self._forget(partitions)
         finally:
             self._revoking = False
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from enum import StrEnum
 
 from aiokafka import TopicPartition
@@ -17,7 +18,7 @@ from aiokafka.errors import KafkaError
 from driftloop import kafka
 from driftloop.champion import ChampionHolder
 from driftloop.settings import KafkaSettings
-from schemas.events import EventDecodeError, ModelPromoted, decode_model_event
+from schemas.events import EventDecodeError, ModelDecision, ModelPromoted, decode_model_event
 from schemas.topics import Topic
 
 log = logging.getLogger(__name__)
@@ -43,11 +44,13 @@ class ModelEventFollower:
         *,
         reader: str,
         retry_seconds: float = 2.0,
+        on_decision: Callable[[ModelDecision], None] | None = None,
     ) -> None:
         self.settings = settings
         self.holder = holder
         self.reader = reader
         self.retry_seconds = retry_seconds
+        self.on_decision = on_decision
         self.topic = settings.topic(Topic.MODEL_EVENTS)
         self.state = FollowerState.OFF
 
@@ -88,6 +91,9 @@ class ModelEventFollower:
             # group would write one copy per serving instance.
             log.warning("ignoring an unreadable message on %s: %s", self.topic, error)
             return
+        if self.on_decision is not None:
+            # Every model's decisions, promotions and rejections: what the metrics count.
+            self.on_decision(event)
         if isinstance(event, ModelPromoted) and event.model_name == self.holder.model_name:
             log.info("model %s version %d promoted", event.model_name, event.model_version)
             await self.holder.refresh(RELOAD_REASON)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from driftloop.champion import Champion, LoadEvent
+from schemas.events import ModelDecision, ModelPromoted
 
 # Request latency: the gateway answers in about a millisecond; the tail matters to 100 ms.
 _LATENCY_BUCKETS = (
@@ -61,6 +62,11 @@ class GatewayMetrics:
         self.spool_depth = Gauge(
             "gateway_spool_depth", "Events waiting in the on-disk spool.", registry=registry
         )
+        self.spool_capacity = Gauge(
+            "gateway_spool_capacity",
+            "Events the spool holds at most (GATEWAY_SPOOL_MAX_RECORDS); beyond it they drop.",
+            registry=registry,
+        )
         self.spooled = Counter(
             "gateway_spooled_events", "Events written to the spool.", registry=registry
         )
@@ -91,6 +97,25 @@ class GatewayMetrics:
             "When the serving model was loaded (Unix time).",
             registry=registry,
         )
+        self.model_version = Gauge(
+            "gateway_model_version",
+            "Registry version of the serving model, absent before any load.",
+            ("model_name",),
+            registry=registry,
+        )
+        self.model_registered_at = Gauge(
+            "gateway_model_registered_timestamp_seconds",
+            "When the serving model version was registered (Unix time): time() minus this is "
+            "the model's age. Absent while the registry's date is unknown.",
+            ("model_name",),
+            registry=registry,
+        )
+        self.model_decisions = Counter(
+            "gateway_model_decisions",
+            "Retrain decisions read from model.events, by model and decision (promoted, rejected).",
+            ("model_name", "decision"),
+            registry=registry,
+        )
 
     def record_load(self, event: LoadEvent) -> None:
         """Count one model load attempt (the champion holder's listener)."""
@@ -98,7 +123,24 @@ class GatewayMetrics:
         self.model_loads.labels(event.outcome.value, event.source.value, event.reason).inc()
 
     def record_champion(self, champion: Champion) -> None:
-        """Make ``champion`` the one reported by ``gateway_model_info``."""
+        """Make ``champion`` the serving model of ``gateway_model_info`` and its siblings."""
         self.model_info.clear()
         self.model_info.labels(champion.name, str(champion.version), champion.run_id).set(1)
         self.model_loaded_at.set(champion.loaded_at.timestamp())
+        self.model_version.clear()
+        self.model_version.labels(champion.name).set(champion.version)
+        self.model_registered_at.clear()
+        if champion.registered_at is not None:
+            self.model_registered_at.labels(champion.name).set(champion.registered_at.timestamp())
+
+    def expect_decisions(self, model_name: str) -> None:
+        """Export the decision counters of ``model_name`` at 0 before its first decision."""
+        # An increase() over a counter that first appears at 1 is 0: the first promotion after
+        # a restart would be missed by the dashboards' annotations.
+        for decision in ("promoted", "rejected"):
+            self.model_decisions.labels(model_name, decision)
+
+    def record_decision(self, event: ModelDecision) -> None:
+        """Count one ``ModelPromoted`` or ``ModelRejected`` read from model.events."""
+        decision = "promoted" if isinstance(event, ModelPromoted) else "rejected"
+        self.model_decisions.labels(event.model_name, decision).inc()

@@ -101,6 +101,7 @@ class EventPublisher:
         self._stopping = False
         self._dropped_warned = False
         metrics.spool_depth.set_function(lambda: spool.depth)
+        metrics.spool_capacity.set(spool.max_records)
         metrics.kafka_up.set_function(lambda: float(self.state is PublisherState.DIRECT))
 
     @property

@@ -93,7 +93,13 @@ class Gateway:
             )
         )
         if self.settings.model_events:
-            self.follower = ModelEventFollower(self.settings.kafka, self.holder, reader="gateway")
+            self.metrics.expect_decisions(self.model_name)
+            self.follower = ModelEventFollower(
+                self.settings.kafka,
+                self.holder,
+                reader="gateway",
+                on_decision=self.metrics.record_decision,
+            )
             self._tasks.append(asyncio.create_task(self.follower.run(), name="model-events"))
 
     async def stop(self) -> None:

@@ -25,6 +25,7 @@ from driftloop.stack.programs import (
     write_kafka_config,
     write_s3proxy_config,
 )
+from driftloop.stack.prometheus_config import reload_prometheus, write_prometheus_config
 from driftloop.stack.readiness import PROBES, Readiness, check, wait_ready
 from driftloop.stack.settings import StackSettings
 from driftloop.stack.supervisor import ProgramState, Supervisor
@@ -109,6 +110,9 @@ def up(settings: StackSettings, report: Report) -> StackStatus:
     write_kafka_config(settings)
     write_s3proxy_config(settings)
     write_airflow_passwords(settings)
+    # Scrape ports follow the settings; a running Prometheus re-reads a changed file.
+    if write_prometheus_config(settings) and supervisor.is_running():
+        reload_prometheus(settings)
     if provision.init_postgres_cluster(settings):
         report("created the PostgreSQL cluster")
     if provision.format_kafka_storage(settings):

@@ -9,6 +9,7 @@ import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 from urllib.parse import urlsplit
 
 import orjson
@@ -249,9 +250,19 @@ def mlflow_program(settings: StackSettings) -> Program:
     )
 
 
+# Every process that talks to MLflow as a client. The telemetry thread of MLflow 3.17 removes
+# its session variable from the environment while requests read it (a KeyError failed a
+# retrain task here); progress bars only clutter service and task logs.
+MLFLOW_CLIENT_ENVIRONMENT: Final = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+
 def platform_environment(settings: StackSettings) -> dict[str, str]:
     """Connection settings of the platform, for processes that run its code (Airflow tasks)."""
     return {
+        **MLFLOW_CLIENT_ENVIRONMENT,
         "DRIFTLOOP_ENVIRONMENT": settings.environment.value,
         "KAFKA_BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
         "KAFKA_TOPIC_PREFIX": settings.kafka.topic_prefix,
@@ -341,12 +352,15 @@ def airflow_programs(settings: StackSettings) -> list[Program]:
 
 
 def prometheus_program(settings: StackSettings) -> Program:
+    # The configuration is rendered from the settings (scrape ports) by `stack up`.
+    from driftloop.stack.prometheus_config import prometheus_config_path
+
     binary = shutil.which("prometheus") or "/usr/bin/prometheus"
     return Program(
         name="prometheus",
         command=[
             binary,
-            f"--config.file={REPO_ROOT / 'prometheus' / 'prometheus.yml'}",
+            f"--config.file={prometheus_config_path(settings)}",
             f"--storage.tsdb.path={settings.data / 'prometheus'}",
             f"--web.listen-address=127.0.0.1:{settings.prometheus_port}",
             "--web.enable-lifecycle",
@@ -362,7 +376,11 @@ def platform_programs(settings: StackSettings) -> list[Program]:
         Program(
             name="gateway",
             command=[python, "-m", "gateway"],
-            environment={"GATEWAY_HOST": "127.0.0.1", "GATEWAY_PORT": str(settings.gateway_port)},
+            environment={
+                **MLFLOW_CLIENT_ENVIRONMENT,
+                "GATEWAY_HOST": "127.0.0.1",
+                "GATEWAY_PORT": str(settings.gateway_port),
+            },
             directory=REPO_ROOT,
         ),
         Program(
@@ -375,7 +393,20 @@ def platform_programs(settings: StackSettings) -> list[Program]:
         Program(
             name="batch-scorer",
             command=[python, "-m", "consumers.batch_scorer"],
-            environment={"BATCH_SCORER_METRICS_PORT": str(settings.batch_scorer_metrics_port)},
+            environment={
+                **MLFLOW_CLIENT_ENVIRONMENT,
+                "BATCH_SCORER_METRICS_PORT": str(settings.batch_scorer_metrics_port),
+            },
+            directory=REPO_ROOT,
+            stop_wait_seconds=60,
+        ),
+        Program(
+            name="drift-monitor",
+            command=[python, "-m", "consumers.drift_monitor"],
+            environment={
+                **MLFLOW_CLIENT_ENVIRONMENT,
+                "DRIFT_MONITOR_METRICS_PORT": str(settings.drift_monitor_metrics_port),
+            },
             directory=REPO_ROOT,
             stop_wait_seconds=60,
         ),

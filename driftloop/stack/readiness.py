@@ -127,6 +127,10 @@ async def probe_batch_scorer(settings: StackSettings) -> None:
     await _get_ok(f"http://127.0.0.1:{settings.batch_scorer_metrics_port}/metrics")
 
 
+async def probe_drift_monitor(settings: StackSettings) -> None:
+    await _get_ok(f"http://127.0.0.1:{settings.drift_monitor_metrics_port}/metrics")
+
+
 async def probe_retrain_trigger(settings: StackSettings) -> None:
     await _get_ok(f"http://127.0.0.1:{settings.retrain_trigger_metrics_port}/metrics")
 
@@ -136,6 +140,7 @@ def address_of(service: str, settings: StackSettings) -> str:
         "gateway": f"http://127.0.0.1:{settings.gateway_port}",
         "feature-logger": f"http://127.0.0.1:{settings.feature_logger_metrics_port}/metrics",
         "batch-scorer": f"http://127.0.0.1:{settings.batch_scorer_metrics_port}/metrics",
+        "drift-monitor": f"http://127.0.0.1:{settings.drift_monitor_metrics_port}/metrics",
         "retrain-trigger": f"http://127.0.0.1:{settings.retrain_trigger_metrics_port}/metrics",
         "postgres": f"localhost:{settings.postgres.port}",
         "kafka": settings.kafka.bootstrap_servers,
@@ -157,6 +162,7 @@ PROBES: dict[str, Probe] = {
     "gateway": probe_gateway,
     "feature-logger": probe_feature_logger,
     "batch-scorer": probe_batch_scorer,
+    "drift-monitor": probe_drift_monitor,
     "retrain-trigger": probe_retrain_trigger,
 }
 

@@ -56,6 +56,9 @@ class StackSettings(DriftloopSettings):
     batch_scorer_metrics_port: Port = Field(
         default=9102, description="STACK_BATCH_SCORER_METRICS_PORT (default 9102)."
     )
+    drift_monitor_metrics_port: Port = Field(
+        default=9103, description="STACK_DRIFT_MONITOR_METRICS_PORT (default 9103)."
+    )
     retrain_trigger_metrics_port: Port = Field(
         default=9104, description="STACK_RETRAIN_TRIGGER_METRICS_PORT (default 9104)."
     )

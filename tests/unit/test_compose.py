@@ -20,6 +20,7 @@ from driftloop.settings import (
     ObjectStoreSettings,
     PostgresSettings,
 )
+from driftloop.stack.programs import MLFLOW_CLIENT_ENVIRONMENT
 from schemas.topics import topic_specs
 
 pytestmark = pytest.mark.unit
@@ -205,7 +206,8 @@ def test_init_job_runs_once(services: dict[str, dict[str, Any]], name: str) -> N
 
 def test_platform_env_uses_settings_names_and_compose_hosts(compose: dict[str, Any]) -> None:
     platform_env = compose["x-platform-env"]
-    known = {"DRIFTLOOP_ENVIRONMENT"}.union(
+    # MLflow's own client variables: the native stack sets the same ones.
+    known = {"DRIFTLOOP_ENVIRONMENT", *MLFLOW_CLIENT_ENVIRONMENT}.union(
         *(
             _settings_variables(settings)
             for settings in (
@@ -219,6 +221,8 @@ def test_platform_env_uses_settings_names_and_compose_hosts(compose: dict[str, A
     )
     assert set(platform_env) <= known, sorted(set(platform_env) - known)
     for variable, value in COMPOSE_CONNECTIONS.items():
+        assert platform_env[variable] == value, variable
+    for variable, value in MLFLOW_CLIENT_ENVIRONMENT.items():
         assert platform_env[variable] == value, variable
 
 

@@ -90,6 +90,7 @@ def test_every_stack_program_is_rendered(settings: StackSettings) -> None:
         "gateway",
         "feature-logger",
         "batch-scorer",
+        "drift-monitor",
         "retrain-trigger",
     }
 
