@@ -30,21 +30,13 @@ down: ## stop everything the native stack started
 status: ## processes and readiness of the native stack
 	$(RUN) driftloop stack status
 
-# The replay is bounded to April-May (1,463 hours, about 30 s at 50 hours/s) so the demo ends
-# in a few minutes; `driftloop demo replay --until 12-31` replays the whole rest of 2011.
-DEMO_UNTIL ?= 05-31
-DEMO_HOURS_PER_SECOND ?= 50
+# The closed loop: April-December replayed at 40 simulated hours a second (about 3 minutes);
+# drift in spring retrains and promotes a model while the replay runs. `driftloop demo replay`
+# replays without watching the loop.
+DEMO_HOURS_PER_SECOND ?= 40
 
-demo: up ## the main job: stack up, first champion trained, April-May replayed through the gateway
-	@started=$$(date +%s); \
-	$(RUN) driftloop model bootstrap; \
-	$(RUN) driftloop demo replay --until $(DEMO_UNTIL) --hours-per-second $(DEMO_HOURS_PER_SECOND); \
-	echo; \
-	echo "demo finished in $$(( $$(date +%s) - started )) s"; \
-	echo "  MLflow      http://localhost:5000  (model bikeshare, alias champion)"; \
-	echo "  Airflow     http://localhost:8080"; \
-	echo "  Prometheus  http://localhost:9090"; \
-	echo "  drift monitor: not yet wired (issue 5); retraining is not triggered by this demo"
+demo: up ## the main job: stack up, first champion, 2011 replayed, drift -> retrain -> promotion -> swap
+	$(RUN) driftloop demo run --hours-per-second $(DEMO_HOURS_PER_SECOND)
 
 test: bootstrap env ## unit + integration tests against a stack started from scratch, then stopped
 	@started_here=0; \

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Final
@@ -104,6 +104,22 @@ TRANSIENT_ERRORS: Final[tuple[type[BaseException], ...]] = (
     AirflowUnavailableError,
     *UNAVAILABLE_ERRORS,
 )
+# Keys of the run conf that come from the drift event (dag_run_conf).
+EVENT_CONF_KEYS: Final = frozenset(
+    {
+        "model_name",
+        "model_version",
+        "episode_id",
+        "event_id",
+        "window_start",
+        "window_end",
+        "window_rows",
+        "drift_share",
+        "drifted_features",
+        "prediction_drifted",
+        "report_uri",
+    }
+)
 # Failures the status refresh shrugs off: the next round catches up.
 REFRESH_ERRORS: Final[tuple[type[BaseException], ...]] = (AirflowError, *UNAVAILABLE_ERRORS)
 
@@ -127,6 +143,11 @@ class RetrainTriggerSettings(DriftloopSettings):
         default=3600.0,
         description="RETRAIN_TRIGGER_COOLDOWN_SECONDS: after a model's run is triggered, other "
         "episodes of that model within this time are suppressed (default 3600).",
+    )
+    dag_params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="RETRAIN_TRIGGER_DAG_PARAMS: JSON object of DAG params added to every run's "
+        'conf, e.g. {"promotion_margin": 0.05} (default {}: the DAG\'s defaults).',
     )
     models: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(),
@@ -184,6 +205,26 @@ class RetrainTriggerSettings(DriftloopSettings):
             return tuple(name.strip() for name in value.split(",") if name.strip())
         return value
 
+    @field_validator("dag_params")
+    @classmethod
+    def _params_do_not_hide_the_episode(cls, value: dict[str, Any]) -> dict[str, Any]:
+        hidden = sorted(set(value) & EVENT_CONF_KEYS)
+        if hidden:
+            raise ValueError(f"{', '.join(hidden)}: set from the drift event, not a DAG param")
+        return value
+
+    def conf_extras(self) -> dict[str, Any]:
+        """What every run's conf carries besides the event: where the data lives, DAG params.
+
+        The retrain DAG reads the prediction log from ``postgres_schema`` and publishes its
+        decision to ``model.events`` under ``topic_prefix``: the namespace this trigger serves.
+        """
+        return {
+            "postgres_schema": self.db_schema,
+            "topic_prefix": self.kafka.topic_prefix,
+            **self.dag_params,
+        }
+
     def known_models(self) -> frozenset[str]:
         """The models retrained: the configured ones, else every declared model."""
         if self.models:
@@ -204,6 +245,7 @@ class RetrainTrigger:
         dag_id: str,
         cooldown: timedelta,
         known_models: frozenset[str],
+        conf_extras: Mapping[str, Any] | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.ledger = ledger
@@ -211,6 +253,7 @@ class RetrainTrigger:
         self.dag_id = dag_id
         self.cooldown = cooldown
         self.known_models = known_models
+        self.conf_extras = dict(conf_extras or {})
         self._clock = clock
 
     def is_transient(self, error: BaseException) -> bool:
@@ -281,7 +324,7 @@ class RetrainTrigger:
             outcome = await self.airflow.trigger_dag_run(
                 self.dag_id,
                 run_id,
-                dag_run_conf(event),
+                dag_run_conf(event, self.conf_extras),
                 note=f"drift episode {event.episode_id} of {event.model_name}",
             )
         except AirflowRejectedError as error:
@@ -304,9 +347,11 @@ class RetrainTrigger:
         return None
 
 
-def dag_run_conf(event: DriftDetected) -> dict[str, Any]:
-    """The ``conf`` of the retrain DAG run: the episode and the window that drifted."""
+def dag_run_conf(event: DriftDetected, extras: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``conf`` of the retrain DAG run: the episode and the window that drifted, and extras
+    (namespace, DAG params; they cannot replace the event's keys)."""
     return {
+        **(extras or {}),
         "model_name": event.model_name,
         "model_version": event.model_version,
         "episode_id": event.episode_id,
@@ -370,6 +415,7 @@ async def run_retrain_trigger(settings: RetrainTriggerSettings) -> None:
         backoff_max_seconds=settings.backoff_max_seconds,
     )
     known_models = settings.known_models()
+    _start_counters_at_zero()
     ledger = await open_retrain_ledger(settings.postgres, settings.db_schema)
     async with AsyncExitStack() as stack:
         stack.push_async_callback(_closing, "Postgres pool", ledger.close)
@@ -391,6 +437,7 @@ async def run_retrain_trigger(settings: RetrainTriggerSettings) -> None:
             dag_id=settings.dag_id,
             cooldown=timedelta(seconds=settings.cooldown_seconds),
             known_models=known_models,
+            conf_extras=settings.conf_extras(),
         )
         loop = ConsumerLoop(options, consumer, producer, trigger)
         install_stop_signals(loop.stop)
@@ -411,6 +458,17 @@ async def run_retrain_trigger(settings: RetrainTriggerSettings) -> None:
             loop.stop()
             await follower
     log.info("stopped cleanly")
+
+
+def _start_counters_at_zero() -> None:
+    # A counter series that first appears at 1 is invisible to increase()/rate(): the first
+    # failed DAG run or trigger after a restart would not alert. Every outcome starts at 0.
+    for outcome in [*(state.value for state in TriggerState), "duplicate"]:
+        TRIGGERS.labels(outcome)
+    for finished in ("success", "failed"):
+        DAG_RUNS_FINISHED.labels(finished)
+    for kind in ("unavailable", "auth", "rejected", "status"):
+        AIRFLOW_ERRORS.labels(kind)
 
 
 async def _closing(what: str, close: Callable[[], Awaitable[None]]) -> None:

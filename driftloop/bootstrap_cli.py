@@ -25,7 +25,8 @@ model_app = typer.Typer(help="Models in the MLflow registry: the first champion.
 console = Console()
 
 
-async def _announce(result: BootstrapResult, settings: KafkaSettings) -> None:
+async def announce_promotion(result: BootstrapResult, settings: KafkaSettings) -> None:
+    """Publish the ``ModelPromoted`` of a bootstrapped champion (servers load it at once)."""
     from driftloop.bootstrap import promotion_event  # deferred: see the module docstring
 
     producer = kafka.producer(settings, "model-bootstrap")
@@ -89,7 +90,7 @@ def bootstrap(
         f"runs:/{model.run_id}/{REFERENCE_ARTIFACT}"
     )
     try:
-        asyncio.run(_announce(result, kafka_settings))
+        asyncio.run(announce_promotion(result, kafka_settings))
     except (KafkaError, OSError, TimeoutError) as error:
         # The alias has moved already; the gateway's alias poll picks it up without the event.
         console.print(f"[yellow]model[/yellow] ModelPromoted not published ({error})")

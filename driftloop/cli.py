@@ -9,7 +9,7 @@ from rich.table import Table
 from consumers.batch_cli import batch_app
 from consumers.dlq_cli import dlq_app
 from driftloop.bootstrap_cli import model_app
-from driftloop.replay_cli import demo_app
+from driftloop.demo_cli import demo_app
 from driftloop.settings import SettingsError, load_settings
 from driftloop.stack import lifecycle
 from driftloop.stack.settings import StackSettings

@@ -105,6 +105,10 @@ CHAMPION_VERSION = Gauge(
 )
 
 
+# Quality series exported per model, so a window without enough labels can withdraw them.
+_quality_exported: dict[str, set[str]] = {}
+
+
 class ChampionSource(Protocol):
     """Where the monitor learns the champion version and that version's reference and spec."""
 
@@ -216,6 +220,11 @@ class DriftMonitor:
                 f"of {self.policy.min_rows}: no full window would ever be judged"
             )
         self._watches = {name: _Watch(name) for name in self.models}
+        for name in self.models:
+            # Series that appear at 0, so increase() sees the first drifted window or event.
+            for outcome in ("drifted", "clean", "refused", "failed"):
+                CHECKS.labels(name, outcome)
+            EVENTS.labels(name)
 
     async def check(self, model_name: str) -> CheckResult | None:
         """Judge the model's next window when one is due; None when there is nothing to do."""
@@ -404,9 +413,15 @@ def _export(result: CheckResult, state: EpisodeState, seconds: float) -> None:
         FEATURE_DRIFTED.labels(model, feature.name).set(int(feature.drifted))
     if verdict.prediction is not None:
         PREDICTION_SCORE.labels(model).set(verdict.prediction.score)
-    if verdict.quality is not None:
-        for metric, value in verdict.quality.metrics.items():
-            QUALITY.labels(model, metric).set(value)
+    exported = _quality_exported.setdefault(model, set())
+    current = verdict.quality.metrics if verdict.quality is not None else {}
+    for metric in exported - current.keys():
+        # Too few labels in this window: no quality figure rather than the last window's.
+        QUALITY.remove(model, metric)
+    for metric, value in current.items():
+        QUALITY.labels(model, metric).set(value)
+    exported.clear()
+    exported.update(current)
 
 
 def _log(result: CheckResult) -> None:

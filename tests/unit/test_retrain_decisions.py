@@ -11,6 +11,7 @@ import pytest
 from pydantic import SecretStr
 
 from consumers.retrain_trigger import (
+    EVENT_CONF_KEYS,
     RetrainTrigger,
     RetrainTriggerSettings,
     dag_run_conf,
@@ -25,7 +26,7 @@ from driftloop.retrain_ledger import (
     dag_run_id_for,
     decide,
 )
-from driftloop.settings import AirflowApiSettings
+from driftloop.settings import AirflowApiSettings, SettingsError, load_settings
 from schemas.events import DriftDetected
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
@@ -330,6 +331,26 @@ def test_conf_carries_the_episode_as_json() -> None:
     assert json.loads(json.dumps(conf)) == conf
     assert conf["episode_id"] == "e1"
     assert conf["drifted_features"] == ["temp", "hum"]
+    assert set(conf) == EVENT_CONF_KEYS
+
+
+def test_conf_extras_carry_the_namespace_and_cannot_hide_the_event() -> None:
+    conf = dag_run_conf(
+        drift("e1"), {"postgres_schema": "t1", "topic_prefix": "t1.", "episode_id": "forged"}
+    )
+    assert conf["postgres_schema"] == "t1"
+    assert conf["topic_prefix"] == "t1."
+    assert conf["episode_id"] == "e1"
+
+
+def test_dag_params_setting_refuses_event_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RETRAIN_TRIGGER_DAG_PARAMS", '{"promotion_margin": 0.5}')
+    settings = load_settings(RetrainTriggerSettings)
+    assert settings.conf_extras()["promotion_margin"] == 0.5
+    assert settings.conf_extras()["postgres_schema"] == settings.db_schema
+    monkeypatch.setenv("RETRAIN_TRIGGER_DAG_PARAMS", '{"model_name": "other"}')
+    with pytest.raises(SettingsError, match="model_name"):
+        load_settings(RetrainTriggerSettings)
 
 
 def test_entry_is_a_plain_record() -> None:
