@@ -8,6 +8,7 @@ from rich.table import Table
 
 from consumers.batch_cli import batch_app
 from consumers.dlq_cli import dlq_app
+from consumers.drift_cli import drift_app
 from driftloop.bootstrap_cli import model_app
 from driftloop.demo_cli import demo_app
 from driftloop.settings import SettingsError, load_settings
@@ -21,6 +22,7 @@ app.add_typer(dlq_app, name="dlq")
 app.add_typer(batch_app, name="batch")
 app.add_typer(model_app, name="model")
 app.add_typer(demo_app, name="demo")
+app.add_typer(drift_app, name="drift")
 
 console = Console()
 

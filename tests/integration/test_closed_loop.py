@@ -15,18 +15,28 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 import orjson
+import pandas as pd
 import pytest
 
 from driftloop.bootstrap import bootstrap_model, current_champion
+from driftloop.database import create_pool
+from driftloop.drift.parquet_windows import load_parquet_window
 from driftloop.drift.store import DriftRun, DriftStore, open_drift_store
+from driftloop.objectstore import s3_client
 from driftloop.replay import Replayer, ReplayStats, day_of_year, load_replay_hours
-from driftloop.settings import KafkaSettings, MlflowSettings, PostgresSettings
+from driftloop.settings import (
+    KafkaSettings,
+    MlflowSettings,
+    ObjectStoreSettings,
+    PostgresSettings,
+)
 from schemas.events import DriftDetected, ModelPromoted, ModelRejected, decode_model_event
 from schemas.features import load_feature_spec
 from schemas.topics import Topic
@@ -170,6 +180,7 @@ async def make_rig(
                 "FEATURE_LOGGER_GROUP": f"{unique}-feature-logger",
                 "FEATURE_LOGGER_DB_SCHEMA": unique,
                 "FEATURE_LOGGER_PARQUET_PREFIX": f"tests/{unique}/features/",
+                "FEATURE_LOGGER_FLUSH_INTERVAL_SECONDS": "3",
                 "FEATURE_LOGGER_METRICS_PORT": str(free_port()),
             },
         )
@@ -258,9 +269,12 @@ def _drifted(runs: Sequence[DriftRun]) -> list[DriftRun]:
 
 
 async def test_winter_against_the_winter_model_raises_no_drift(
-    make_rig: Callable[..., Any], airflow_client: httpx.AsyncClient
+    make_rig: Callable[..., Any],
+    airflow_client: httpx.AsyncClient,
+    object_store_settings: ObjectStoreSettings,
 ) -> None:
     rig: LoopRig = await make_rig({})
+    started = datetime.now(UTC)
     stats = await rig.replay("01-01", "03-31", hours_per_second=300)
     assert stats.error_count == 0, stats.errors
     full_windows = stats.predictions // WINDOW_ROWS
@@ -284,6 +298,36 @@ async def test_winter_against_the_winter_model_raises_no_drift(
         f"/api/v2/dags/{DAG_ID}/dagRuns", params={"run_id_pattern": rig.unique}
     )
     assert response.json()["dag_runs"] == []
+
+    # The same traffic as one long window, from the Parquet files (`driftloop drift check`).
+    pool = await create_pool(rig.postgres, schema=rig.unique, max_size=2)
+    try:
+        async with s3_client(object_store_settings) as s3:
+
+            async def long_window() -> pd.DataFrame:
+                return await load_parquet_window(
+                    pool,
+                    s3,
+                    object_store_settings.data_bucket,
+                    SPEC,
+                    rig.model,
+                    rig.champion_version,
+                    start=started,
+                    end=datetime.now(UTC),
+                )
+
+            async def all_flushed() -> bool:
+                frame = await long_window()
+                labelled = int(frame[SPEC.target.name].notna().sum())
+                return len(frame) == stats.predictions and labelled == stats.labels_sent
+
+            await eventually(all_flushed, within=60, what="every row in the Parquet files")
+            frame = await long_window()
+    finally:
+        await pool.close()
+    assert list(frame.columns[1:-2]) == list(SPEC.feature_names)
+    assert frame["predicted_at"].is_monotonic_increasing
+    assert set(frame["hr"]) == set(range(24))
 
 
 async def _drift_until_decided(
