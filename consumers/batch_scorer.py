@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import sys
 import time
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
@@ -27,10 +26,11 @@ import numpy as np
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 from pydantic import Field, ValidationError
 from pydantic_settings import SettingsConfigDict
 
+from consumers.service import serve
 from driftloop import kafka
 from driftloop.champion import ChampionHolder, ModelRegistry
 from driftloop.consumer_loop import (
@@ -43,11 +43,9 @@ from driftloop.consumer_loop import (
 )
 from driftloop.model_events import ModelEventFollower
 from driftloop.settings import (
-    DriftloopSettings,
     KafkaSettings,
     MlflowSettings,
-    SettingsError,
-    load_settings,
+    ServiceSettings,
 )
 from schemas.events import TOPIC_EVENTS, PredictionEvent, ScoringRequest, ScoringResult
 from schemas.features import FeatureSpec, load_feature_spec
@@ -76,7 +74,7 @@ class NoChampionError(RuntimeError):
     """No model is loaded yet: consumption pauses until the champion arrives."""
 
 
-class BatchScorerSettings(DriftloopSettings):
+class BatchScorerSettings(ServiceSettings):
     """The batch scorer (``BATCH_SCORER_*``) and the connections it uses."""
 
     model_config = SettingsConfigDict(env_prefix="BATCH_SCORER_")
@@ -313,18 +311,9 @@ async def _cancel(task: asyncio.Task[None]) -> None:
         await task
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``python -m consumers.batch_scorer``."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        settings = load_settings(BatchScorerSettings)
-    except SettingsError as error:
-        log.error("%s", error)  # noqa: TRY400 - the message names the variables; no traceback
-        sys.exit(2)
-    start_http_server(settings.metrics_port)
-    asyncio.run(run_batch_scorer(settings))
+    serve("consumers.batch_scorer", BatchScorerSettings, run_batch_scorer, argv=argv)
 
 
 if __name__ == "__main__":

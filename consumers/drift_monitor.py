@@ -11,21 +11,19 @@ prints the latest windows.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
-import sys
 import warnings
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from datetime import timedelta
 from typing import TYPE_CHECKING, Annotated, Final
 
-from prometheus_client import start_http_server
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from consumers.service import serve
 from driftloop import kafka
 from driftloop.consumer_loop import install_stop_signals
 from driftloop.drift.champions import RegistryChampions
@@ -36,13 +34,11 @@ from driftloop.drift.store import open_drift_store
 from driftloop.migrations import SCHEMA_NAME
 from driftloop.objectstore import s3_client
 from driftloop.settings import (
-    DriftloopSettings,
     KafkaSettings,
     MlflowSettings,
     ObjectStoreSettings,
     PostgresSettings,
-    SettingsError,
-    load_settings,
+    ServiceSettings,
 )
 from schemas.events import DriftDetected
 from schemas.features import declared_feature_specs, load_feature_spec
@@ -58,7 +54,7 @@ log = logging.getLogger(NAME)
 Seconds = Annotated[float, Field(gt=0)]
 
 
-class DriftMonitorSettings(DriftloopSettings):
+class DriftMonitorSettings(ServiceSettings):
     """The drift monitor (``DRIFT_MONITOR_*``) and the connections it uses."""
 
     model_config = SettingsConfigDict(env_prefix="DRIFT_MONITOR_")
@@ -229,31 +225,24 @@ async def print_status(settings: DriftMonitorSettings, limit: int) -> None:
         await store.close()
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m consumers.drift_monitor [run | status [--limit N]]`` (default: run)."""
-    parser = argparse.ArgumentParser(prog="python -m consumers.drift_monitor")
-    parser.add_argument("command", nargs="?", choices=("run", "status"), default="run")
-    parser.add_argument("--limit", type=int, default=20, help="status: rows shown")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.command == "run" else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    try:
-        settings = load_settings(DriftMonitorSettings)
-    except SettingsError as error:
-        log.error("%s", error)  # noqa: TRY400 - the message names the variables; no traceback
-        sys.exit(2)
-    if args.command == "status":
-        asyncio.run(print_status(settings, args.limit))
-        return
+def _quiet_service_log() -> None:
     # A service log has no terminal: no MLflow download progress bars in it.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Evidently's quality preset also scores slices of one row, where scikit-learn warns that
     # R² is undefined; the window's R² itself is computed on every labelled row.
     warnings.filterwarnings("ignore", message=r"R\^2 score is not well-defined")
-    start_http_server(settings.metrics_port)
-    asyncio.run(run_drift_monitor(settings))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m consumers.drift_monitor [run | status [--limit N]]`` (default: run)."""
+    serve(
+        "consumers.drift_monitor",
+        DriftMonitorSettings,
+        run_drift_monitor,
+        status=print_status,
+        before_run=_quiet_service_log,
+        argv=argv,
+    )
 
 
 if __name__ == "__main__":

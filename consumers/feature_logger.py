@@ -9,9 +9,7 @@ Parquet with their own offsets (``driftloop.featurestore``). Run with
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
@@ -22,10 +20,11 @@ import aiohttp
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.structs import TopicPartition
 from botocore.exceptions import BotoCoreError, ClientError
-from prometheus_client import Counter, Gauge, start_http_server
+from prometheus_client import Counter, Gauge
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from consumers.service import serve
 from driftloop import kafka
 from driftloop.consumer_loop import (
     DUPLICATES,
@@ -46,12 +45,10 @@ from driftloop.prediction_log import (
     open_prediction_log,
 )
 from driftloop.settings import (
-    DriftloopSettings,
     KafkaSettings,
     ObjectStoreSettings,
     PostgresSettings,
-    SettingsError,
-    load_settings,
+    ServiceSettings,
 )
 from schemas.events import TOPIC_EVENTS, GroundTruth, PredictionEvent
 from schemas.features import load_feature_spec
@@ -90,7 +87,7 @@ PARQUET_FLUSH_FAILURES = Counter(
 Seconds = Annotated[float, Field(gt=0)]
 
 
-class FeatureLoggerSettings(DriftloopSettings):
+class FeatureLoggerSettings(ServiceSettings):
     """The feature logger (``FEATURE_LOGGER_*``) and the connections it uses."""
 
     model_config = SettingsConfigDict(env_prefix="FEATURE_LOGGER_")
@@ -332,18 +329,9 @@ async def _closing(what: str, close: Callable[[], Awaitable[None]]) -> None:
     await close()
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``python -m consumers.feature_logger``."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        settings = load_settings(FeatureLoggerSettings)
-    except SettingsError as error:
-        log.error("%s", error)  # noqa: TRY400 - the message names the variables; no traceback
-        sys.exit(2)
-    start_http_server(settings.metrics_port)
-    asyncio.run(run_feature_logger(settings))
+    serve("consumers.feature_logger", FeatureLoggerSettings, run_feature_logger, argv=argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ and prints the ledger's latest rows.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -25,10 +24,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Final
 
 from aiokafka.structs import TopicPartition
-from prometheus_client import Counter, Gauge, start_http_server
+from prometheus_client import Counter, Gauge
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from consumers.service import serve
 from driftloop import kafka
 from driftloop.airflow_client import (
     AirflowAuthError,
@@ -57,11 +57,9 @@ from driftloop.retrain_ledger import (
 )
 from driftloop.settings import (
     AirflowApiSettings,
-    DriftloopSettings,
     KafkaSettings,
     PostgresSettings,
-    SettingsError,
-    load_settings,
+    ServiceSettings,
 )
 from schemas.events import TOPIC_EVENTS, DriftDetected
 from schemas.features import declared_feature_specs, load_feature_spec
@@ -124,7 +122,7 @@ EVENT_CONF_KEYS: Final = frozenset(
 REFRESH_ERRORS: Final[tuple[type[BaseException], ...]] = (AirflowError, *UNAVAILABLE_ERRORS)
 
 
-class RetrainTriggerSettings(DriftloopSettings):
+class RetrainTriggerSettings(ServiceSettings):
     """The retrain trigger (``RETRAIN_TRIGGER_*``) and the connections it uses."""
 
     model_config = SettingsConfigDict(env_prefix="RETRAIN_TRIGGER_")
@@ -502,24 +500,13 @@ async def print_status(settings: RetrainTriggerSettings, limit: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m consumers.retrain_trigger [run | status [--limit N]]`` (default: run)."""
-    parser = argparse.ArgumentParser(prog="python -m consumers.retrain_trigger")
-    parser.add_argument("command", nargs="?", choices=("run", "status"), default="run")
-    parser.add_argument("--limit", type=int, default=20, help="status: rows shown")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.command == "run" else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    serve(
+        "consumers.retrain_trigger",
+        RetrainTriggerSettings,
+        run_retrain_trigger,
+        status=print_status,
+        argv=argv,
     )
-    try:
-        settings = load_settings(RetrainTriggerSettings)
-    except SettingsError as error:
-        log.error("%s", error)  # noqa: TRY400 - the message names the variables; no traceback
-        sys.exit(2)
-    if args.command == "status":
-        asyncio.run(print_status(settings, args.limit))
-        return
-    start_http_server(settings.metrics_port)
-    asyncio.run(run_retrain_trigger(settings))
 
 
 if __name__ == "__main__":

@@ -64,6 +64,15 @@ class DriftloopSettings(BaseSettings):
         return self
 
 
+class ServiceSettings(DriftloopSettings):
+    """Base of a background service's settings: it serves Prometheus metrics on a port."""
+
+    metrics_port: Annotated[int, Field(ge=0, lt=65536)] = Field(
+        description="Prometheus /metrics port (0 picks a free port); each service sets its own "
+        "default and variable."
+    )
+
+
 class KafkaSettings(DriftloopSettings):
     """Kafka connection (``KAFKA_*``)."""
 
