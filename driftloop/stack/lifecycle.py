@@ -62,6 +62,18 @@ def all_programs(settings: StackSettings) -> list[Program]:
     ]
 
 
+def stop_stages(settings: StackSettings) -> list[list[str]]:
+    """The order ``down`` stops programs in, the reverse of ``up``: the platform's services
+    while everything they write to still runs (so they drain and commit instead of being
+    killed waiting on a dead broker), then Airflow and MLflow; supervisord's shutdown stops
+    the infrastructure last."""
+    return [
+        [program.name for program in platform_programs(settings)],
+        [program.name for program in airflow_programs(settings)],
+        [mlflow_program(settings).name],
+    ]
+
+
 def _probe_of(program_name: str) -> str | None:
     if program_name.startswith("airflow-"):
         return "airflow"
@@ -154,6 +166,8 @@ def down(settings: StackSettings, report: Report) -> None:
         report("stack is not running")
         return
     started = time.monotonic()
+    for stage in stop_stages(settings):
+        supervisor.stop_together(stage)
     supervisor.shutdown()
     report(f"stopped in {time.monotonic() - started:.1f}s")
 

@@ -181,6 +181,26 @@ class Supervisor:
         if self.state(name).state in {"RUNNING", "STARTING", "BACKOFF"}:
             self._proxy().supervisor.stopProcess(name, True)
 
+    def stop_together(self, names: Iterable[str], timeout_seconds: float = 120) -> None:
+        """Send every running program of ``names`` its stop signal at once; wait until all
+        have stopped (supervisord kills what outlives its stopwaitsecs)."""
+        wanted = set(names)
+        running = [
+            state.name
+            for state in self.states()
+            if state.name in wanted and state.state in {"RUNNING", "STARTING", "BACKOFF"}
+        ]
+        for name in running:
+            self._proxy().supervisor.stopProcess(name, False)
+        deadline = time.monotonic() + timeout_seconds
+        while any(
+            state.name in wanted and state.state in {"RUNNING", "STARTING", "STOPPING"}
+            for state in self.states()
+        ):
+            if time.monotonic() > deadline:
+                raise SupervisorError(f"still stopping after {timeout_seconds:.0f}s: {running}")
+            time.sleep(0.25)
+
     def state(self, name: str) -> ProgramState:
         info = cast(dict[str, Any], self._proxy().supervisor.getProcessInfo(name))
         return _program_state(info)

@@ -136,3 +136,15 @@ def test_postgres_cluster_stays_inside_a_traversable_stack(settings: StackSettin
     else:
         # A private parent folder: the cluster moves to the superuser's home, per checkout.
         assert root.name.startswith("driftloop-")
+
+
+def test_down_stops_the_services_before_what_they_write_to(settings: StackSettings) -> None:
+    stages = lifecycle.stop_stages(settings)
+    services, airflow, mlflow = stages
+    assert {"gateway", "drift-monitor", "retrain-trigger"} <= set(services)
+    assert all(name.startswith("airflow-") for name in airflow)
+    assert mlflow == ["mlflow"]
+    staged = [name for stage in stages for name in stage]
+    names = {program.name for program in lifecycle.all_programs(settings)}
+    # Infrastructure is left to supervisord's shutdown, after every stage.
+    assert set(staged) == names - set(lifecycle.INFRASTRUCTURE)
