@@ -24,6 +24,9 @@ def main() -> None:
         # Request lines are counted in Prometheus; a log line per request costs a fifth of
         # the throughput at these rates.
         access_log=False,
+        # uvicorn's default (5 s) equals httpx's pool expiry: a request sent as the server
+        # closed the connection failed with ReadError in a replay here.
+        timeout_keep_alive=settings.keep_alive_seconds,
         log_level="info",
     )
 

@@ -56,6 +56,12 @@ class GatewaySettings(DriftloopSettings):
         default=1_048_576,
         description="GATEWAY_MAX_BODY_BYTES: larger request bodies get 413 (default 1048576).",
     )
+    keep_alive_seconds: Annotated[int, Field(ge=1)] = Field(
+        default=75,
+        description="GATEWAY_KEEP_ALIVE_SECONDS: idle time before the gateway closes a kept-alive "
+        "connection (default 75). Longer than clients' and load balancers' own idle timeouts "
+        "(httpx 5 s, AWS ALB 60 s), so a client never sends on a connection being closed.",
+    )
     api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
         default=(),
         description="GATEWAY_API_KEYS: comma-separated keys accepted in X-API-Key on /predict "
