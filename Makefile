@@ -30,10 +30,10 @@ down: ## stop everything the native stack started
 status: ## processes and readiness of the native stack
 	$(RUN) driftloop stack status
 
-# The closed loop: April-December replayed at 40 simulated hours a second (about 3 minutes);
-# drift in spring retrains and promotes a model while the replay runs. `driftloop demo replay`
-# replays without watching the loop.
-DEMO_HOURS_PER_SECOND ?= 40
+# The closed loop: April-December replayed at 30 simulated hours a second (about 4 minutes),
+# so drift in spring retrains and promotes a model while the replay still runs. `driftloop demo
+# replay` replays without watching the loop.
+DEMO_HOURS_PER_SECOND ?= 30
 
 demo: up ## the main job: stack up, first champion, 2011 replayed, drift -> retrain -> promotion -> swap
 	$(RUN) driftloop demo run --hours-per-second $(DEMO_HOURS_PER_SECOND)

@@ -558,7 +558,7 @@ def _quiet_mlflow() -> None:
 def run_demo(
     start: str = typer.Option("04-01", help="First replayed day of 2011, MM-DD."),
     until: str = typer.Option("12-31", help="Last replayed day of 2011, MM-DD (inclusive)."),
-    hours_per_second: float = typer.Option(40.0, help="Simulated hours per real second."),
+    hours_per_second: float = typer.Option(30.0, help="Simulated hours per real second."),
     concurrency: int = typer.Option(8, help="Requests in flight at most."),
     declaration: str = typer.Option("bikeshare", help="Feature declaration in schemas/models."),
     ready_timeout: float = typer.Option(90.0, help="Seconds to wait for the gateway's model."),
