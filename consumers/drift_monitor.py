@@ -20,8 +20,8 @@ from contextlib import AsyncExitStack
 from datetime import timedelta
 from typing import TYPE_CHECKING, Annotated, Final
 
-from pydantic import Field, field_validator
-from pydantic_settings import NoDecode, SettingsConfigDict
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
 
 from consumers.service import serve
 from driftloop import kafka
@@ -36,12 +36,13 @@ from driftloop.objectstore import s3_client
 from driftloop.settings import (
     KafkaSettings,
     MlflowSettings,
+    ModelNames,
     ObjectStoreSettings,
     PostgresSettings,
     ServiceSettings,
+    chosen_models,
 )
 from schemas.events import DriftDetected
-from schemas.features import declared_feature_specs, load_feature_spec
 from schemas.topics import Topic
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ class DriftMonitorSettings(ServiceSettings):
 
     model_config = SettingsConfigDict(env_prefix="DRIFT_MONITOR_")
 
-    models: Annotated[tuple[str, ...], NoDecode] = Field(
+    models: ModelNames = Field(
         default=(),
         description="DRIFT_MONITOR_MODELS: comma-separated registered models to monitor "
         "(default empty: the registered_model_name of every declaration in schemas/models).",
@@ -121,20 +122,9 @@ class DriftMonitorSettings(ServiceSettings):
     s3: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
 
-    @field_validator("models", mode="before")
-    @classmethod
-    def _split_models(cls, value: object) -> object:
-        if isinstance(value, str):
-            return tuple(name.strip() for name in value.split(",") if name.strip())
-        return value
-
     def monitored_models(self) -> list[str]:
         """The models monitored: the configured ones, else every declared model."""
-        if self.models:
-            return list(dict.fromkeys(self.models))
-        return sorted(
-            {load_feature_spec(name).registered_model_name for name in declared_feature_specs()}
-        )
+        return chosen_models(self.models)
 
     def monitor_options(self) -> MonitorOptions:
         return MonitorOptions(

@@ -26,7 +26,7 @@ from typing import Annotated, Any, Final
 from aiokafka.structs import TopicPartition
 from prometheus_client import Counter, Gauge
 from pydantic import Field, field_validator
-from pydantic_settings import NoDecode, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from consumers.service import serve
 from driftloop import kafka
@@ -58,11 +58,12 @@ from driftloop.retrain_ledger import (
 from driftloop.settings import (
     AirflowApiSettings,
     KafkaSettings,
+    ModelNames,
     PostgresSettings,
     ServiceSettings,
+    chosen_models,
 )
 from schemas.events import TOPIC_EVENTS, DriftDetected
-from schemas.features import declared_feature_specs, load_feature_spec
 from schemas.topics import Topic
 
 NAME: Final = "retrain-trigger"
@@ -147,7 +148,7 @@ class RetrainTriggerSettings(ServiceSettings):
         description="RETRAIN_TRIGGER_DAG_PARAMS: JSON object of DAG params added to every run's "
         'conf, e.g. {"promotion_margin": 0.05} (default {}: the DAG\'s defaults).',
     )
-    models: Annotated[tuple[str, ...], NoDecode] = Field(
+    models: ModelNames = Field(
         default=(),
         description="RETRAIN_TRIGGER_MODELS: comma-separated registered models to retrain "
         "(default empty: the registered_model_name of every declaration in schemas/models).",
@@ -196,13 +197,6 @@ class RetrainTriggerSettings(ServiceSettings):
     postgres: PostgresSettings = Field(default_factory=PostgresSettings)
     airflow: AirflowApiSettings = Field(default_factory=AirflowApiSettings)
 
-    @field_validator("models", mode="before")
-    @classmethod
-    def _split_models(cls, value: object) -> object:
-        if isinstance(value, str):
-            return tuple(name.strip() for name in value.split(",") if name.strip())
-        return value
-
     @field_validator("dag_params")
     @classmethod
     def _params_do_not_hide_the_episode(cls, value: dict[str, Any]) -> dict[str, Any]:
@@ -225,11 +219,7 @@ class RetrainTriggerSettings(ServiceSettings):
 
     def known_models(self) -> frozenset[str]:
         """The models retrained: the configured ones, else every declared model."""
-        if self.models:
-            return frozenset(self.models)
-        return frozenset(
-            load_feature_spec(name).registered_model_name for name in declared_feature_specs()
-        )
+        return frozenset(chosen_models(self.models))
 
 
 class RetrainTrigger:

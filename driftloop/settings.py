@@ -14,8 +14,8 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any, Self, TypeVar
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BeforeValidator, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 S = TypeVar("S", bound="BaseSettings")
 
@@ -62,6 +62,27 @@ class DriftloopSettings(BaseSettings):
                     f"when DRIFTLOOP_ENVIRONMENT={self.environment.value}"
                 )
         return self
+
+
+def _comma_separated(value: object) -> object:
+    if isinstance(value, str):
+        return tuple(name.strip() for name in value.split(",") if name.strip())
+    return value
+
+
+ModelNames = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_comma_separated)]
+"""Registered model names from a comma-separated variable; empty means every declared one."""
+
+
+def chosen_models(configured: tuple[str, ...]) -> list[str]:
+    """The configured models in order without repeats, else every declared registered model."""
+    if configured:
+        return list(dict.fromkeys(configured))
+    from schemas.features import declared_feature_specs, load_feature_spec
+
+    return sorted(
+        {load_feature_spec(name).registered_model_name for name in declared_feature_specs()}
+    )
 
 
 class ServiceSettings(DriftloopSettings):
