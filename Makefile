@@ -8,6 +8,10 @@ SHELL := /bin/bash
 UV ?= $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 RUN := $(UV) run --frozen
 PYTEST_ARGS ?=
+# Install with bytecode compiled: this environment may set PYTHONDONTWRITEBYTECODE, and then
+# every process (each Airflow task, each service, each test subprocess) would compile pandas,
+# mlflow and airflow from source again on import.
+export UV_COMPILE_BYTECODE := 1
 
 .PHONY: help bootstrap env up down status demo test test-unit test-integration lint format schemas bench
 
@@ -17,6 +21,7 @@ help: ## list the targets
 bootstrap: ## install uv when missing and the locked Python environment
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv>=0.5"
 	$(UV) sync --frozen
+	$(RUN) python -m compileall -q -j 0 driftloop gateway consumers schemas dags
 
 env: ## create .env from .env.example when it does not exist
 	@test -f .env || { cp .env.example .env; echo "created .env from .env.example (development secrets)"; }
