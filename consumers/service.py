@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
+import uvloop
 from prometheus_client import start_http_server
 
 from driftloop.settings import ServiceSettings, SettingsError, load_settings
@@ -55,4 +57,16 @@ def serve(
     if before_run is not None:
         before_run()
     start_http_server(settings.metrics_port)
-    asyncio.run(run(settings))
+    tune_garbage_collector()
+    uvloop.run(run(settings))
+
+
+def tune_garbage_collector() -> None:
+    """Fit the cyclic collector to a service that allocates a batch of events at a time.
+
+    Everything imported so far lives as long as the process, so it is frozen out of every
+    collection; the youngest generation is collected after 50,000 allocations instead of 700,
+    so a batch's events die young instead of being promoted and scanned again and again.
+    """
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)

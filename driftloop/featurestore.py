@@ -125,6 +125,9 @@ class FeatureStore:
         self._committed: dict[TopicPartition, int | None] = {}
         self._buffer = _Buffer()
         self._last_flush = time.monotonic()
+        # pyarrow imports pandas the first time it converts a Python list (~2 s); pay that at
+        # start, not in the middle of the first flush while records queue up.
+        pa.array([0])
 
     @property
     def buffered_rows(self) -> int:

@@ -23,6 +23,7 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic.config import JsonDict
@@ -50,6 +51,7 @@ from schemas.fields import (
 from schemas.topics import Topic
 
 ENVELOPE_FIELDS: Final = ("event_type", "schema_version", "event_id", "occurred_at")
+_ENVELOPE: Final = frozenset(ENVELOPE_FIELDS)
 # A validation report names at most this many errors, so a dead letter's reason stays readable.
 _MAX_REPORTED_ERRORS: Final = 10
 
@@ -113,6 +115,14 @@ class Event(BaseModel):
     occurred_at: UtcDatetime = Field(default_factory=utc_now)
     """When the event happened, timezone-aware UTC."""
 
+    @field_validator("schema_version", mode="before")
+    @classmethod
+    def _version_is_an_integer(cls, version: object) -> object:
+        # pydantic's strict Literal[1] still takes JSON `true`; a version is a number.
+        if type(version) is not int:
+            raise ValueError(f"schema_version must be an integer, not {version!r}")
+        return version
+
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)
@@ -140,6 +150,16 @@ class Event(BaseModel):
         """Decode a message value of this event type, or raise ``EventDecodeError``."""
         if "EVENT_TYPE" not in vars(cls):
             raise TypeError(f"{cls.__name__} is not a concrete event; use decode_event")
+        # One parse on the hot path: pydantic validates the bytes in strict JSON mode. Only a
+        # message it refuses, or one that leaves an envelope field to its default, is parsed
+        # again to tell which failure it is (the envelope defaults are for producers only).
+        try:
+            event = cls.model_validate_json(raw, strict=True)
+        except ValidationError:
+            pass
+        else:
+            if event.model_fields_set >= _ENVELOPE:
+                return event
         return cls._from_payload(raw, _parse_object(raw))
 
     @classmethod
@@ -451,8 +471,11 @@ TOPIC_EVENTS: Final[Mapping[Topic, tuple[type[Event], ...]]] = MappingProxyType(
 
 def decode_event(raw: bytes, accepted: Iterable[type[E]]) -> E:
     """Decode a message value into whichever of the ``accepted`` event classes it names."""
+    candidates = tuple(accepted)
+    if len(candidates) == 1:
+        return candidates[0].from_bytes(raw)  # most topics carry one event type
     payload = _parse_object(raw)
-    classes = {(cls.EVENT_TYPE, cls.SCHEMA_VERSION): cls for cls in accepted}
+    classes = {(cls.EVENT_TYPE, cls.SCHEMA_VERSION): cls for cls in candidates}
     event_type = payload.get("event_type")
     versions = [version for (name, version) in classes if name == event_type]
     if not versions:
