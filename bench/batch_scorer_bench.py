@@ -46,6 +46,7 @@ class PassThrough:
 
     def __init__(self, producer: Any, settings: KafkaSettings) -> None:
         self.producer = producer
+        self.partitioner = kafka.KeyPartitioner(producer)
         self.results = settings.topic(Topic.SCORING_RESULTS)
         self.predictions = settings.topic(Topic.PREDICTIONS)
 
@@ -53,37 +54,42 @@ class PassThrough:
         return False
 
     async def write(self, deliveries: Sequence[Delivery[ScoringRequest]]) -> None:
-        sent = []
+        # The scorer's producing path (trusted encoding, whole record batches), so the ratio
+        # isolates the model: row checks, encoding and predict.
+        messages = []
         for delivery in deliveries:
             request = delivery.event
-            result = ScoringResult(
-                request_id=request.request_id,
-                batch_id=request.batch_id,
-                model_name="pass-through",
-                model_version=1,
-                prediction=0.0,
-            )
-            event = PredictionEvent(
-                request_id=request.request_id,
-                model_name="pass-through",
-                model_version=1,
-                run_id=RUN_ID,
-                features=request.features,
-                prediction=0.0,
-                latency_ms=0.0,
-                source="batch",
-            )
-            sent.append(
-                await self.producer.send(
-                    self.results, result.to_bytes(), key=result.partition_key()
+            messages.append(
+                kafka.Message(
+                    self.results,
+                    (request.batch_id or request.request_id).encode(),
+                    ScoringResult.encode_trusted(
+                        request_id=request.request_id,
+                        batch_id=request.batch_id,
+                        model_name="pass-through",
+                        model_version=1,
+                        prediction=0.0,
+                        error=None,
+                    ),
                 )
             )
-            sent.append(
-                await self.producer.send(
-                    self.predictions, event.to_bytes(), key=event.partition_key()
+            messages.append(
+                kafka.Message(
+                    self.predictions,
+                    request.partition_key(),
+                    PredictionEvent.encode_trusted(
+                        request_id=request.request_id,
+                        model_name="pass-through",
+                        model_version=1,
+                        run_id=RUN_ID,
+                        features=request.features,
+                        prediction=0.0,
+                        latency_ms=0.0,
+                        source="batch",
+                    ),
                 )
             )
-        await asyncio.gather(*sent)
+        await asyncio.gather(*await kafka.send_batched(self.producer, self.partitioner, messages))
 
     async def on_assigned(self, consumer: Any, partitions: frozenset[TopicPartition]) -> None:
         return None

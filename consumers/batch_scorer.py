@@ -140,6 +140,7 @@ class BatchScorer:
         self.holder = holder
         self.spec = spec
         self.producer = producer
+        self.partitioner = kafka.KeyPartitioner(producer)
         self.results_topic = results_topic
         self.predictions_topic = predictions_topic
 
@@ -177,63 +178,65 @@ class BatchScorer:
         elapsed = time.perf_counter() - started
         PREDICT_SECONDS.observe(elapsed)
         share_ms = elapsed * 1000 / max(len(rows), 1)
-        predictions = []
         # Every field below comes from a validated request or the loaded champion, so the
-        # events are built without validating them a second time (a third of the batch's CPU).
+        # messages are encoded without validating them a second time (most of a batch's CPU).
+        messages = [
+            kafka.Message(self.results_topic, result.partition_key(), result.to_bytes())
+            for result in results
+        ]
+        predicted = 0
         for request, score in zip(scored, scores.tolist(), strict=True):
+            # ScoringResult's key: the batch when there is one (see ScoringResult.partition_key).
+            result_key = (request.batch_id or request.request_id).encode()
             if not math.isfinite(score):
-                results.append(
-                    ScoringResult(
-                        request_id=request.request_id,
-                        batch_id=request.batch_id,
-                        model_name=champion.name,
-                        model_version=champion.version,
-                        error=f"the model returned {score}",
-                    )
-                )
-                continue
-            results.append(
-                ScoringResult.model_construct(
+                result = ScoringResult(
                     request_id=request.request_id,
                     batch_id=request.batch_id,
                     model_name=champion.name,
                     model_version=champion.version,
-                    prediction=score,
-                    error=None,
+                    error=f"the model returned {score}",
+                )
+                messages.append(kafka.Message(self.results_topic, result_key, result.to_bytes()))
+                continue
+            messages.append(
+                kafka.Message(
+                    self.results_topic,
+                    result_key,
+                    ScoringResult.encode_trusted(
+                        request_id=request.request_id,
+                        batch_id=request.batch_id,
+                        model_name=champion.name,
+                        model_version=champion.version,
+                        prediction=score,
+                        error=None,
+                    ),
                 )
             )
-            predictions.append(
-                PredictionEvent.model_construct(
-                    request_id=request.request_id,
-                    model_name=champion.name,
-                    model_version=champion.version,
-                    run_id=champion.run_id,
-                    features=request.features,
-                    prediction=score,
-                    latency_ms=share_ms,
-                    source="batch",
+            messages.append(
+                kafka.Message(
+                    self.predictions_topic,
+                    request.partition_key(),
+                    PredictionEvent.encode_trusted(
+                        request_id=request.request_id,
+                        model_name=champion.name,
+                        model_version=champion.version,
+                        run_id=champion.run_id,
+                        features=request.features,
+                        prediction=score,
+                        latency_ms=share_ms,
+                        source="batch",
+                    ),
                 )
             )
+            predicted += 1
         started = time.perf_counter()
-        sent = [
-            await self.producer.send(
-                self.results_topic, result.to_bytes(), key=result.partition_key()
-            )
-            for result in results
-        ]
-        sent += [
-            await self.producer.send(
-                self.predictions_topic, event.to_bytes(), key=event.partition_key()
-            )
-            for event in predictions
-        ]
-        # The loop commits the requests' offsets only after every message is acknowledged.
-        await asyncio.gather(*sent)
+        # The loop commits the requests' offsets only after every batch is acknowledged.
+        await asyncio.gather(*await kafka.send_batched(self.producer, self.partitioner, messages))
         WRITE_SECONDS.labels(NAME, "kafka").observe(time.perf_counter() - started)
-        RECORDS_OUT.labels(NAME, "scoring.results").inc(len(results))
-        RECORDS_OUT.labels(NAME, "predictions").inc(len(predictions))
-        SCORED.labels("scored").inc(len(predictions))
-        SCORED.labels("invalid").inc(len(results) - len(predictions))
+        RECORDS_OUT.labels(NAME, "scoring.results").inc(len(deliveries))
+        RECORDS_OUT.labels(NAME, "predictions").inc(predicted)
+        SCORED.labels("scored").inc(predicted)
+        SCORED.labels("invalid").inc(len(deliveries) - predicted)
         MODEL_VERSION.set(champion.version)
 
     async def on_assigned(self, consumer: Any, partitions: frozenset[TopicPartition]) -> None:

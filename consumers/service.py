@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import logging
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -18,6 +17,7 @@ from typing import Any, TypeVar
 import uvloop
 from prometheus_client import start_http_server
 
+from driftloop.runtime import tune_garbage_collector
 from driftloop.settings import ServiceSettings, SettingsError, load_settings
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -59,14 +59,3 @@ def serve(
     start_http_server(settings.metrics_port)
     tune_garbage_collector()
     uvloop.run(run(settings))
-
-
-def tune_garbage_collector() -> None:
-    """Fit the cyclic collector to a service that allocates a batch of events at a time.
-
-    Everything imported so far lives as long as the process, so it is frozen out of every
-    collection; the youngest generation is collected after 50,000 allocations instead of 700,
-    so a batch's events die young instead of being promoted and scanned again and again.
-    """
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)

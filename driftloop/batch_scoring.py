@@ -118,16 +118,17 @@ async def _send(
     on_sent: Callable[[int], None] | None,
 ) -> None:
     topic = settings.topic(Topic.SCORING_REQUESTS)
-    window = []
+    partitioner = kafka.KeyPartitioner(producer)
+    window: list[kafka.Message] = []
     for request_id, row in zip(request_ids, rows, strict=True):
         request = ScoringRequest(request_id=request_id, features=dict(row), batch_id=batch_id)
-        window.append(await producer.send(topic, request.to_bytes(), key=request.partition_key()))
+        window.append(kafka.Message(topic, request.partition_key(), request.to_bytes()))
         if len(window) >= _SEND_WINDOW:
-            await asyncio.gather(*window)
+            await asyncio.gather(*await kafka.send_batched(producer, partitioner, window))
             if on_sent is not None:
                 on_sent(len(window))
-            window.clear()
-    await asyncio.gather(*window)
+            window = []
+    await asyncio.gather(*await kafka.send_batched(producer, partitioner, window))
     if on_sent is not None:
         on_sent(len(window))
 

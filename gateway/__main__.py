@@ -6,6 +6,7 @@ import logging
 
 import uvicorn
 
+from driftloop.runtime import tune_garbage_collector
 from driftloop.settings import load_settings
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
@@ -15,8 +16,10 @@ def main() -> None:
     """Run one gateway process on GATEWAY_HOST:GATEWAY_PORT."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = load_settings(GatewaySettings)
+    app = create_app(settings)
+    tune_garbage_collector()
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",

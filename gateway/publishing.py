@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import zlib
 from collections import deque
 from collections.abc import Callable
 from enum import StrEnum
@@ -95,7 +94,7 @@ class EventPublisher:
         self._queued = asyncio.Event()
         self._spooled = asyncio.Event()
         self._in_flight: dict[int, tuple[list[SpoolRecord], asyncio.Future[object]]] = {}
-        self._partitions: dict[str, int] = {}
+        self._partitioner: kafka.KeyPartitioner | None = None
         self._next_token = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -182,7 +181,7 @@ class EventPublisher:
             self._spool(batch)
             return
         try:
-            groups = list((await self._by_partition(producer, batch)).items())
+            groups = list((await self._partitioner_of(producer).group(batch)).items())
         except KafkaError as error:
             self._kafka_failed(batch[0].topic, error)
             self._spool(batch)
@@ -196,20 +195,10 @@ class EventPublisher:
                 self._spool([*failure.unsent, *later])
                 return
 
-    async def _by_partition(
-        self, producer: AIOKafkaProducer, records: list[SpoolRecord]
-    ) -> dict[tuple[str, int], list[SpoolRecord]]:
-        groups: dict[tuple[str, int], list[SpoolRecord]] = {}
-        for record in records:
-            count = self._partitions.get(record.topic)
-            if count is None:
-                partitions: set[int] = await producer.partitions_for(record.topic)
-                count = self._partitions[record.topic] = len(partitions)
-            # Same key, same partition; crc32 is C and ~20x cheaper than aiokafka's pure-Python
-            # murmur2, and keys here are request ids that no other producer writes.
-            partition = zlib.crc32(record.key or b"") % count
-            groups.setdefault((record.topic, partition), []).append(record)
-        return groups
+    def _partitioner_of(self, producer: AIOKafkaProducer) -> kafka.KeyPartitioner:
+        if self._partitioner is None:
+            self._partitioner = kafka.KeyPartitioner(producer)
+        return self._partitioner
 
     async def _send_partition(
         self, producer: AIOKafkaProducer, topic: str, partition: int, records: list[SpoolRecord]
@@ -318,14 +307,14 @@ class EventPublisher:
                     await producer.stop()
                 await asyncio.sleep(_RETRY_SECONDS)
             else:
-                self._producer = producer
+                self._producer, self._partitioner = producer, None
                 log.info("Kafka producer connected to %s", self.settings.bootstrap_servers)
 
     async def _disconnect(self) -> None:
         # A fresh producer after a failed replay: its connections and metadata start clean,
         # and new events are spooled meanwhile anyway.
         producer, self._producer = self._producer, None
-        self._partitions.clear()
+        self._partitioner = None
         if producer is not None:
             with contextlib.suppress(TimeoutError, KafkaError, OSError):
                 await asyncio.wait_for(producer.stop(), self.timeout_seconds)
@@ -338,10 +327,16 @@ class EventPublisher:
         if producer is None or not batch:
             return True
         futures: list[asyncio.Future[object]] = []
+        partitioner = self._partitioner_of(producer)
         try:
             for item in batch:
+                # The direct path's partitioner: a replayed event lands where it would have.
+                record = item.record
+                partition = await partitioner.partition(record.topic, record.key)
                 futures.append(
-                    await producer.send(item.record.topic, item.record.value, key=item.record.key)
+                    await producer.send(
+                        record.topic, record.value, key=record.key, partition=partition
+                    )
                 )
         except KafkaError as error:
             log.warning("replaying the spool failed (%r)", error)

@@ -9,10 +9,8 @@ gateway, the batch scorer and training read one input vector.
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, Final, TypeVar
 
 import numpy as np
@@ -228,40 +226,16 @@ class Scorer:
                 SpoolRecord(
                     self.predictions_topic,
                     row_id.encode(),
-                    encode_prediction(champion, row_id, row, prediction, latency_ms, now),
+                    PredictionEvent.encode_trusted(
+                        occurred_at=now,
+                        request_id=row_id,
+                        model_name=champion.name,
+                        model_version=champion.version,
+                        run_id=champion.run_id,
+                        features=row,
+                        prediction=prediction,
+                        latency_ms=latency_ms,
+                        source="http",
+                    ),
                 )
             )
-
-
-def encode_prediction(
-    champion: Champion,
-    request_id: str,
-    features: Mapping[str, FeatureValue],
-    prediction: float,
-    latency_ms: float,
-    occurred_at: datetime,
-) -> bytes:
-    """A ``PredictionEvent`` message value, encoded straight from checked values.
-
-    Measured here: building the pydantic event and dumping it costs ~30 us per row, this ~5 us.
-    Every input is already checked (the row by the declaration, the rest comes from the loaded
-    model), and the unit tests decode the output with ``PredictionEvent.from_bytes`` (strict),
-    so it cannot drift from the contract unnoticed.
-    """
-    return orjson.dumps(
-        {
-            "event_type": PredictionEvent.EVENT_TYPE,
-            "schema_version": PredictionEvent.SCHEMA_VERSION,
-            "event_id": uuid.uuid4(),
-            "occurred_at": occurred_at,
-            "request_id": request_id,
-            "model_name": champion.name,
-            "model_version": champion.version,
-            "run_id": champion.run_id,
-            "features": features,
-            "prediction": prediction,
-            "latency_ms": latency_ms,
-            "source": "http",
-        },
-        option=orjson.OPT_UTC_Z,
-    )

@@ -143,7 +143,34 @@ class Event(BaseModel):
 
     def to_bytes(self) -> bytes:
         """The message value: UTF-8 JSON as described by ``schemas/jsonschema``."""
-        return orjson.dumps(self.model_dump(mode="json"))
+        try:
+            # A flat event (strings, numbers, UUIDs, UTC datetimes, enums, dicts and lists of
+            # those) is written by orjson straight from its fields, byte for byte what
+            # pydantic's JSON mode gives (a unit test compares both for every event type) at a
+            # fifth of the cost; nested models and bytes take pydantic's path.
+            return orjson.dumps(self.__dict__, option=orjson.OPT_UTC_Z)
+        except TypeError:
+            return orjson.dumps(self.model_dump(mode="json"))
+
+    @classmethod
+    def encode_trusted(cls, *, occurred_at: datetime | None = None, **fields: Any) -> bytes:
+        """The message value of an event built from values the caller has already checked.
+
+        The hot paths (the gateway and the batch scorer, one event per answered row) hold
+        values validated by the feature declaration or taken from the loaded model: building
+        and validating the model again cost ~35 us a row, this ~7 us. Nothing is checked
+        here, so each caller's unit tests decode its output with ``from_bytes`` (strict).
+        """
+        return orjson.dumps(
+            {
+                "event_type": cls.EVENT_TYPE,
+                "schema_version": cls.SCHEMA_VERSION,
+                "event_id": uuid4(),
+                "occurred_at": occurred_at or utc_now(),
+                **fields,
+            },
+            option=orjson.OPT_UTC_Z,
+        )
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> Self:

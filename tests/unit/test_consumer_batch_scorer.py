@@ -49,12 +49,31 @@ class FakeHolder:
         self.current = champion
 
 
+class FakeBatch:
+    def __init__(self) -> None:
+        self.records: list[tuple[bytes | None, bytes]] = []
+
+    def append(self, *, key: bytes | None, value: bytes, timestamp: int | None) -> object:
+        self.records.append((key, value))
+        return object()
+
+
 class FakeProducer:
+    """Acknowledges every batch at once; ``sent`` lists (topic, value, key) in send order."""
+
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes, bytes | None]] = []
+        self.partitions: list[int] = []
 
-    async def send(self, topic: str, value: bytes, key: bytes | None = None) -> Any:
-        self.sent.append((topic, value, key))
+    async def partitions_for(self, topic: str) -> set[int]:
+        return {0, 1, 2}
+
+    def create_batch(self) -> FakeBatch:
+        return FakeBatch()
+
+    async def send_batch(self, batch: FakeBatch, topic: str, *, partition: int) -> Any:
+        self.sent += [(topic, value, key) for key, value in batch.records]
+        self.partitions += [partition] * len(batch.records)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         future.set_result(None)
         return future

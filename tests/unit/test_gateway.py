@@ -20,25 +20,16 @@ from driftloop import training
 from driftloop.champion import ChampionLoadError, ChampionRef
 from driftloop.settings import KafkaSettings, MlflowSettings
 from gateway.app import create_app
+from gateway.contract import example_row
 from gateway.settings import GatewaySettings
 from schemas.events import GroundTruth, PredictionEvent
 from schemas.features import FeatureSpec, load_feature_spec
 
 RUNS = {1: "1" * 32, 2: "2" * 32}
 ADMIN = "admin-token-for-tests"
-ROW: dict[str, Any] = {
-    "season": 1,
-    "mnth": "Jan",
-    "hr": 8,
-    "holiday": 0,
-    "weekday": 2,
-    "workingday": 1,
-    "weathersit": "clear",
-    "temp": 0.24,
-    "atemp": 0.28,
-    "hum": 0.6,
-    "windspeed": 0.1,
-}
+ROW: dict[str, Any] = example_row(load_feature_spec("bikeshare"))
+# The temperature as it appears in ROW's JSON body, where the bad-body cases rewrite it.
+TEMP = orjson.dumps({"temp": ROW["temp"]})[1:-1]
 
 
 class FolderRegistry:
@@ -98,12 +89,16 @@ class FakeProducer:
         if self.broker_down:
             raise KafkaConnectionError("broker down")
 
-    async def send(self, topic: str, value: bytes, key: bytes | None = None) -> asyncio.Future[Any]:
+    async def send(
+        self, topic: str, value: bytes, key: bytes | None = None, partition: int | None = None
+    ) -> asyncio.Future[Any]:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if self.broker_down:
             future.set_exception(KafkaTimeoutError())
         else:
             self.sent.append((topic, key, value))
+            if partition is not None:
+                self.partitions.append(partition)
             future.set_result(None)
         return future
 
@@ -210,7 +205,7 @@ def test_predicts_one_row_and_publishes_its_event(
     assert event.request_id == "req-1"
     assert (event.model_version, event.run_id, event.source) == (1, RUNS[1], "http")
     assert event.prediction == pytest.approx(body["prediction"])
-    assert event.features == {**ROW, "windspeed": 0.1}
+    assert event.features == ROW
     assert event.latency_ms >= 0
 
 
@@ -268,8 +263,8 @@ BAD_BODIES: list[tuple[str, bytes, int, str]] = [
     ("missing required", orjson.dumps({k: v for k, v in ROW.items() if k != "season"}), 422,
      "season"),
     ("unknown feature", orjson.dumps({**ROW, "colour": "red"}), 422, "colour"),
-    ("infinite", orjson.dumps(ROW).replace(b'"temp":0.24', b'"temp":1e999'), 400, "body"),
-    ("NaN literal", orjson.dumps(ROW).replace(b'"temp":0.24', b'"temp":NaN'), 400, "body"),
+    ("infinite", orjson.dumps(ROW).replace(TEMP, b'"temp":1e999'), 400, "body"),
+    ("NaN literal", orjson.dumps(ROW).replace(TEMP, b'"temp":NaN'), 400, "body"),
     ("not JSON", b"season=1", 400, "body"),
     ("empty body", b"", 400, "body"),
     ("a number", b"42", 422, "body"),

@@ -31,7 +31,12 @@ class FlakyProducer:
     async def flush(self) -> None:
         return None
 
-    async def send(self, topic: str, value: bytes, key: bytes | None = None) -> Any:
+    async def partitions_for(self, topic: str) -> set[int]:
+        return {0, 1, 2}
+
+    async def send(
+        self, topic: str, value: bytes, key: bytes | None = None, partition: int | None = None
+    ) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if self.budget > 0:
             self.budget -= 1

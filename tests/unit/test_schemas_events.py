@@ -11,6 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from schemas.events import (
+    ENVELOPE_FIELDS,
     EVENT_CLASSES,
     TOPIC_EVENTS,
     DeadLetter,
@@ -131,6 +132,28 @@ def wire(event: Event, **changes: Any) -> bytes:
 
 def test_every_event_has_a_sample() -> None:
     assert set(SAMPLES) == set(EVENT_CLASSES)
+
+
+@pytest.mark.parametrize("event_class", EVENT_CLASSES, ids=lambda cls: cls.__name__)
+@pytest.mark.parametrize("microsecond", [0, 1, 250_000])
+def test_fast_encoding_is_pydantics_json(event_class: type[Event], microsecond: int) -> None:
+    event = SAMPLES[event_class].model_copy(
+        update={"occurred_at": datetime(2011, 7, 1, 13, 5, 7, microsecond, tzinfo=UTC)}
+    )
+    assert event.to_bytes() == orjson.dumps(event.model_dump(mode="json"))
+
+
+@pytest.mark.parametrize("event_class", [PredictionEvent, ScoringResult], ids=lambda c: c.__name__)
+def test_trusted_encoding_decodes_strictly(event_class: type[Event]) -> None:
+    sample = SAMPLES[event_class]
+    body = {name: value for name, value in sample.__dict__.items() if name not in ENVELOPE_FIELDS}
+    decoded = event_class.from_bytes(
+        event_class.encode_trusted(occurred_at=sample.occurred_at, **body)
+    )
+    assert decoded.model_dump(exclude={"event_id"}) == sample.model_dump(exclude={"event_id"})
+    assert decoded.event_id != sample.event_id
+    unset = event_class.from_bytes(event_class.encode_trusted(**body))
+    assert unset.occurred_at > sample.occurred_at  # stamped now
 
 
 @pytest.mark.parametrize("event_class", EVENT_CLASSES, ids=lambda cls: cls.__name__)
