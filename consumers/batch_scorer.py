@@ -285,8 +285,8 @@ async def run_batch_scorer(settings: BatchScorerSettings) -> None:
         follower = ModelEventFollower(settings.kafka, holder, reader=NAME)
         following = asyncio.create_task(follower.run(), name="model-events")
         stack.push_async_callback(_cancel, following)
-        # Large producer batches: results of one batch share a partition (keyed by batch id),
-        # and an idempotent producer keeps one request in flight per partition.
+        # Large producer batches: results of one batch share a partition (keyed by batch id).
+        # A failed send fails the batch and the loop retries it; readers dedupe by request id.
         producer = kafka.producer(settings.kafka, NAME, max_batch_size=PRODUCER_BATCH_BYTES)
         await kafka.start_with_retry(producer, settings.kafka)
         stack.push_async_callback(producer.stop)

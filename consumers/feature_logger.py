@@ -16,10 +16,8 @@ from contextlib import AsyncExitStack
 from datetime import timedelta
 from typing import Annotated, Any, Final, cast
 
-import aiohttp
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.structs import TopicPartition
-from botocore.exceptions import BotoCoreError, ClientError
 from prometheus_client import Counter, Gauge
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -38,6 +36,7 @@ from driftloop.consumer_loop import (
 from driftloop.database import UNAVAILABLE_ERRORS
 from driftloop.featurestore import FeatureStore
 from driftloop.migrations import SCHEMA_NAME
+from driftloop.objectstore import UNAVAILABLE_ERRORS as OBJECT_STORE_ERRORS
 from driftloop.objectstore import s3_client
 from driftloop.prediction_log import (
     PredictionLog,
@@ -56,12 +55,6 @@ from schemas.topics import Topic
 
 NAME: Final = "feature-logger"
 log = logging.getLogger(NAME)
-
-OBJECT_STORE_ERRORS: Final[tuple[type[BaseException], ...]] = (
-    BotoCoreError,
-    ClientError,
-    aiohttp.ClientError,
-)
 
 PENDING_LABELS = Counter(
     "driftloop_feature_logger_labels_pending_total",
@@ -285,7 +278,9 @@ async def run_feature_logger(settings: FeatureLoggerSettings) -> None:
         stack.push_async_callback(_closing, "Postgres pool", prediction_log.close)
         store = None
         if settings.parquet_enabled:
-            s3 = await stack.enter_async_context(s3_client(settings.s3))
+            # A failed flush is retried by the logger's own backoff while Postgres logging goes
+            # on; botocore's five attempts held the loop 12-26 s per failed flush.
+            s3 = await stack.enter_async_context(s3_client(settings.s3, max_attempts=2))
             specs = [load_feature_spec(settings.feature_spec)] if settings.feature_spec else []
             store = FeatureStore(
                 prediction_log.pool,

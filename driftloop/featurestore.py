@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 from aiokafka.structs import TopicPartition
 
 from driftloop.consumer_loop import Delivery
+from driftloop.objectstore import UNAVAILABLE_ERRORS as OBJECT_STORE_ERRORS
 from schemas.events import PredictionEvent
 from schemas.features import FeatureSpec
 
@@ -99,6 +100,10 @@ class _Buffer:
     next: dict[TopicPartition, int] = field(default_factory=dict)
     size: int = 0
     flush_id: str | None = None
+    # Object keys of the flush attempted under flush_id, and the failed flushes of earlier
+    # contents of this buffer (flush id -> object keys), voided once a flush succeeds.
+    object_keys: list[str] = field(default_factory=list)
+    superseded: dict[str, list[str]] = field(default_factory=dict)
 
 
 class FeatureStore:
@@ -172,6 +177,10 @@ class FeatureStore:
             buffer.size += 1
             added += 1
         if added:
+            if buffer.flush_id is not None:
+                # Its flush failed; the intent stays in feature_flushes until a flush of the
+                # new content succeeds and voids it.
+                buffer.superseded[buffer.flush_id] = buffer.object_keys
             buffer.flush_id = None  # new content: a new flush id (see flush)
         return added
 
@@ -196,6 +205,7 @@ class FeatureStore:
         files = {
             key.object_key(self.prefix, flush_id): (key, rows) for key, rows in buffer.rows.items()
         }
+        buffer.object_keys = list(files)
         partitions = sorted(buffer.next, key=lambda tp: (tp.topic, tp.partition))
         async with self.pool.acquire() as connection:
             await connection.execute(
@@ -245,7 +255,20 @@ class FeatureStore:
         self._buffer = _Buffer()
         self._last_flush = time.monotonic()
         log.info("flushed %d rows in %d Parquet files (%s)", rows_written, len(files), flush_id)
+        for superseded_id, object_keys in buffer.superseded.items():
+            try:
+                await self._void(superseded_id, object_keys)
+            except (OSError, asyncpg.PostgresError, *OBJECT_STORE_ERRORS) as error:
+                # Left in feature_flushes: restore() voids it at the next assignment.
+                log.warning("could not void failed flush %s (%s)", superseded_id, error)
         return rows_written
+
+    async def _void(self, flush_id: str, object_keys: Iterable[str]) -> None:
+        """Delete what an unfinished flush may have written, then its intent."""
+        for object_key in object_keys:
+            await self.s3.delete_object(Bucket=self.bucket, Key=object_key)
+        async with self.pool.acquire() as connection:
+            await connection.execute("DELETE FROM feature_flushes WHERE flush_id = $1", flush_id)
 
     async def _advance(self, connection: asyncpg.Connection, tp: TopicPartition, to: int) -> None:
         expected = self._committed.get(tp)
@@ -326,12 +349,7 @@ class FeatureStore:
                 sorted({tp.topic for tp in owned}),
             )
         for row in unfinished:
-            for object_key in row["object_keys"]:
-                await self.s3.delete_object(Bucket=self.bucket, Key=object_key)
-            async with self.pool.acquire() as connection:
-                await connection.execute(
-                    "DELETE FROM feature_flushes WHERE flush_id = $1", row["flush_id"]
-                )
+            await self._void(row["flush_id"], row["object_keys"])
             log.warning("voided unfinished flush %s", row["flush_id"])
         offsets = {
             TopicPartition(row["topic"], row["partition"]): row["next_offset"] for row in stored

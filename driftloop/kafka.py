@@ -15,12 +15,20 @@ from driftloop.settings import KafkaSettings
 
 
 def producer(settings: KafkaSettings, client_name: str, **overrides: object) -> AIOKafkaProducer:
-    """An idempotent producer: acks from all replicas, no duplicates on its own retries."""
+    """A producer acknowledged by every in-sync replica; delivery is at least once.
+
+    aiokafka's idempotent mode is off on purpose. When a partition stays without a leader
+    longer than ``request_timeout_ms`` (a slow broker restart), aiokafka expires a batch
+    after giving it a sequence number; the broker then refuses every later batch of that
+    partition with OUT_OF_ORDER_SEQUENCE_NUMBER, and the producer never recovers (seen in
+    the batch-scorer's broker-outage test). Every driftloop reader is idempotent instead:
+    the prediction log by request id, result readers by request id, the ledger by episode.
+    """
     options: dict[str, object] = {
         "bootstrap_servers": settings.bootstrap_servers,
         "client_id": f"{settings.client_id_prefix}-{client_name}",
         "acks": "all",
-        "enable_idempotence": True,
+        "enable_idempotence": False,
         # Small lingering batches many events per request at high rates for ~no latency cost.
         "linger_ms": 5,
         "compression_type": "lz4",

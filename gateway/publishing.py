@@ -83,11 +83,8 @@ class EventPublisher:
             kafka.producer,
             settings,
             client_name,
+            # A batch unacknowledged within the timeout fails and goes to the durable spool.
             request_timeout_ms=timeout_ms,
-            # aiokafka's idempotent producer never expires a batch: it would hold the events of
-            # an outage in memory, retrying, instead of handing them to the durable spool. The
-            # spool replay is at least once anyway, and the feature logger dedupes by request id.
-            enable_idempotence=False,
         )
         self._producer: AIOKafkaProducer | None = None
         self._queue: deque[SpoolRecord | tuple[str, Event]] = deque()
