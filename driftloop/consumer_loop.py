@@ -5,7 +5,9 @@ batch (and after the batch's dead letters are acknowledged), so a crash replays 
 uncommitted tail and the processors make their writes idempotent. Order of one iteration:
 
 1. ``getmany`` a batch; decode each record with ``decode_event`` into the topic's events;
-   an undecodable or invalid record becomes a ``DeadLetter`` for ``<topic>.dlq``.
+   an undecodable or invalid record becomes a ``DeadLetter`` for ``<topic>.dlq``. This runs
+   while the previous batch is being written (its own task), so decoding overlaps the sinks'
+   I/O; writes and commits still happen one batch at a time, in order.
 2. ``Processor.write`` the decoded events. A transient failure (a sink is down) pauses every
    assigned partition and retries the same batch with exponential backoff; records are never
    skipped. The loop keeps calling ``getmany`` on the paused partitions meanwhile, so the
@@ -195,6 +197,8 @@ class ConsumerLoop(Generic[E]):
         self._committed: dict[TopicPartition, int] = {}
         self._taking_over: set[TopicPartition] = set()
         self._paused_lag_due = 0.0
+        self._writing: asyncio.Task[_Batch[E] | None] | None = None
+        self._failure: Exception | None = None
         self._accepted = {topic: tuple(events) for topic, events in options.topics.items()}
         SINKS_UP.labels(options.name).set(1)
         READY.labels(options.name).set(0)
@@ -217,8 +221,12 @@ class ConsumerLoop(Generic[E]):
                 records = await self.consumer.getmany(
                     timeout_ms=self.options.poll_timeout_ms, max_records=self.options.max_batch
                 )
+                if self._failure is not None:
+                    raise self._failure  # a write that failed while a revoke waited for it
                 async with self._lock:
                     if self._taking_over:
+                        # The batch in flight lands before partitions are positioned anew.
+                        await self._settle()
                         # Records of a partition fetched before the take-over's seek are dropped;
                         # the seek fetches them again.
                         records = {
@@ -231,11 +239,26 @@ class ConsumerLoop(Generic[E]):
                         except _AbandonedError:
                             continue
                         READY.labels(self.options.name).set(1)
-                    await self._handle(records)
+                    # Decoding this batch overlaps the write of the previous one; the writes
+                    # (and their commits) stay one at a time and in order.
+                    assigned = self.consumer.assignment()
+                    batch = self._decode(
+                        {tp: items for tp, items in records.items() if tp in assigned}
+                    )
+                    await self._settle()
+                    self._writing = asyncio.create_task(self._write(batch))
             async with self._lock:
+                await self._settle()
+                if self._failure is not None:
+                    raise self._failure
                 await self._commit_pending()
         finally:
             READY.labels(self.options.name).set(0)
+            if self._writing is not None:
+                self._writing.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self._writing
+                self._writing = None
 
     async def _take_over(self) -> None:
         # aiokafka activates an assignment (and may fetch from it) before it calls the
@@ -253,13 +276,22 @@ class ConsumerLoop(Generic[E]):
         self._taking_over.clear()
         self.consumer.resume(*partitions)
 
-    async def _handle(self, records: Mapping[TopicPartition, list[Any]]) -> None:
-        assigned = self.consumer.assignment()
-        batch = self._decode({tp: items for tp, items in records.items() if tp in assigned})
+    async def _write(self, batch: _Batch[E]) -> _Batch[E] | None:
+        """Write a batch, backing off while a sink is down; None when it was abandoned."""
         try:
             await self._with_backoff(partial(self._write_batch, batch))
         except _AbandonedError:
             log.warning("%s: batch abandoned uncommitted; it will be replayed", self.options.name)
+            return None
+        return batch
+
+    async def _settle(self) -> None:
+        """Wait for the batch in flight, then commit its offsets (raises what the write raised)."""
+        writing, self._writing = self._writing, None
+        if writing is None:
+            return
+        batch = await writing
+        if batch is None:
             return
         self._pending.update(batch.offsets)
         await self._commit_pending()
@@ -428,6 +460,12 @@ class ConsumerLoop(Generic[E]):
         try:
             async with self._lock:
                 self._taking_over -= partitions
+                try:
+                    await self._settle()
+                except Exception as error:  # noqa: BLE001 - handed to the loop, re-raised there
+                    # The loop raises it at its next turn, without committing anything more.
+                    self._failure = error
+                    return
                 await self._commit_pending()
                 await self.processor.on_revoked(partitions)
                 self._forget(partitions)

@@ -228,6 +228,86 @@ async def test_stopping_during_a_backoff_abandons_the_batch_uncommitted() -> Non
     assert processor.written == []
 
 
+class SlowProcessor(RecordingProcessor):
+    """Holds its first non-empty write until ``release`` is set, then fails if told to."""
+
+    def __init__(self, *, fail: bool = False) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.fail = fail
+        self.held = False
+
+    async def write(self, deliveries: Sequence[Delivery[PredictionEvent]]) -> None:
+        if deliveries and not self.held:
+            self.held = True
+            await self.release.wait()
+            if self.fail:
+                raise RuntimeError("bug")
+        await super().write(deliveries)
+
+
+class IdleConsumer(FakeConsumer):
+    """Once the batches are handed out, getmany waits until ``wake`` (the lock stays free)."""
+
+    def __init__(self, batches: list[dict[TopicPartition, list[Record]]]) -> None:
+        super().__init__(batches)
+        self.wake = asyncio.Event()
+
+    async def getmany(self, timeout_ms: int = 0, max_records: int | None = None) -> Any:
+        if self.batches:
+            return self.batches.pop(0)
+        await self.wake.wait()
+        return {}
+
+
+async def until(condition: Any) -> None:
+    for _ in range(500):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met in time")
+
+
+async def test_the_next_batch_is_decoded_while_one_is_written_and_commits_keep_order() -> None:
+    processor = SlowProcessor()
+    loop, consumer, _ = make_loop([{TP0: [good(0, 0)]}, {TP0: [good(0, 1)]}], processor)
+    task = asyncio.create_task(loop.run())
+    await until(lambda: not consumer.batches)  # the second batch fetched during the first write
+    await asyncio.sleep(0.05)
+    assert processor.written == []
+    assert consumer.commits == []
+    processor.release.set()
+    await asyncio.wait_for(task, 5)
+    assert processor.written == [["r-0"], ["r-1"]]
+    assert consumer.commits == [{TP0: 1}, {TP0: 2}]
+
+
+async def test_a_write_failing_while_a_revoke_waits_for_it_stops_the_loop_uncommitted() -> None:
+    processor = SlowProcessor(fail=True)
+    consumer = IdleConsumer([{TP0: [good(0, 0)]}])
+    loop: ConsumerLoop[PredictionEvent] = ConsumerLoop(
+        LoopOptions(
+            name="test",
+            group="test-group",
+            topics={TOPIC: TOPIC_EVENTS[Topic.PREDICTIONS]},
+            dead_letter_topics={TOPIC: f"{TOPIC}.dlq"},
+        ),
+        consumer,  # type: ignore[arg-type]
+        FakeProducer(),  # type: ignore[arg-type]
+        processor,
+    )
+    task = asyncio.create_task(loop.run())
+    await until(lambda: processor.held)
+    revoke = asyncio.create_task(consumer.listener.on_partitions_revoked({TP0}))
+    await asyncio.sleep(0.05)
+    processor.release.set()
+    await asyncio.wait_for(revoke, 5)  # the revoke returns; the loop reports the failure
+    consumer.wake.set()
+    with pytest.raises(RuntimeError, match="bug"):
+        await asyncio.wait_for(task, 5)
+    assert consumer.commits == []
+
+
 async def test_new_partitions_are_positioned_before_their_records_are_used() -> None:
     processor = RecordingProcessor()
     # Records fetched between the assignment and the take-over are dropped (and re-fetched
