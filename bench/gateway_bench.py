@@ -10,10 +10,15 @@ run (so the load of the shared machine disturbs every target alike):
 5. the gateway with publishing on while the champion alias moves to a new version and the
    gateway reloads (p99 and failures during the swap against a steady run of the same length).
 
-Needs the dev stack (Kafka, MLflow) and ``wrk`` (Debian package). Prints the figures and the
-ratios the issue asks for, and writes them to bench/results/gateway-<time>.json.
+Needs the dev stack (Kafka, MLflow) and ``wrk`` (Debian package). Every request is the
+declaration's example row (``gateway.contract.example_row``, the one the OpenAPI document
+shows). Prints the figures and the ratios the issue asks for, and writes them to
+bench/results/gateway-<time>.json.
 
-    uv run python bench/gateway.py [--seconds 15] [--rounds 2]
+Named ``gateway_bench.py``, not ``gateway.py``: run as a script, bench/ comes first on
+``sys.path`` and a ``gateway.py`` there would hide the ``gateway`` package.
+
+    uv run python bench/gateway_bench.py [--seconds 15] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from driftloop import training
 from driftloop.settings import KafkaSettings, MlflowSettings, load_settings
+from gateway.contract import example_row
 from schemas.features import load_feature_spec
 from schemas.topics import Topic
 
@@ -50,19 +56,6 @@ RESULTS = ROOT / "bench" / "results"
 VENV_BIN = ROOT / ".venv" / "bin"
 ADMIN_TOKEN = secrets.token_urlsafe(16)
 CONNECTIONS = 16
-ROW = {
-    "season": 1,
-    "mnth": "Jan",
-    "hr": 8,
-    "holiday": 0,
-    "weekday": 2,
-    "workingday": 1,
-    "weathersit": "clear",
-    "temp": 0.24,
-    "atemp": 0.28,
-    "hum": 0.6,
-    "windspeed": 0.1,
-}
 
 
 @dataclass
@@ -209,8 +202,9 @@ def main() -> None:
         # Every subprocess talks to the stack's MLflow, none to a default ./mlflow.db.
         "MLFLOW_TRACKING_URI": mlflow_settings.tracking_uri,
     }
-    body = orjson.dumps(ROW)
-    encoded = spec.encode_row(spec.validate_row(ROW))
+    row = example_row(spec)
+    body = orjson.dumps(row)
+    encoded = spec.encode_row(spec.validate_row(row))
     mlflow_body = orjson.dumps(
         {"dataframe_split": {"columns": list(spec.feature_names), "data": [encoded]}}
     )
