@@ -1,4 +1,5 @@
-"""What the consumer integration tests share: topics per test, consumer subprocesses, polling."""
+"""What the consumer integration tests share: topics per test, consumer subprocesses, polling,
+and taking the stack's broker down."""
 
 from __future__ import annotations
 
@@ -10,15 +11,17 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 
 import httpx
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from driftloop import kafka
 from driftloop.settings import KafkaSettings
+from driftloop.stack import readiness
+from driftloop.stack.settings import StackSettings
 from driftloop.training import (
     RegisteredModel,
     log_and_register,
@@ -71,7 +74,9 @@ async def produce_raw(
         await producer.stop()
 
 
-async def read_topic(settings: KafkaSettings, topic: str, *, expected: int, within: float = 60):
+async def read_topic(
+    settings: KafkaSettings, topic: str, *, expected: int, within: float = 60
+) -> list[ConsumerRecord[bytes, bytes]]:
     """Every record of ``topic`` from the start, once at least ``expected`` have arrived."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False
@@ -86,9 +91,40 @@ async def read_topic(settings: KafkaSettings, topic: str, *, expected: int, with
         ]
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
-        records = []
+        records: list[ConsumerRecord[bytes, bytes]] = []
         deadline = time.monotonic() + within
         while len(records) < expected and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for items in batch.values():
+                records.extend(items)
+        return records
+    finally:
+        await consumer.stop()
+
+
+async def read_to_end(
+    settings: KafkaSettings, topic: str, *, within: float = 60
+) -> list[ConsumerRecord[bytes, bytes]]:
+    """Every record of ``topic`` from the start up to its end offsets when called."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        partitions = [
+            TopicPartition(topic, partition)
+            for partition in sorted(
+                consumer.partitions_for_topic(topic) or await _partitions(consumer, topic)
+            )
+        ]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        records: list[ConsumerRecord[bytes, bytes]] = []
+        deadline = time.monotonic() + within
+        while [tp for tp in partitions if await consumer.position(tp) < ends[tp]]:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {within:.0f}s reading {topic} to its end")
             batch = await consumer.getmany(timeout_ms=500)
             for items in batch.values():
                 records.extend(items)
@@ -169,6 +205,51 @@ class ConsumerProcess:
                 self.terminate(timeout=20)
         if self.alive():
             self.kill()
+
+
+def supervisorctl(stack: StackSettings, *arguments: str) -> None:
+    """Run ``supervisorctl`` on the native stack's supervisord, e.g. ``stop kafka``."""
+    subprocess.run(
+        ["supervisorctl", "-c", str(stack.run / "supervisord.conf"), *arguments],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+@contextlib.asynccontextmanager
+async def broker_stopped(stack: StackSettings) -> AsyncIterator[None]:
+    """The stack's Kafka broker stopped for the body, then started again whatever happens.
+
+    On the way out it waits until the broker answers, so the test (and the next one) finds it
+    up; everything else on the stack sees the outage too.
+    """
+    try:
+        await asyncio.to_thread(supervisorctl, stack, "stop", "kafka")
+        yield
+    finally:
+        # "start" fails when the program is running already; the probe below is the check.
+        with contextlib.suppress(subprocess.CalledProcessError):
+            await asyncio.to_thread(supervisorctl, stack, "start", "kafka")
+
+        async def broker_ready() -> bool:
+            return (await readiness.check("kafka", stack)).ready
+
+        await eventually(broker_ready, within=120, what="the broker to answer again")
+
+
+# What aiokafka logs when a client loses the broker: a refused (re)connection, a dead coordinator.
+BROKER_LOST_MARKERS = ("Unable connect to", "Marking the coordinator dead")
+
+
+async def broker_loss_seen(process: ConsumerProcess, since: int, *, within: float = 60) -> None:
+    """Wait until ``process`` logs, after the first ``since`` characters, that it lost Kafka."""
+
+    async def seen() -> bool:
+        tail = process.log()[since:]
+        return any(marker in tail for marker in BROKER_LOST_MARKERS)
+
+    await eventually(seen, within=within, what=f"{process.module} to notice the broker is gone")
 
 
 def register_champion(tracking_uri: str, model_name: str, work_dir: Path) -> RegisteredModel:

@@ -1,12 +1,13 @@
-"""batch-scorer on the real stack: two processes share a group, every request gets one result,
-and `driftloop batch score` scores a file end to end."""
+"""batch-scorer on the real stack: two processes share a group, every request gets one result
+(across a broker outage too), and `driftloop batch score` scores a file end to end."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import pandas as pd
 import pytest
@@ -15,22 +16,29 @@ from typer.testing import CliRunner
 from consumers.batch_cli import batch_app, rows_from_records
 from driftloop.batch_scoring import score_rows
 from driftloop.settings import KafkaSettings, MlflowSettings
+from driftloop.stack.settings import StackSettings
 from driftloop.training import RegisteredModel, read_dataset
-from schemas.events import PredictionEvent
+from schemas.events import PredictionEvent, ScoringRequest, ScoringResult
 from schemas.features import load_feature_spec
+from schemas.fields import FeatureValue
 from schemas.topics import Topic
 from tests.integration.consumer_support import (
     ConsumerProcess,
+    broker_loss_seen,
+    broker_stopped,
     create_topics,
     eventually,
     free_port,
     metric,
+    produce,
+    read_to_end,
     read_topic,
     register_champion,
 )
 
 SPEC = load_feature_spec("bikeshare")
-TOPICS = [Topic.SCORING_REQUESTS, Topic.SCORING_RESULTS, Topic.PREDICTIONS]
+# model.events too: the scorer follows it, and a missing topic floods its log with retries.
+TOPICS = [Topic.SCORING_REQUESTS, Topic.SCORING_RESULTS, Topic.PREDICTIONS, Topic.MODEL_EVENTS]
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +49,17 @@ def champion(
     return register_champion(mlflow_settings.tracking_uri, name, tmp_path_factory.mktemp("train"))
 
 
-StartScorers = Callable[[int], list[tuple[ConsumerProcess, int]]]
+class StartScorers(Protocol):
+    def __call__(self, count: int, **environment: str) -> list[tuple[ConsumerProcess, int]]:
+        """Start ``count`` scorers in the test's group (``environment`` overrides settings)."""
+        ...
 
 
 @pytest.fixture
 def scorers(unique: str, champion: RegisteredModel, tmp_path: Path) -> Iterator[StartScorers]:
     started: list[tuple[ConsumerProcess, int]] = []
 
-    def start(count: int) -> list[tuple[ConsumerProcess, int]]:
+    def start(count: int, **environment: str) -> list[tuple[ConsumerProcess, int]]:
         for index in range(count):
             port = free_port()
             process = ConsumerProcess(
@@ -60,6 +71,7 @@ def scorers(unique: str, champion: RegisteredModel, tmp_path: Path) -> Iterator[
                     "BATCH_SCORER_MODEL_CACHE_DIR": str(tmp_path / f"models-{index}"),
                     "BATCH_SCORER_MAX_BATCH": "500",
                     "BATCH_SCORER_METRICS_PORT": str(port),
+                    **environment,
                 },
                 tmp_path / f"batch-scorer-{index}.log",
             ).start()
@@ -71,10 +83,10 @@ def scorers(unique: str, champion: RegisteredModel, tmp_path: Path) -> Iterator[
         process.close()
 
 
-def sample_rows(count: int) -> list[dict[str, object]]:
+def sample_rows(count: int) -> list[dict[str, FeatureValue]]:
     frame = read_dataset(SPEC, months=["March"])
     records = frame.head(count).to_dict(orient="records")
-    return rows_from_records(SPEC, records)  # type: ignore[return-value]
+    return rows_from_records(SPEC, records)  # type: ignore[arg-type]
 
 
 async def test_two_scorers_share_the_partitions_and_answer_each_request_once(
@@ -151,4 +163,77 @@ async def test_batch_score_cli_writes_the_results_beside_the_rows(
     assert scored["prediction"].notna().all()
     assert scored["error"].isna().all()
     assert "rows/s" in result.output
+    assert await asyncio.to_thread(process.terminate) == 0, process.log()
+
+
+async def test_broker_outage_mid_stream_answers_every_request(
+    unique: str,
+    kafka_settings: KafkaSettings,
+    stack_settings: StackSettings,
+    scorers: StartScorers,
+    champion: RegisteredModel,
+) -> None:
+    kafka = kafka_settings.model_copy(update={"topic_prefix": f"{unique}."})
+    await create_topics(kafka, TOPICS)
+    # Tiny batches: scoring the backlog takes seconds, so the broker stops in the middle of it.
+    ((process, port),) = scorers(1, BATCH_SCORER_MAX_BATCH="5")
+
+    async def ready() -> bool:
+        return await metric(port, "driftloop_consumer_ready", consumer="batch-scorer") == 1.0
+
+    await eventually(ready, what="the scorer in its group")
+    requests = [
+        ScoringRequest(request_id=f"{unique}-{index}", features=row, batch_id=unique)
+        for index, row in enumerate(sample_rows(1000) * 5)
+    ]
+    before = 4000
+    await produce(kafka, Topic.SCORING_REQUESTS, requests[:before])
+
+    async def answered() -> float:
+        results = await metric(
+            port,
+            "driftloop_consumer_records_out_total",
+            consumer="batch-scorer",
+            sink="scoring.results",
+        )
+        return results or 0.0
+
+    async def scoring() -> bool:
+        return await answered() > 0
+
+    await eventually(scoring, what="the first results")
+    seen = len(process.log())
+    async with broker_stopped(stack_settings):
+        await broker_loss_seen(process, seen)
+        assert process.alive(), process.log()
+        assert await answered() < before, "the backlog was scored before the broker stopped"
+    assert process.alive(), process.log()
+    await produce(kafka, Topic.SCORING_REQUESTS, requests[before:])
+
+    wanted = {request.request_id for request in requests}
+    # A batch replayed after the outage is answered again: readers keep the first result.
+    results: dict[str, ScoringResult] = {}
+
+    async def every_request_answered() -> bool:
+        for record in await read_to_end(kafka, kafka.topic(Topic.SCORING_RESULTS)):
+            result = ScoringResult.from_bytes(record.value)
+            results.setdefault(result.request_id, result)
+        return results.keys() >= wanted
+
+    await eventually(every_request_answered, within=120, what="a result for every request")
+    assert results.keys() == wanted
+    assert all(result.error is None for result in results.values())
+    assert {result.batch_id for result in results.values()} == {unique}
+    assert {result.model_version for result in results.values()} == {champion.version}
+    logged: set[str] = set()
+
+    async def every_row_logged() -> bool:
+        records = await read_to_end(kafka, kafka.topic(Topic.PREDICTIONS))
+        logged.update(PredictionEvent.from_bytes(record.value).request_id for record in records)
+        return logged >= wanted
+
+    await eventually(every_row_logged, within=60, what="a prediction event for every row")
+    assert logged == wanted
+    await eventually(ready, within=60, what="the scorer ready again")
+    assert process.alive(), process.log()
     assert await asyncio.to_thread(process.terminate) == 0, process.log()

@@ -1,5 +1,6 @@
-"""feature-logger on the real stack: exactly once in Postgres and Parquet across kill -9 and a
-Postgres outage; labels before and after their predictions."""
+"""feature-logger on the real stack: exactly once in Postgres and Parquet across kill -9 and
+outages of Postgres, the object store and the broker; labels before and after their
+predictions."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -19,18 +21,23 @@ import pytest
 
 from driftloop.objectstore import s3_client
 from driftloop.settings import KafkaSettings, ObjectStoreSettings, PostgresSettings
+from driftloop.stack.settings import StackSettings
 from schemas.events import GroundTruth, PredictionEvent
 from schemas.topics import Topic
 from tests.integration.consumer_support import (
     ConsumerProcess,
+    broker_loss_seen,
+    broker_stopped,
     create_topics,
     eventually,
     free_port,
+    metric,
     produce,
 )
 
 RUN_ID = uuid.uuid4().hex
 OUTAGE_BACKOFF_ROUNDS = 5
+OUTAGE_FLUSH_FAILURES = 2
 
 
 @dataclass
@@ -51,6 +58,23 @@ class LoggerSetup:
     async def count(self, table: str = "prediction_log") -> int:
         # The table name is one of the test's constants, never input.
         return int(await self.connection.fetchval(f"SELECT count(*) FROM {self.schema}.{table}"))  # noqa: S608
+
+    async def rows_in_files(self) -> int:
+        """Rows of the committed Parquet files (their manifest); 0 before the first start."""
+        try:
+            return int(
+                await self.connection.fetchval(
+                    f"SELECT coalesce(sum(row_count), 0) FROM {self.schema}.feature_files"  # noqa: S608
+                )
+            )
+        except asyncpg.UndefinedTableError:
+            return 0
+
+    async def logged_request_ids(self) -> list[str]:
+        rows = await self.connection.fetch(
+            f"SELECT request_id FROM {self.schema}.prediction_log"  # noqa: S608
+        )
+        return [row["request_id"] for row in rows]
 
 
 def prediction(index: int, tag: str, moment: datetime | None = None) -> PredictionEvent:
@@ -126,6 +150,21 @@ async def parquet_rows(
     return request_ids, offsets, keys
 
 
+async def assert_in_parquet_once(
+    setup: LoggerSetup, settings: ObjectStoreSettings, request_ids: set[str]
+) -> None:
+    """Every request id in exactly one row of the files, and the files are the manifest's."""
+    found, offsets, keys = await parquet_rows(settings, setup.parquet_prefix)
+    assert len(found) == len(request_ids), "a row is missing or duplicated in the Parquet files"
+    assert set(found) == request_ids
+    assert len(set(offsets)) == len(offsets)
+    manifest = await setup.connection.fetch(
+        f"SELECT object_key FROM {setup.schema}.feature_files"  # noqa: S608
+    )
+    assert sorted(keys) == sorted(row["object_key"] for row in manifest)
+    assert all("/model=bikeshare/date=" in key and "/hour=" in key for key in keys)
+
+
 async def test_kill_9_mid_stream_logs_every_prediction_exactly_once(
     logger_setup: LoggerSetup, object_store_settings: ObjectStoreSettings, unique: str
 ) -> None:
@@ -135,18 +174,8 @@ async def test_kill_9_mid_stream_logs_every_prediction_exactly_once(
     try:
         await produce(logger_setup.kafka, Topic.PREDICTIONS, events[: total // 4])
 
-        async def in_files() -> int:
-            try:
-                return int(
-                    await logger_setup.connection.fetchval(
-                        f"SELECT coalesce(sum(row_count), 0) FROM {unique}.feature_files"  # noqa: S608
-                    )
-                )
-            except asyncpg.UndefinedTableError:
-                return 0
-
         async def flushed() -> bool:
-            return await in_files() > 0
+            return await logger_setup.rows_in_files() > 0
 
         await eventually(flushed, what="a first Parquet flush")
         await produce(logger_setup.kafka, Topic.PREDICTIONS, events[total // 4 : total // 2])
@@ -154,7 +183,7 @@ async def test_kill_9_mid_stream_logs_every_prediction_exactly_once(
         async def parquet_behind_postgres() -> bool:
             # Kill when Postgres holds rows the committed Parquet files do not yet: the restart
             # must seek back for Parquet and re-insert nothing in Postgres.
-            return await in_files() < await logger_setup.count()
+            return await logger_setup.rows_in_files() < await logger_setup.count()
 
         await eventually(parquet_behind_postgres, what="rows logged after the last flush")
         logger.kill()
@@ -169,10 +198,7 @@ async def test_kill_9_mid_stream_logs_every_prediction_exactly_once(
         await eventually(all_logged, within=120, what=f"{total} rows in Postgres")
 
         async def all_in_parquet() -> bool:
-            rows = await logger_setup.connection.fetchval(
-                f"SELECT coalesce(sum(row_count), 0) FROM {unique}.feature_files"  # noqa: S608
-            )
-            return int(rows) >= total
+            return await logger_setup.rows_in_files() >= total
 
         await eventually(all_in_parquet, within=120, what=f"{total} rows in Parquet files")
         assert logger.terminate() == 0, logger.log()
@@ -183,17 +209,9 @@ async def test_kill_9_mid_stream_logs_every_prediction_exactly_once(
         f"SELECT count(DISTINCT request_id) FROM {unique}.prediction_log"  # noqa: S608
     )
     assert distinct == total
-    request_ids, offsets, keys = await parquet_rows(
-        object_store_settings, logger_setup.parquet_prefix
+    await assert_in_parquet_once(
+        logger_setup, object_store_settings, {event.request_id for event in events}
     )
-    assert len(request_ids) == total, "a row is missing or duplicated in the Parquet files"
-    assert set(request_ids) == {event.request_id for event in events}
-    assert len(set(offsets)) == len(offsets)
-    manifest = await logger_setup.connection.fetch(
-        f"SELECT object_key FROM {unique}.feature_files"  # noqa: S608
-    )
-    assert sorted(keys) == sorted(row["object_key"] for row in manifest)
-    assert all("/model=bikeshare/date=" in key and "/hour=" in key for key in keys)
 
 
 async def test_labels_join_predictions_whatever_the_order(
@@ -246,7 +264,8 @@ async def test_labels_join_predictions_whatever_the_order(
 
 
 class TcpProxy:
-    """A TCP forwarder to Postgres that the test can take down and bring back on one port."""
+    """A TCP forwarder (to Postgres, the object store) the test takes down and brings back on
+    one port: a sink outage for one consumer process, the shared stack untouched."""
 
     def __init__(self, port: int, target: tuple[str, int]) -> None:
         self.port = port
@@ -343,3 +362,139 @@ async def test_postgres_outage_pauses_then_drains_without_loss(
         if proxy.server is not None:
             await proxy.down()
     assert "consumption paused" in logger.log()
+
+
+async def test_object_store_outage_keeps_logging_then_flushes_every_row_once(
+    logger_setup: LoggerSetup, object_store_settings: ObjectStoreSettings, unique: str
+) -> None:
+    endpoint = urlsplit(object_store_settings.endpoint_url)
+    assert endpoint.hostname is not None
+    assert endpoint.port is not None
+    proxy = TcpProxy(free_port(), (endpoint.hostname, endpoint.port))
+    await proxy.up()
+    metrics_port = logger_setup.environment["FEATURE_LOGGER_METRICS_PORT"]
+    logger = logger_setup.process(
+        S3_ENDPOINT_URL=f"{endpoint.scheme}://127.0.0.1:{proxy.port}",
+        FEATURE_LOGGER_FLUSH_INTERVAL_SECONDS="1",
+    ).start()
+    total = 3000
+    events = [prediction(index, unique) for index in range(total)]
+    try:
+        await produce(logger_setup.kafka, Topic.PREDICTIONS, events[:1000])
+
+        async def first_flushed() -> bool:
+            return await logger_setup.rows_in_files() == 1000
+
+        await eventually(first_flushed, what="the rows before the outage in Parquet")
+        # Nothing is buffered now, so no flush is in flight when the proxy goes down.
+        await proxy.down()
+        await produce(logger_setup.kafka, Topic.PREDICTIONS, events[1000:2000])
+
+        async def flush_failed() -> bool:
+            failures = await metric(
+                metrics_port, "driftloop_feature_logger_parquet_flush_failures_total"
+            )
+            return (failures or 0) >= 1
+
+        await eventually(flush_failed, what="a failed Parquet flush")
+        # Produced after the flushes began to fail: Postgres logging does not wait for them.
+        await produce(logger_setup.kafka, Topic.PREDICTIONS, events[2000:])
+
+        async def all_logged() -> bool:
+            return await logger_setup.count() == total
+
+        await eventually(all_logged, what=f"{total} rows in Postgres, the object store down")
+
+        async def flushes_failing() -> bool:
+            failures = await metric(
+                metrics_port, "driftloop_feature_logger_parquet_flush_failures_total"
+            )
+            buffered = await metric(metrics_port, "driftloop_feature_logger_parquet_buffered_rows")
+            return (failures or 0) >= OUTAGE_FLUSH_FAILURES and buffered == total - 1000
+
+        await eventually(flushes_failing, what="failed flushes with the rows buffered")
+        assert logger.alive(), logger.log()
+        assert await logger_setup.rows_in_files() == 1000
+        # Parquet keeps its own offsets: the object store being away pauses nothing.
+        assert (
+            await metric(metrics_port, "driftloop_consumer_sinks_up", consumer="feature-logger")
+            == 1.0
+        )
+        assert (
+            await metric(
+                metrics_port, "driftloop_consumer_backoffs_total", consumer="feature-logger"
+            )
+            == 0.0
+        )
+        await proxy.up()
+
+        async def all_in_files() -> bool:
+            return await logger_setup.rows_in_files() >= total
+
+        await eventually(all_in_files, what=f"{total} rows in Parquet after the outage")
+        # In a thread: the proxy runs on this event loop and must keep forwarding meanwhile.
+        assert await asyncio.to_thread(logger.terminate) == 0, logger.log()
+    finally:
+        await asyncio.to_thread(logger.close)
+        if proxy.server is not None:
+            await proxy.down()
+    assert "Parquet flush failed" in logger.log()
+    await assert_in_parquet_once(
+        logger_setup, object_store_settings, {event.request_id for event in events}
+    )
+
+
+async def test_broker_outage_mid_stream_logs_every_prediction_once(
+    logger_setup: LoggerSetup,
+    object_store_settings: ObjectStoreSettings,
+    stack_settings: StackSettings,
+    unique: str,
+) -> None:
+    metrics_port = logger_setup.environment["FEATURE_LOGGER_METRICS_PORT"]
+    # Small batches: logging the backlog takes seconds, so the broker stops in the middle of it.
+    logger = logger_setup.process(FEATURE_LOGGER_MAX_BATCH="50").start()
+    total, before = 12_000, 10_000
+    events = [prediction(index, unique) for index in range(total)]
+    try:
+
+        async def ready() -> bool:
+            value = await metric(
+                metrics_port, "driftloop_consumer_ready", consumer="feature-logger"
+            )
+            return value == 1.0
+
+        await eventually(ready, what="the logger in its group")
+        await produce(logger_setup.kafka, Topic.PREDICTIONS, events[:before])
+
+        async def consuming() -> bool:
+            return await logger_setup.count() > 0
+
+        await eventually(consuming, what="the first rows logged")
+        seen = len(logger.log())
+        async with broker_stopped(stack_settings):
+            await broker_loss_seen(logger, seen)
+            assert logger.alive(), logger.log()
+            assert await logger_setup.count() < before, "the backlog was logged before the outage"
+        assert logger.alive(), logger.log()
+        await produce(logger_setup.kafka, Topic.PREDICTIONS, events[before:])
+
+        async def all_logged() -> bool:
+            return await logger_setup.count() == total
+
+        await eventually(all_logged, within=120, what=f"{total} rows in Postgres")
+        await eventually(ready, within=60, what="the logger ready again")
+
+        async def all_in_files() -> bool:
+            return await logger_setup.rows_in_files() >= total
+
+        await eventually(all_in_files, what=f"{total} rows in Parquet")
+        assert logger.alive(), logger.log()
+        assert await asyncio.to_thread(logger.terminate) == 0, logger.log()
+    finally:
+        await asyncio.to_thread(logger.close)
+    logged = await logger_setup.logged_request_ids()
+    assert len(logged) == total, "a prediction is missing or logged twice"
+    assert set(logged) == {event.request_id for event in events}
+    await assert_in_parquet_once(
+        logger_setup, object_store_settings, {event.request_id for event in events}
+    )

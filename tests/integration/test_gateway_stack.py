@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,24 +20,14 @@ from driftloop import kafka, training
 from driftloop.settings import KafkaSettings, MlflowSettings
 from driftloop.stack.settings import StackSettings
 from gateway.app import create_app
+from gateway.contract import example_row
 from gateway.settings import GatewaySettings
 from schemas.events import ModelPromoted, PredictionEvent
 from schemas.features import FeatureSpec, load_feature_spec
 from schemas.topics import Topic, topic_specs
+from tests.integration.consumer_support import supervisorctl
 
-ROW: dict[str, Any] = {
-    "season": 1,
-    "mnth": "Jan",
-    "hr": 8,
-    "holiday": 0,
-    "weekday": 2,
-    "workingday": 1,
-    "weathersit": "clear",
-    "temp": 0.24,
-    "atemp": 0.28,
-    "hum": 0.6,
-    "windspeed": 0.1,
-}
+ROW: dict[str, Any] = example_row(load_feature_spec("bikeshare"))
 
 
 @pytest.fixture(scope="module")
@@ -161,15 +150,6 @@ async def test_one_prediction_event_per_row(
     assert {event.source for event in events} == {"http"}
 
 
-def _supervisorctl(stack: StackSettings, *arguments: str) -> None:
-    subprocess.run(
-        ["supervisorctl", "-c", str(stack.run / "supervisord.conf"), *arguments],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-
-
 async def test_broker_outage_loses_nothing(
     gateway: tuple[httpx.AsyncClient, GatewaySettings], stack_settings: StackSettings
 ) -> None:
@@ -184,7 +164,7 @@ async def test_broker_outage_loses_nothing(
 
     for index in range(10):
         await predict(f"before-{index}")
-    await asyncio.to_thread(_supervisorctl, stack_settings, "stop", "kafka")
+    await asyncio.to_thread(supervisorctl, stack_settings, "stop", "kafka")
     try:
         for index in range(60):
             await predict(f"during-{index}")
@@ -195,7 +175,7 @@ async def test_broker_outage_loses_nothing(
 
         await _eventually(spooling, within=30)
     finally:
-        await asyncio.to_thread(_supervisorctl, stack_settings, "start", "kafka")
+        await asyncio.to_thread(supervisorctl, stack_settings, "start", "kafka")
     for index in range(10):
         await predict(f"after-{index}")
 
