@@ -74,6 +74,19 @@ async def produce_raw(
         await producer.stop()
 
 
+async def _from_the_start(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """Assign every partition of ``topic`` to ``consumer``, positioned at the beginning."""
+    partitions = [
+        TopicPartition(topic, partition)
+        for partition in sorted(
+            consumer.partitions_for_topic(topic) or await _partitions(consumer, topic)
+        )
+    ]
+    consumer.assign(partitions)
+    await consumer.seek_to_beginning(*partitions)
+    return partitions
+
+
 async def read_topic(
     settings: KafkaSettings, topic: str, *, expected: int, within: float = 60
 ) -> list[ConsumerRecord[bytes, bytes]]:
@@ -83,14 +96,7 @@ async def read_topic(
     )
     await consumer.start()
     try:
-        partitions = [
-            TopicPartition(topic, partition)
-            for partition in sorted(
-                consumer.partitions_for_topic(topic) or await _partitions(consumer, topic)
-            )
-        ]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
+        await _from_the_start(consumer, topic)
         records: list[ConsumerRecord[bytes, bytes]] = []
         deadline = time.monotonic() + within
         while len(records) < expected and time.monotonic() < deadline:
@@ -111,14 +117,7 @@ async def read_to_end(
     )
     await consumer.start()
     try:
-        partitions = [
-            TopicPartition(topic, partition)
-            for partition in sorted(
-                consumer.partitions_for_topic(topic) or await _partitions(consumer, topic)
-            )
-        ]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
+        partitions = await _from_the_start(consumer, topic)
         ends = await consumer.end_offsets(partitions)
         records: list[ConsumerRecord[bytes, bytes]] = []
         deadline = time.monotonic() + within
