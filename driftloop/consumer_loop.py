@@ -20,7 +20,8 @@ the group's committed offset, handed to ``Processor.on_assigned`` (which may see
 e.g. to a sink's own offsets), then resumed; records fetched before that are dropped and
 fetched again. A partition revoke waits for the batch in flight (or abandons it while the loop
 is backing off — the new owner replays it), lets the processor flush, and commits what is
-pending.
+pending. A batch decoded after an abandoned one is dropped too, never committed past it, until
+the next take-over seeks back to the committed offsets.
 SIGTERM/SIGINT set a stop flag: the loop finishes its batch, commits and closes; when it stops
 because of a failure it does not commit. A second Ctrl+C exits at once.
 """
@@ -199,6 +200,7 @@ class ConsumerLoop(Generic[E]):
         self._paused_lag_due = 0.0
         self._writing: asyncio.Task[_Batch[E] | None] | None = None
         self._failure: Exception | None = None
+        self._abandoned = False
         self._accepted = {topic: tuple(events) for topic, events in options.topics.items()}
         SINKS_UP.labels(options.name).set(1)
         READY.labels(options.name).set(0)
@@ -238,6 +240,8 @@ class ConsumerLoop(Generic[E]):
                             await self._with_backoff(self._take_over)
                         except _AbandonedError:
                             continue
+                        # Every partition is positioned at its committed offset again.
+                        self._abandoned = False
                         READY.labels(self.options.name).set(1)
                     # Decoding this batch overlaps the write of the previous one; the writes
                     # (and their commits) stay one at a time and in order.
@@ -246,6 +250,11 @@ class ConsumerLoop(Generic[E]):
                         {tp: items for tp, items in records.items() if tp in assigned}
                     )
                     await self._settle()
+                    if self._abandoned:
+                        # A batch before this one was given up uncommitted: writing and
+                        # committing this one would commit past it. Nothing more is written
+                        # until a take-over seeks back to the committed offsets.
+                        continue
                     self._writing = asyncio.create_task(self._write(batch))
             async with self._lock:
                 await self._settle()
@@ -292,6 +301,7 @@ class ConsumerLoop(Generic[E]):
             return
         batch = await writing
         if batch is None:
+            self._abandoned = True
             return
         self._pending.update(batch.offsets)
         await self._commit_pending()

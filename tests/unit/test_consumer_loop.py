@@ -308,6 +308,43 @@ async def test_a_write_failing_while_a_revoke_waits_for_it_stops_the_loop_uncomm
     assert consumer.commits == []
 
 
+class EagerConsumer(FakeConsumer):
+    """Hands out its batches even while paused: records fetched before a pause took effect."""
+
+    async def getmany(self, timeout_ms: int = 0, max_records: int | None = None) -> Any:
+        await asyncio.sleep(0)
+        if self.batches:
+            return self.batches.pop(0)
+        return await super().getmany(timeout_ms, max_records)
+
+
+async def test_a_batch_after_an_abandoned_one_is_neither_written_nor_committed() -> None:
+    # The first write fails once; the loop is stopped during its backoff, so that batch is
+    # abandoned. The next batch, already decoded, would succeed: committing it would commit
+    # past the abandoned records, so it must be dropped too.
+    processor = RecordingProcessor(failures=[ConnectionError("down")])
+    consumer = EagerConsumer([{TP0: [good(0, 0)]}, {TP0: [good(0, 1)]}])
+    loop: ConsumerLoop[PredictionEvent] = ConsumerLoop(
+        LoopOptions(
+            name="test",
+            group="test-group",
+            topics={TOPIC: TOPIC_EVENTS[Topic.PREDICTIONS]},
+            dead_letter_topics={TOPIC: f"{TOPIC}.dlq"},
+            backoff_initial_seconds=0.05,
+        ),
+        consumer,  # type: ignore[arg-type]
+        FakeProducer(),  # type: ignore[arg-type]
+        processor,
+    )
+    consumer.loop = loop
+    task = asyncio.create_task(loop.run())
+    await asyncio.wait_for(consumer.paused_once.wait(), 5)
+    loop.stop()
+    await asyncio.wait_for(task, 5)
+    assert processor.written == []
+    assert consumer.commits == []
+
+
 async def test_new_partitions_are_positioned_before_their_records_are_used() -> None:
     processor = RecordingProcessor()
     # Records fetched between the assignment and the take-over are dropped (and re-fetched
