@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple, Protocol, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.errors import KafkaConnectionError
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
+from aiokafka.producer.message_accumulator import BatchBuilder
 
 from driftloop.connect import connect_with_retry
 from driftloop.settings import KafkaSettings
+from schemas.topics import Topic, topic_specs
 
 
 def producer(settings: KafkaSettings, client_name: str, **overrides: object) -> AIOKafkaProducer:
@@ -73,6 +77,45 @@ async def start_with_retry(
     )
 
 
+async def create_topics(
+    settings: KafkaSettings, topics: Iterable[Topic] | None = None
+) -> list[str]:
+    """Create the platform's topics under the settings' prefix that do not exist yet.
+
+    ``topics`` limits it to those and their dead-letter twins (a test or a benchmark on its own
+    prefix); None creates every one (``stack up``). Partitions and retention come from
+    ``schemas.topics``. Returns the names created.
+    """
+    specs = topic_specs(settings.topic_prefix)
+    if topics is not None:
+        chosen = list(topics)
+        wanted = {settings.topic(topic) for topic in chosen}
+        wanted |= {settings.topic(topic.dead_letter) for topic in chosen}
+        specs = [spec for spec in specs if spec.name in wanted]
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [spec for spec in specs if spec.name not in existing]
+        if missing:
+            # Another process may race us; the topics then exist, which is all we want.
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(
+                    [
+                        NewTopic(
+                            name=spec.name,
+                            num_partitions=spec.partitions,
+                            replication_factor=1,
+                            topic_configs={"retention.ms": str(spec.retention_ms)},
+                        )
+                        for spec in missing
+                    ]
+                )
+        return [spec.name for spec in missing]
+    finally:
+        await admin.close()
+
+
 class Keyed(Protocol):
     """A message ready to send: its topic, key and value bytes."""
 
@@ -123,6 +166,29 @@ class KeyPartitioner:
         return groups
 
 
+def record_batches(
+    producer: AIOKafkaProducer, messages: Sequence[K]
+) -> Iterator[tuple[BatchBuilder, list[K]]]:
+    """The messages of one partition packed into full record batches, in order.
+
+    Each batch is yielded with the messages it holds, as soon as it is full (or at the end);
+    send it with ``producer.send_batch`` before taking the next.
+    """
+    builder = producer.create_batch()
+    held: list[K] = []
+    for message in messages:
+        if builder.append(key=message.key, value=message.value, timestamp=None) is None:
+            yield builder, held
+            builder, held = producer.create_batch(), []
+            if builder.append(key=message.key, value=message.value, timestamp=None) is None:
+                raise ValueError(
+                    f"a {len(message.value)}-byte message for {message.topic} exceeds the "
+                    "producer's batch size"
+                )
+        held.append(message)
+    yield builder, held
+
+
 async def send_batched(
     producer: AIOKafkaProducer, partitioner: KeyPartitioner, messages: Iterable[Keyed]
 ) -> list[asyncio.Future[object]]:
@@ -132,17 +198,8 @@ async def send_batched(
     dominates ``send`` at thousands of messages a second. Await the futures for the brokers'
     acknowledgements; a failed future fails its whole batch.
     """
-    futures: list[asyncio.Future[object]] = []
-    for (topic, partition), group in (await partitioner.group(messages)).items():
-        builder = producer.create_batch()
-        for message in group:
-            if builder.append(key=message.key, value=message.value, timestamp=None) is None:
-                futures.append(await producer.send_batch(builder, topic, partition=partition))
-                builder = producer.create_batch()
-                if builder.append(key=message.key, value=message.value, timestamp=None) is None:
-                    raise ValueError(
-                        f"a {len(message.value)}-byte message for {topic} exceeds the "
-                        "producer's batch size"
-                    )
-        futures.append(await producer.send_batch(builder, topic, partition=partition))
-    return futures
+    return [
+        await producer.send_batch(builder, topic, partition=partition)
+        for (topic, partition), group in (await partitioner.group(messages)).items()
+        for builder, _ in record_batches(producer, group)
+    ]

@@ -200,23 +200,13 @@ class EventPublisher:
     async def _send_partition(
         self, producer: AIOKafkaProducer, topic: str, partition: int, records: list[SpoolRecord]
     ) -> None:
-        # aiokafka's batch API: one future per batch instead of one per event, the cost that
-        # dominates publishing at a few thousand events a second.
-        builder = producer.create_batch()
-        in_batch: list[SpoolRecord] = []
-        for position, record in enumerate(records):
-            if builder.append(key=record.key, value=record.value, timestamp=None) is None:
-                try:
-                    await self._submit(producer, builder, topic, partition, in_batch)
-                except KafkaError as error:
-                    raise _UnsentError(error, [*in_batch, *records[position:]]) from error
-                builder, in_batch = producer.create_batch(), []
-                builder.append(key=record.key, value=record.value, timestamp=None)
-            in_batch.append(record)
-        try:
-            await self._submit(producer, builder, topic, partition, in_batch)
-        except KafkaError as error:
-            raise _UnsentError(error, in_batch) from error
+        sent = 0
+        for builder, in_batch in kafka.record_batches(producer, records):
+            try:
+                await self._submit(producer, builder, topic, partition, in_batch)
+            except KafkaError as error:
+                raise _UnsentError(error, records[sent:]) from error
+            sent += len(in_batch)
 
     async def _submit(
         self,
