@@ -26,7 +26,6 @@ from pathlib import Path
 import asyncpg
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from driftloop import kafka
 from driftloop.settings import KafkaSettings, PostgresSettings, load_settings
@@ -44,25 +43,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-async def create_topics(settings: KafkaSettings) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
-    await admin.start()
-    try:
-        await admin.create_topics(
-            [
-                NewTopic(settings.topic(topic), partitions, 1)
-                for topic, partitions in (
-                    (Topic.PREDICTIONS, 3),
-                    (Topic.LABELS, 3),
-                    (Topic.PREDICTIONS.dead_letter, 1),
-                    (Topic.LABELS.dead_letter, 1),
-                )
-            ]
-        )
-    finally:
-        await admin.close()
 
 
 async def produce(settings: KafkaSettings, rows: int, tag: str) -> None:
@@ -234,7 +214,7 @@ async def main() -> None:
     tag = f"b{uuid.uuid4().hex[:10]}"
     settings = load_settings(KafkaSettings).model_copy(update={"topic_prefix": f"{tag}."})
     postgres = load_settings(PostgresSettings)
-    await create_topics(settings)
+    await kafka.create_topics(settings, [Topic.PREDICTIONS, Topic.LABELS])
     print(f"producing {options.rows:,} predictions to {settings.topic(Topic.PREDICTIONS)} ...")
     await produce(settings, options.rows, tag)
     print(f"load before: {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} cores")

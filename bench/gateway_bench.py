@@ -43,9 +43,9 @@ from pathlib import Path
 
 import httpx
 import orjson
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from driftloop import training
+from driftloop.kafka import create_topics
 from driftloop.settings import KafkaSettings, MlflowSettings, load_settings
 from gateway.contract import example_row
 from schemas.features import load_feature_spec
@@ -156,18 +156,6 @@ def warm(url: str, body: bytes) -> None:
             client.post(url, content=body, headers={"content-type": "application/json"})
 
 
-async def create_topics(settings: KafkaSettings) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
-    await admin.start()
-    try:
-        await admin.create_topics(
-            [NewTopic(settings.topic(topic), 3, 1) for topic in (Topic.PREDICTIONS, Topic.LABELS)]
-            + [NewTopic(settings.topic(Topic.MODEL_EVENTS), 1, 1)]
-        )
-    finally:
-        await admin.close()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=15.0, help="length of each wrk run")
@@ -183,7 +171,9 @@ def main() -> None:
     kafka_settings = load_settings(KafkaSettings).model_copy(
         update={"topic_prefix": f"bench{stamp}."}
     )
-    asyncio.run(create_topics(kafka_settings))
+    asyncio.run(
+        create_topics(kafka_settings, [Topic.PREDICTIONS, Topic.LABELS, Topic.MODEL_EVENTS])
+    )
 
     frame = training.read_dataset(spec, months=["Jan", "Feb", "March"])
     name = f"bench-gateway-{stamp}"

@@ -51,11 +51,12 @@ import numpy as np
 import orjson
 import psutil
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from prometheus_client.parser import text_string_to_metric_families
 
 from driftloop import training
+from driftloop.kafka import create_topics
 from driftloop.settings import KafkaSettings, MlflowSettings, PostgresSettings, load_settings
 from driftloop.stack.settings import StackSettings
 from gateway.contract import example_row
@@ -374,24 +375,6 @@ def predictions_partitions(settings: KafkaSettings) -> list[TopicPartition]:
     return [TopicPartition(topic, partition) for partition in range(count)]
 
 
-async def create_topics(settings: KafkaSettings) -> None:
-    wanted = {settings.topic(topic) for topic in (Topic.PREDICTIONS, Topic.LABELS)}
-    wanted |= {settings.topic(topic.dead_letter) for topic in (Topic.PREDICTIONS, Topic.LABELS)}
-    wanted.add(settings.topic(Topic.MODEL_EVENTS))
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
-    await admin.start()
-    try:
-        await admin.create_topics(
-            [
-                NewTopic(spec.name, spec.partitions, 1)
-                for spec in topic_specs(settings.topic_prefix)
-                if spec.name in wanted
-            ]
-        )
-    finally:
-        await admin.close()
-
-
 async def topic_size(settings: KafkaSettings) -> int:
     """Records on the predictions topic: its partitions' end offsets."""
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.bootstrap_servers)
@@ -543,7 +526,7 @@ async def run(arguments: argparse.Namespace) -> None:
     kafka = load_settings(KafkaSettings).model_copy(update={"topic_prefix": f"sustained{stamp}."})
     schema = f"sustained_{stamp.lower()}"
     group = f"sustained-{stamp}-{LOGGER}"
-    await create_topics(kafka)
+    await create_topics(kafka, [Topic.PREDICTIONS, Topic.LABELS, Topic.MODEL_EVENTS])
 
     spec = load_feature_spec("bikeshare")
     model_name = f"bench-sustained-{stamp}"

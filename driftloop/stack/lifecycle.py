@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from driftloop import kafka
 from driftloop.stack import install, provision
 from driftloop.stack.programs import (
     Program,
@@ -139,7 +140,7 @@ def up(settings: StackSettings, report: Report) -> StackStatus:
 
     asyncio.run(_start_stage(supervisor, settings, INFRASTRUCTURE, report, 120))
     asyncio.run(provision.provision_postgres(settings))
-    created_topics = asyncio.run(provision.create_topics(settings))
+    created_topics = asyncio.run(kafka.create_topics(settings.kafka))
     if created_topics:
         report(f"created topics: {', '.join(created_topics)}")
     created_buckets = provision.create_buckets(settings)

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import asyncpg
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
 from botocore.exceptions import ClientError
 
 from driftloop.stack.programs import (
@@ -23,7 +20,6 @@ from driftloop.stack.programs import (
 )
 from driftloop.stack.readiness import s3_client
 from driftloop.stack.settings import StackSettings
-from schemas.topics import topic_specs
 
 PLATFORM_DATABASES = ("driftloop", "mlflow", "airflow")
 
@@ -131,34 +127,6 @@ def format_kafka_storage(settings: StackSettings) -> bool:
     if result.returncode != 0:
         raise RuntimeError(f"kafka storage format failed:\n{result.stdout}{result.stderr}")
     return True
-
-
-async def create_topics(settings: StackSettings) -> list[str]:
-    """Create the platform's topics that do not exist yet; returns the ones created."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        wanted = [
-            spec for spec in topic_specs(settings.kafka.topic_prefix) if spec.name not in existing
-        ]
-        if not wanted:
-            return []
-        new_topics = [
-            NewTopic(
-                name=spec.name,
-                num_partitions=spec.partitions,
-                replication_factor=1,
-                topic_configs={"retention.ms": str(spec.retention_ms)},
-            )
-            for spec in wanted
-        ]
-        # Another `stack up` may race us; the topics then exist, which is all we want.
-        with contextlib.suppress(TopicAlreadyExistsError):
-            await admin.create_topics(new_topics)
-        return [spec.name for spec in wanted]
-    finally:
-        await admin.close()
 
 
 def create_buckets(settings: StackSettings) -> list[str]:

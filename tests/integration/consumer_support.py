@@ -11,12 +11,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 import httpx
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from driftloop import kafka
 from driftloop.settings import KafkaSettings
@@ -31,22 +30,9 @@ from driftloop.training import (
 )
 from schemas.events import Event
 from schemas.features import load_feature_spec
-from schemas.topics import Topic, topic_specs
+from schemas.topics import Topic
 
 REPOSITORY = Path(__file__).resolve().parents[2]
-
-
-async def create_topics(settings: KafkaSettings, topics: Iterable[Topic]) -> None:
-    """Create ``topics`` and their dead-letter twins under the settings' prefix."""
-    wanted = {settings.topic(topic) for topic in topics}
-    wanted |= {settings.topic(topic.dead_letter) for topic in topics}
-    specs = [spec for spec in topic_specs(settings.topic_prefix) if spec.name in wanted]
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(spec.name, spec.partitions, 1) for spec in specs])
-    finally:
-        await admin.close()
 
 
 async def produce(settings: KafkaSettings, topic: Topic, events: Sequence[Event]) -> None:

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from consumers.batch_cli import batch_app, rows_from_records
 from driftloop.batch_scoring import score_rows
+from driftloop.kafka import create_topics
 from driftloop.settings import KafkaSettings, MlflowSettings
 from driftloop.stack.settings import StackSettings
 from driftloop.training import RegisteredModel, read_dataset
@@ -26,7 +27,6 @@ from tests.integration.consumer_support import (
     ConsumerProcess,
     broker_loss_seen,
     broker_stopped,
-    create_topics,
     eventually,
     free_port,
     metric,

@@ -29,6 +29,7 @@ from driftloop.bootstrap import bootstrap_model, current_champion
 from driftloop.database import create_pool
 from driftloop.drift.parquet_windows import load_parquet_window
 from driftloop.drift.store import DriftRun, DriftStore, open_drift_store
+from driftloop.kafka import create_topics
 from driftloop.objectstore import s3_client
 from driftloop.replay import Replayer, ReplayStats, day_of_year, load_replay_hours
 from driftloop.settings import (
@@ -42,7 +43,6 @@ from schemas.features import load_feature_spec
 from schemas.topics import Topic
 from tests.integration.consumer_support import (
     ConsumerProcess,
-    create_topics,
     eventually,
     free_port,
     metric,

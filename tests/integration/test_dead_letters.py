@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from consumers.dlq_cli import dlq_app, read_dead_letters, replay_dead_letters, select
+from driftloop.kafka import create_topics
 from driftloop.settings import KafkaSettings, MlflowSettings, PostgresSettings
 from schemas.events import (
     DeadLetter,
@@ -25,7 +26,6 @@ from schemas.events import (
 from schemas.topics import Topic
 from tests.integration.consumer_support import (
     ConsumerProcess,
-    create_topics,
     eventually,
     free_port,
     produce,

@@ -19,6 +19,7 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
+from driftloop.kafka import create_topics
 from driftloop.objectstore import s3_client
 from driftloop.settings import KafkaSettings, ObjectStoreSettings, PostgresSettings
 from driftloop.stack.settings import StackSettings
@@ -28,7 +29,6 @@ from tests.integration.consumer_support import (
     ConsumerProcess,
     broker_loss_seen,
     broker_stopped,
-    create_topics,
     eventually,
     free_port,
     metric,

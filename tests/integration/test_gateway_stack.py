@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -12,8 +11,6 @@ from typing import Any
 
 import httpx
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
 from pydantic import SecretStr
 
 from driftloop import kafka, training
@@ -24,7 +21,7 @@ from gateway.contract import example_row
 from gateway.settings import GatewaySettings
 from schemas.events import ModelPromoted, PredictionEvent
 from schemas.features import FeatureSpec, load_feature_spec
-from schemas.topics import Topic, topic_specs
+from schemas.topics import Topic
 from tests.integration.consumer_support import supervisorctl
 
 ROW: dict[str, Any] = example_row(load_feature_spec("bikeshare"))
@@ -46,23 +43,6 @@ def _register(
     )
     training.set_champion(model, tracking_uri=mlflow_settings.tracking_uri)
     return model
-
-
-async def _create_topics(settings: KafkaSettings) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
-    await admin.start()
-    try:
-        wanted = {settings.topic(topic) for topic in (Topic.PREDICTIONS, Topic.MODEL_EVENTS)}
-        with contextlib.suppress(TopicAlreadyExistsError):
-            await admin.create_topics(
-                [
-                    NewTopic(spec.name, spec.partitions, 1)
-                    for spec in topic_specs(settings.topic_prefix)
-                    if spec.name in wanted
-                ]
-            )
-    finally:
-        await admin.close()
 
 
 async def _eventually(check: Callable[[], Awaitable[bool]], within: float) -> None:
@@ -109,7 +89,7 @@ async def gateway(
     name = f"gw-{unique}"
     await asyncio.to_thread(_register, spec, mlflow_settings, name, 20, tmp_path)
     topics = kafka_settings.model_copy(update={"topic_prefix": f"{unique}."})
-    await _create_topics(topics)
+    await kafka.create_topics(topics, [Topic.PREDICTIONS, Topic.MODEL_EVENTS])
     settings = GatewaySettings(
         admin_token=SecretStr("integration-admin-token"),
         model_name=name,

@@ -29,6 +29,7 @@ from mlflow.tracking import MlflowClient
 from consumers.retrain_trigger import dag_run_conf
 from driftloop import bootstrap, retrain_work, retraining, training
 from driftloop.database import open_migrated_pool
+from driftloop.kafka import create_topics
 from driftloop.objectstore import s3_client
 from driftloop.settings import (
     KafkaSettings,
@@ -39,7 +40,7 @@ from driftloop.settings import (
 from schemas.events import DriftDetected, ModelPromoted, ModelRejected, decode_model_event
 from schemas.features import FeatureSpec, load_feature_spec
 from schemas.topics import Topic
-from tests.integration.consumer_support import create_topics, eventually, read_topic
+from tests.integration.consumer_support import eventually, read_topic
 
 DAG_ID = "retrain_model"
 SUMMER = ("June", "July")

@@ -24,6 +24,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from consumers.retrain_trigger import NAME
+from driftloop.kafka import create_topics
 from driftloop.retrain_ledger import (
     PriorTrigger,
     TriggerState,
@@ -35,7 +36,6 @@ from schemas.events import DriftDetected
 from schemas.topics import Topic
 from tests.integration.consumer_support import (
     ConsumerProcess,
-    create_topics,
     eventually,
     free_port,
     metric,
