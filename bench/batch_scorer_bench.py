@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import TopicPartition
 
 from driftloop import kafka
@@ -62,7 +61,7 @@ class PassThrough:
             messages.append(
                 kafka.Message(
                     self.results,
-                    (request.batch_id or request.request_id).encode(),
+                    ScoringResult.key_of(request.request_id, request.batch_id),
                     ScoringResult.encode_trusted(
                         request_id=request.request_id,
                         batch_id=request.batch_id,
@@ -129,17 +128,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-async def create_topics(settings: KafkaSettings) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
-    await admin.start()
-    try:
-        topics = [NewTopic(settings.topic(topic), 3, 1) for topic in TOPICS]
-        topics += [NewTopic(settings.topic(topic.dead_letter), 1, 1) for topic in TOPICS]
-        await admin.create_topics(topics)
-    finally:
-        await admin.close()
 
 
 def rows(count: int) -> list[dict[str, Any]]:
@@ -212,8 +200,8 @@ async def main() -> None:
         sample = rows(options.rows)
         scorer_kafka = base.model_copy(update={"topic_prefix": f"{tag}.scorer."})
         passing_kafka = base.model_copy(update={"topic_prefix": f"{tag}.pass."})
-        await create_topics(scorer_kafka)
-        await create_topics(passing_kafka)
+        await kafka.create_topics(scorer_kafka, TOPICS)
+        await kafka.create_topics(passing_kafka, TOPICS)
         print(f"load before: {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} cores")
         scorer = start(
             ["-m", "consumers.batch_scorer"],

@@ -157,20 +157,25 @@ class BatchScorer:
         requests = [delivery.event for delivery in deliveries]
         rows: list[list[float]] = []
         scored: list[ScoringRequest] = []
-        results: list[ScoringResult] = []
+        messages: list[kafka.Message] = []
+
+        def refuse(request: ScoringRequest, reason: str) -> None:
+            result = ScoringResult(
+                request_id=request.request_id,
+                batch_id=request.batch_id,
+                model_name=champion.name,
+                model_version=champion.version,
+                error=reason,
+            )
+            messages.append(
+                kafka.Message(self.results_topic, result.partition_key(), result.to_bytes())
+            )
+
         for request in requests:
             try:
                 rows.append(self.spec.encode_row(self.spec.validate_row(request.features)))
             except (ValidationError, ValueError, TypeError) as error:
-                results.append(
-                    ScoringResult(
-                        request_id=request.request_id,
-                        batch_id=request.batch_id,
-                        model_name=champion.name,
-                        model_version=champion.version,
-                        error=_describe(error),
-                    )
-                )
+                refuse(request, _describe(error))
                 continue
             scored.append(request)
         started = time.perf_counter()
@@ -180,28 +185,15 @@ class BatchScorer:
         share_ms = elapsed * 1000 / max(len(rows), 1)
         # Every field below comes from a validated request or the loaded champion, so the
         # messages are encoded without validating them a second time (most of a batch's CPU).
-        messages = [
-            kafka.Message(self.results_topic, result.partition_key(), result.to_bytes())
-            for result in results
-        ]
         predicted = 0
         for request, score in zip(scored, scores.tolist(), strict=True):
-            # ScoringResult's key: the batch when there is one (see ScoringResult.partition_key).
-            result_key = (request.batch_id or request.request_id).encode()
             if not math.isfinite(score):
-                result = ScoringResult(
-                    request_id=request.request_id,
-                    batch_id=request.batch_id,
-                    model_name=champion.name,
-                    model_version=champion.version,
-                    error=f"the model returned {score}",
-                )
-                messages.append(kafka.Message(self.results_topic, result_key, result.to_bytes()))
+                refuse(request, f"the model returned {score}")
                 continue
             messages.append(
                 kafka.Message(
                     self.results_topic,
-                    result_key,
+                    ScoringResult.key_of(request.request_id, request.batch_id),
                     ScoringResult.encode_trusted(
                         request_id=request.request_id,
                         batch_id=request.batch_id,

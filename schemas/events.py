@@ -323,7 +323,12 @@ class ScoringResult(Event):
 
     def partition_key(self) -> bytes:
         """Keyed by batch when there is one, so a batch's answers stay together and in order."""
-        return (self.batch_id or self.request_id).encode()
+        return self.key_of(self.request_id, self.batch_id)
+
+    @staticmethod
+    def key_of(request_id: str, batch_id: str | None) -> bytes:
+        """The partition key of the result of ``request_id`` in ``batch_id``."""
+        return (batch_id or request_id).encode()
 
 
 class GroundTruth(Event):
