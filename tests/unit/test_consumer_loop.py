@@ -131,9 +131,11 @@ class RecordingProcessor:
 
 
 def make_loop(
-    batches: list[dict[TopicPartition, list[Record]]], processor: RecordingProcessor
+    batches: list[dict[TopicPartition, list[Record]]],
+    processor: RecordingProcessor,
+    consumer: FakeConsumer | None = None,
 ) -> tuple[ConsumerLoop[PredictionEvent], FakeConsumer, FakeProducer]:
-    consumer = FakeConsumer(batches)
+    consumer = consumer or FakeConsumer(batches)
     producer = FakeProducer()
     options = LoopOptions(
         name="test",
@@ -284,18 +286,8 @@ async def test_the_next_batch_is_decoded_while_one_is_written_and_commits_keep_o
 
 async def test_a_write_failing_while_a_revoke_waits_for_it_stops_the_loop_uncommitted() -> None:
     processor = SlowProcessor(fail=True)
-    consumer = IdleConsumer([{TP0: [good(0, 0)]}])
-    loop: ConsumerLoop[PredictionEvent] = ConsumerLoop(
-        LoopOptions(
-            name="test",
-            group="test-group",
-            topics={TOPIC: TOPIC_EVENTS[Topic.PREDICTIONS]},
-            dead_letter_topics={TOPIC: f"{TOPIC}.dlq"},
-        ),
-        consumer,  # type: ignore[arg-type]
-        FakeProducer(),  # type: ignore[arg-type]
-        processor,
-    )
+    loop, consumer, _ = make_loop([], processor, IdleConsumer([{TP0: [good(0, 0)]}]))
+    assert isinstance(consumer, IdleConsumer)
     task = asyncio.create_task(loop.run())
     await until(lambda: processor.held)
     revoke = asyncio.create_task(consumer.listener.on_partitions_revoked({TP0}))
@@ -323,20 +315,9 @@ async def test_a_batch_after_an_abandoned_one_is_neither_written_nor_committed()
     # abandoned. The next batch, already decoded, would succeed: committing it would commit
     # past the abandoned records, so it must be dropped too.
     processor = RecordingProcessor(failures=[ConnectionError("down")])
-    consumer = EagerConsumer([{TP0: [good(0, 0)]}, {TP0: [good(0, 1)]}])
-    loop: ConsumerLoop[PredictionEvent] = ConsumerLoop(
-        LoopOptions(
-            name="test",
-            group="test-group",
-            topics={TOPIC: TOPIC_EVENTS[Topic.PREDICTIONS]},
-            dead_letter_topics={TOPIC: f"{TOPIC}.dlq"},
-            backoff_initial_seconds=0.05,
-        ),
-        consumer,  # type: ignore[arg-type]
-        FakeProducer(),  # type: ignore[arg-type]
-        processor,
+    loop, consumer, _ = make_loop(
+        [], processor, EagerConsumer([{TP0: [good(0, 0)]}, {TP0: [good(0, 1)]}])
     )
-    consumer.loop = loop
     task = asyncio.create_task(loop.run())
     await asyncio.wait_for(consumer.paused_once.wait(), 5)
     loop.stop()
