@@ -249,13 +249,18 @@ class ConsumerLoop(Generic[E]):
                     batch = self._decode(
                         {tp: items for tp, items in records.items() if tp in assigned}
                     )
-                    await self._settle()
+                    await self._land()
                     if self._abandoned:
                         # A batch before this one was given up uncommitted: writing and
                         # committing this one would commit past it. Nothing more is written
                         # until a take-over seeks back to the committed offsets.
                         continue
                     self._writing = asyncio.create_task(self._write(batch))
+                    # The landed batch's commit goes to the broker while this one is written:
+                    # the round trip overlaps the sink's work. Commits stay in batch order
+                    # (the next one waits for this one, under the lock).
+                    await self._commit_pending()
+                    self._record_lag()
             async with self._lock:
                 await self._settle()
                 if self._failure is not None:
@@ -296,6 +301,12 @@ class ConsumerLoop(Generic[E]):
 
     async def _settle(self) -> None:
         """Wait for the batch in flight, then commit its offsets (raises what the write raised)."""
+        await self._land()
+        await self._commit_pending()
+        self._record_lag()
+
+    async def _land(self) -> None:
+        """Wait for the batch in flight and queue its offsets for the next commit."""
         writing, self._writing = self._writing, None
         if writing is None:
             return
@@ -304,8 +315,6 @@ class ConsumerLoop(Generic[E]):
             self._abandoned = True
             return
         self._pending.update(batch.offsets)
-        await self._commit_pending()
-        self._record_lag()
 
     def _decode(self, records: Mapping[TopicPartition, list[Any]]) -> _Batch[E]:
         batch: _Batch[E] = _Batch()

@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException
@@ -17,16 +17,13 @@ from driftloop.settings import load_settings
 from gateway.contract import Feedback, predict_request_body, row_schemas
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import BodyTooLargeError, GatewayMiddleware
-from gateway.responses import JSONBytesResponse
+from gateway.predict import PredictEndpoint
+from gateway.responses import JSONBytesResponse, problem_answer
 from gateway.routes import router
 from gateway.scoring import NoModelError, RequestProblemError
 from gateway.service import Gateway
 from gateway.settings import GatewaySettings
 from schemas.features import load_feature_spec
-
-
-def _problems(status: int, problems: list[dict[str, str]]) -> JSONBytesResponse:
-    return JSONBytesResponse({"detail": problems}, status_code=status)
 
 
 def create_app(
@@ -62,22 +59,19 @@ def create_app(
     )
     app.state.gateway = service
     app.include_router(router)
-    app.add_middleware(GatewayMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        GatewayMiddleware,
+        metrics=metrics,
+        max_body_bytes=settings.max_body_bytes,
+        direct={("POST", "/predict"): PredictEndpoint(service)},
+    )
 
-    @app.exception_handler(RequestProblemError)
-    async def request_problem(request: Request, error: RequestProblemError) -> JSONBytesResponse:
-        return _problems(
-            error.status,
-            [{"field": problem.field, "reason": problem.reason} for problem in error.problems],
-        )
+    async def refused(request: Request, error: Exception) -> Response:
+        status, body = problem_answer(error) or (500, b"")
+        return Response(body, status_code=status, media_type="application/json")
 
-    @app.exception_handler(NoModelError)
-    async def no_model(request: Request, error: NoModelError) -> JSONBytesResponse:
-        return _problems(503, [{"field": "model", "reason": str(error)}])
-
-    @app.exception_handler(BodyTooLargeError)
-    async def body_too_large(request: Request, error: BodyTooLargeError) -> JSONBytesResponse:
-        return _problems(413, [{"field": "body", "reason": f"larger than {error.limit} bytes"}])
+    for refusal in (RequestProblemError, NoModelError, BodyTooLargeError):
+        app.add_exception_handler(refusal, refused)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONBytesResponse:
@@ -88,7 +82,7 @@ def create_app(
             }
             for detail in error.errors()
         ]
-        return _problems(422, problems)
+        return JSONBytesResponse({"detail": problems}, status_code=422)
 
     @app.exception_handler(HTTPException)
     async def http_problem(request: Request, error: HTTPException) -> JSONBytesResponse:

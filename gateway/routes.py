@@ -16,6 +16,7 @@ from gateway.contract import (
     ProblemResponse,
     Readiness,
 )
+from gateway.predict import answer
 from gateway.responses import JSONBytesResponse
 from gateway.scoring import NoModelError, read_feedback
 from gateway.service import Gateway
@@ -78,30 +79,16 @@ def _current_model(service: Gateway, champion: Champion) -> dict[str, Any]:
     openapi_extra={"parameters": [_API_KEY, _REQUEST_ID]},
 )
 async def predict(request: Request) -> Response:
-    """Score one row (object) or a list of rows; every row is published as a PredictionEvent."""
+    """Score one row (object) or a list of rows; every row is published as a PredictionEvent.
+
+    ``GatewayMiddleware`` serves this path with ``gateway.predict.PredictEndpoint``, which
+    calls the same ``answer``; this route documents it (and serves it without the middleware).
+    """
     service = gateway(request)
-    # Headers read directly: a FastAPI Header parameter costs a dependency solve per request
-    # (a third of the route's time in a profile); the header is documented in openapi_extra.
     service.check_api_key(request.headers.get("x-api-key"))
-    rows, single = service.scorer.rows(await request.body())
     state = request.scope["state"]
-    scores = service.scorer.score(
-        rows, state["request_id"], single=single, started=state["started"]
-    )
-    champion = scores.champion
-    body: dict[str, Any] = {
-        "request_id": state["request_id"],
-        "model_name": champion.name,
-        "model_version": champion.version,
-    }
-    if scores.single:
-        body["prediction"] = scores.predictions[0]
-    else:
-        body["predictions"] = [
-            {"request_id": row_id, "prediction": prediction}
-            for row_id, prediction in zip(scores.row_ids, scores.predictions, strict=True)
-        ]
-    return JSONBytesResponse(body)
+    body = answer(service, await request.body(), state["request_id"], state["started"])
+    return Response(body, media_type="application/json")
 
 
 @router.post(

@@ -132,6 +132,11 @@ class Gateway:
         """following, connecting or off."""
         return (self.follower.state if self.follower else FollowerState.OFF).value
 
+    @property
+    def requires_api_key(self) -> bool:
+        """Whether /predict and /feedback need one of the configured API keys."""
+        return bool(self._api_keys)
+
     def check_api_key(self, presented: str | None) -> None:
         """Refuse a request without one of the configured API keys (when any is configured)."""
         if not self._api_keys:
