@@ -53,6 +53,8 @@ E = TypeVar("E", bound=Event)
 E_contra = TypeVar("E_contra", bound=Event, contravariant=True)
 
 EXIT_AT_ONCE: Final = 130
+# Records decoded between two turns of the event loop (a write in flight progresses between).
+DECODE_SLICE: Final = 500
 
 RECORDS_IN = Counter(
     "driftloop_consumer_records_in_total",
@@ -246,7 +248,7 @@ class ConsumerLoop(Generic[E]):
                     # Decoding this batch overlaps the write of the previous one; the writes
                     # (and their commits) stay one at a time and in order.
                     assigned = self.consumer.assignment()
-                    batch = self._decode(
+                    batch = await self._decode(
                         {tp: items for tp, items in records.items() if tp in assigned}
                     )
                     await self._land()
@@ -316,9 +318,10 @@ class ConsumerLoop(Generic[E]):
             return
         self._pending.update(batch.offsets)
 
-    def _decode(self, records: Mapping[TopicPartition, list[Any]]) -> _Batch[E]:
+    async def _decode(self, records: Mapping[TopicPartition, list[Any]]) -> _Batch[E]:
         batch: _Batch[E] = _Batch()
         name = self.options.name
+        decoded = 0
         for tp, items in records.items():
             if not items:
                 continue
@@ -326,6 +329,11 @@ class ConsumerLoop(Generic[E]):
             batch.offsets[tp] = items[-1].offset + 1
             accepted = self._accepted[tp.topic]
             for record in items:
+                decoded += 1
+                if not decoded % DECODE_SLICE:
+                    # The write in flight moves on meanwhile: decoding a whole batch in one go
+                    # stalled its COPY for the ~100 ms the batch took.
+                    await asyncio.sleep(0)
                 try:
                     event = decode_event(record.value or b"", accepted)
                 except EventDecodeError as error:
