@@ -9,6 +9,7 @@ Parquet with their own offsets (``driftloop.featurestore``). Run with
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -151,7 +152,15 @@ class FeatureLoggerSettings(ServiceSettings):
 
 
 class FeatureLogger:
-    """Writes each batch to the prediction log, then buffers and flushes it as Parquet."""
+    """Writes each batch to the prediction log, then buffers and flushes it as Parquet.
+
+    A due flush runs as a task beside the next batch's Postgres write: ``write`` starts it and
+    returns; the next ``write`` logs its batch in Postgres, then waits for that flush before
+    adding to the buffer the flush is writing, and handles its outcome as an inline flush
+    would (a failure leaves the rows buffered for a retry, a full buffer pauses consumption,
+    a non-transient error stops the loop). The store converts rows to Arrow as they are added,
+    so what the flush does on the event loop is short; it encodes the files in a thread.
+    """
 
     def __init__(
         self,
@@ -170,6 +179,7 @@ class FeatureLogger:
         self._next_sweep = time.monotonic()
         self._next_flush_attempt = 0.0
         self._flush_backoff = 0.5
+        self._flushing: asyncio.Task[int] | None = None
 
     def is_transient(self, error: BaseException) -> bool:
         return isinstance(error, UNAVAILABLE_ERRORS + OBJECT_STORE_ERRORS)
@@ -193,8 +203,15 @@ class FeatureLogger:
             DUPLICATES.labels(NAME, "postgres").inc(counts.predictions_duplicate)
             PENDING_LABELS.inc(counts.labels_pending)
         if self.store is not None:
+            # The flush in flight writes the buffer that add changes.
+            await self._flush_landed()
             self.store.add(predictions, counts.first_records)
-            await self._flush_when_due()
+            self._start_flush_when_due()
+            if self.store.buffered_rows >= self.store.max_buffered_rows:
+                # A full buffer is flushed before the batch counts as written: if the flush
+                # fails, the batch is retried with consumption paused, so the buffer stops
+                # growing.
+                await self._flush_landed()
             PARQUET_BUFFERED.set(self.store.buffered_rows)
         if time.monotonic() >= self._next_sweep:
             sweep = await self.prediction_log.sweep_pending_labels(self.pending_retention)
@@ -204,18 +221,44 @@ class FeatureLogger:
                 log.warning("deleted %d pending labels older than the retention", sweep.expired)
             self._next_sweep = time.monotonic() + self.sweep_interval_seconds
 
-    async def _flush_when_due(self) -> None:
+    def _start_flush_when_due(self) -> None:
         store = self.store
-        if store is None or not store.flush_due() or time.monotonic() < self._next_flush_attempt:
+        if (
+            store is None
+            or self._flushing is not None
+            or not store.flush_due()
+            or time.monotonic() < self._next_flush_attempt
+        ):
             return
+        self._flushing = asyncio.create_task(self._flush(store), name=f"{NAME}-parquet-flush")
+
+    async def _flush(self, store: FeatureStore) -> int:
         started = time.perf_counter()
+        rows = await store.flush()
+        WRITE_SECONDS.labels(NAME, "parquet").observe(time.perf_counter() - started)
+        RECORDS_OUT.labels(NAME, "parquet").inc(rows)
+        return rows
+
+    async def _flush_landed(self, *, pause_when_full: bool = True) -> None:
+        """Wait for the flush in flight, if any, and take its outcome.
+
+        A transient failure is counted and retried after a backoff; it raises only when the
+        buffer is full (and ``pause_when_full``), so the loop pauses consumption until a
+        flush succeeds. Any other failure raises.
+        """
+        flushing = self._flushing
+        if flushing is None:
+            return
         try:
-            rows = await store.flush()
+            # Shielded: a cancelled write leaves the flush to finish; close() waits for it.
+            await asyncio.shield(flushing)
         except Exception as error:
-            if not self.is_transient(error):
+            self._flushing = None
+            store = self.store
+            if store is None or not self.is_transient(error):
                 raise
             PARQUET_FLUSH_FAILURES.inc()
-            if store.buffered_rows >= store.max_buffered_rows:
+            if pause_when_full and store.buffered_rows >= store.max_buffered_rows:
                 raise  # buffer full: the loop pauses consumption until a flush succeeds
             # Parquet keeps its own offsets, so Postgres logging goes on while the object store
             # is away; the buffer absorbs the gap up to max_buffered_rows.
@@ -223,12 +266,12 @@ class FeatureLogger:
             self._next_flush_attempt = time.monotonic() + self._flush_backoff
             self._flush_backoff = min(self._flush_backoff * 2, 30.0)
             return
+        self._flushing = None
         self._flush_backoff = 0.5
-        WRITE_SECONDS.labels(NAME, "parquet").observe(time.perf_counter() - started)
-        RECORDS_OUT.labels(NAME, "parquet").inc(rows)
 
     async def on_assigned(self, consumer: Any, partitions: frozenset[TopicPartition]) -> None:
         if self.store is not None:
+            await self._flush_landed(pause_when_full=False)
             await self.store.restore(
                 consumer, [tp for tp in partitions if tp.topic == self.predictions_topic]
             )
@@ -237,6 +280,9 @@ class FeatureLogger:
         if self.store is None:
             return
         try:
+            # A flush in flight holds rows of the revoked partitions: it lands first, and a
+            # failed one is retried here at once.
+            await self._flush_landed(pause_when_full=False)
             await self.store.flush()
         except Exception as error:
             if not self.is_transient(error):
@@ -249,11 +295,22 @@ class FeatureLogger:
         if self.store is None:
             return
         try:
+            await self._flush_landed(pause_when_full=False)
             await self.store.flush()
         except Exception as error:
             if not self.is_transient(error):
                 raise
             log.warning("final flush failed (%s); rows will be replayed at the next start", error)
+
+    async def abandon(self) -> None:
+        """After a failure: let a flush in flight finish (it is consistent), start no other."""
+        flushing, self._flushing = self._flushing, None
+        if flushing is None:
+            return
+        try:
+            await flushing
+        except Exception as error:  # noqa: BLE001 - the loop's own failure is what propagates
+            log.warning("Parquet flush in flight at the stop failed (%s)", error)
 
 
 async def run_feature_logger(settings: FeatureLoggerSettings) -> None:
@@ -311,6 +368,8 @@ async def run_feature_logger(settings: FeatureLoggerSettings) -> None:
             pending_retention=timedelta(hours=settings.pending_label_retention_hours),
             sweep_interval_seconds=settings.pending_sweep_interval_seconds,
         )
+        # Runs before the clients close; after a clean stop close() has settled the flush.
+        stack.push_async_callback(logger.abandon)
         loop = ConsumerLoop(options, consumer, producer, logger)
         install_stop_signals(loop.stop)
         await loop.run()

@@ -22,17 +22,20 @@ list.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import time
 import uuid
-from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
+from itertools import groupby, repeat
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Final
 
 import asyncpg
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -65,6 +68,26 @@ BASE_SCHEMA: Final = pa.schema(
     ]
 )
 _RESERVED: Final = frozenset(BASE_SCHEMA.names)
+# The event attribute of each base column, but event_id (text, see _uuid_strings) and the
+# Kafka coordinates (from the delivery).
+_EVENT_ATTRIBUTES: Final = {
+    "request_id": "request_id",
+    "predicted_at": "occurred_at",
+    "model_name": "model_name",
+    "model_version": "model_version",
+    "run_id": "run_id",
+    "prediction": "prediction",
+    "latency_ms": "latency_ms",
+    "source": "source",
+}
+_EVENT: Final = attrgetter("event")
+_FEATURES: Final = attrgetter("features")
+_UUID_INT: Final = attrgetter("event_id.int")
+_PARTITION: Final = attrgetter("partition")
+_OFFSET: Final = attrgetter("offset")
+_TOPIC_PARTITION: Final = attrgetter("topic", "partition")
+# A UUID's 32 hex digits in its text (8-4-4-4-12): digits [start, end) go at ``at``.
+_UUID_GROUPS: Final = ((0, 8, 0), (8, 12, 9), (12, 16, 14), (16, 20, 19), (20, 32, 24))
 
 
 class FencedError(RuntimeError):
@@ -92,10 +115,22 @@ def feature_column(name: str) -> str:
 
 
 @dataclass(slots=True)
+class _File:
+    """The buffered rows of one partition: one file of the next flush."""
+
+    rows: list[Delivery[PredictionEvent]] = field(default_factory=list)
+    # The rows as Arrow batches at their declared types, converted as they are added (their
+    # events are still in the CPU cache then: a flush of cold events took twice as long).
+    # None once a batch needs the general conversion (no declaration, or values off it),
+    # which the flush then does from ``rows``, for the whole file.
+    batches: list[pa.RecordBatch] | None = field(default_factory=list)
+    # "topic:partition" -> [lowest, highest] offset among the rows, in order of appearance.
+    offsets: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
 class _Buffer:
-    rows: dict[PartitionKey, list[Delivery[PredictionEvent]]] = field(
-        default_factory=lambda: defaultdict(list)
-    )
+    files: dict[PartitionKey, _File] = field(default_factory=dict)
     # Per Kafka partition: the offset after the last record seen.
     next: dict[TopicPartition, int] = field(default_factory=dict)
     size: int = 0
@@ -127,9 +162,22 @@ class FeatureStore:
         self.flush_interval_seconds = flush_interval_seconds
         self.max_buffered_rows = max_buffered_rows
         self._specs = {spec.registered_model_name: spec for spec in specs}
+        # Per declared model: its features as one struct type (converted in one pass over the
+        # feature dicts) and the schema of its files.
+        self._declared: dict[str, tuple[pa.StructType, pa.Schema]] = {}
+        for name, spec in self._specs.items():
+            features = [
+                pa.field(feature, _ARROW_TYPES[spec.feature(feature).dtype])
+                for feature in spec.feature_names
+            ]
+            self._declared[name] = (
+                pa.struct(features),
+                pa.schema([*BASE_SCHEMA, *(f.with_name(feature_column(f.name)) for f in features)]),
+            )
         self._committed: dict[TopicPartition, int | None] = {}
         self._buffer = _Buffer()
         self._last_flush = time.monotonic()
+        self._flushing = False
         # pyarrow imports pandas the first time it converts a Python list (~2 s); pay that at
         # start, not in the middle of the first flush while records queue up.
         pa.array([0])
@@ -148,14 +196,21 @@ class FeatureStore:
         Only the record that logged a request first in Postgres (``first_records``; None means
         every one) becomes a row, so a duplicate message never reaches the files twice.
         """
+        if self._flushing:
+            raise RuntimeError("rows added during a flush: wait for the flush first")
         buffer = self._buffer
-        added = 0
-        keys: dict[tuple[str, int, int, int, int], PartitionKey] = {}
+        added: dict[PartitionKey, list[Delivery[PredictionEvent]]] = {}
+        by_hour: dict[tuple[str, int, int, int, int], list[Delivery[PredictionEvent]]] = {}
+        tp: TopicPartition | None = None
+        owned, committed = False, None
         for delivery in deliveries:
-            tp = TopicPartition(delivery.topic, delivery.partition)
-            if tp not in self._committed:
+            if tp is None or delivery.partition != tp.partition or delivery.topic != tp.topic:
+                # A batch comes partition by partition: one lookup per run, not per record.
+                tp = TopicPartition(delivery.topic, delivery.partition)
+                owned = tp in self._committed
+                committed = self._committed.get(tp)
+            if not owned:
                 continue  # not ours (revoked since it was fetched)
-            committed = self._committed[tp]
             if committed is not None and delivery.offset < committed:
                 continue
             if delivery.offset < buffer.next.get(tp, -1):
@@ -170,19 +225,31 @@ class FeatureStore:
             # occurred_at is UTC already (the event type normalises it).
             moment = event.occurred_at
             hour = (event.model_name, moment.year, moment.month, moment.day, moment.hour)
-            key = keys.get(hour)
-            if key is None:
-                key = keys[hour] = PartitionKey(event.model_name, moment.date(), moment.hour)
-            buffer.rows[key].append(delivery)
-            buffer.size += 1
-            added += 1
+            rows = by_hour.get(hour)
+            if rows is None:
+                key = PartitionKey(event.model_name, moment.date(), moment.hour)
+                rows = by_hour[hour] = added[key] = []
+            rows.append(delivery)
+        for key, rows in added.items():
+            file = buffer.files.get(key)
+            if file is None:
+                file = buffer.files[key] = _File()
+            file.rows += rows
+            _add_offsets(file.offsets, rows)
+            if file.batches is not None:
+                batch = self._declared_batch(key, rows)
+                if batch is None:
+                    file.batches = None
+                else:
+                    file.batches.append(batch)
+            buffer.size += len(rows)
         if added:
             if buffer.flush_id is not None:
                 # Its flush failed; the intent stays in feature_flushes until a flush of the
                 # new content succeeds and voids it.
                 buffer.superseded[buffer.flush_id] = buffer.object_keys
             buffer.flush_id = None  # new content: a new flush id (see flush)
-        return added
+        return sum(map(len, added.values()))
 
     def flush_due(self) -> bool:
         """Whether the interval has passed (with rows buffered) or the buffer is full."""
@@ -192,7 +259,19 @@ class FeatureStore:
         return elapsed >= self.flush_interval_seconds or self._buffer.size >= self.max_buffered_rows
 
     async def flush(self) -> int:
-        """Write the buffer as one file per partition and commit its offsets; returns rows."""
+        """Write the buffer as one file per partition and commit its offsets; returns rows.
+
+        ``add`` and ``release`` must wait until it returns: it writes the buffer as it stands.
+        """
+        if self._flushing:
+            raise RuntimeError("a flush is already in flight")
+        self._flushing = True
+        try:
+            return await self._flush()
+        finally:
+            self._flushing = False
+
+    async def _flush(self) -> int:
         buffer = self._buffer
         if not buffer.size:
             self._last_flush = time.monotonic()
@@ -203,7 +282,7 @@ class FeatureStore:
             buffer.flush_id = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}"
         flush_id = buffer.flush_id
         files = {
-            key.object_key(self.prefix, flush_id): (key, rows) for key, rows in buffer.rows.items()
+            key.object_key(self.prefix, flush_id): (key, file) for key, file in buffer.files.items()
         }
         buffer.object_keys = list(files)
         partitions = sorted(buffer.next, key=lambda tp: (tp.topic, tp.partition))
@@ -217,18 +296,15 @@ class FeatureStore:
                 list(files),
             )
         manifest = []
-        for object_key, (key, rows) in files.items():
-            table, offsets = self._table(key, rows)
-            sink = io.BytesIO()
-            pq.write_table(
-                table.replace_schema_metadata(
-                    {**(table.schema.metadata or {}), b"driftloop.kafka_offsets": offsets}
-                ),
-                sink,
-                compression="zstd",
-            )
-            await self.s3.put_object(Bucket=self.bucket, Key=object_key, Body=sink.getvalue())
-            manifest.append((object_key, flush_id, key, len(rows), offsets))
+        for object_key, (key, file) in files.items():
+            if file.batches is not None:
+                table, offsets = pa.Table.from_batches(file.batches), orjson.dumps(file.offsets)
+            else:
+                table, offsets = self._table(key, file.rows)
+            # Encoding and compressing release the GIL: the event loop goes on meanwhile.
+            body = await asyncio.to_thread(_parquet_file, table, offsets)
+            await self.s3.put_object(Bucket=self.bucket, Key=object_key, Body=body)
+            manifest.append((object_key, flush_id, key, len(file.rows), offsets))
         async with self.pool.acquire() as connection, connection.transaction():
             for tp in partitions:
                 await self._advance(connection, tp, buffer.next[tp])
@@ -292,44 +368,41 @@ class FeatureStore:
         if status.endswith(" 0"):
             raise FencedError(f"Parquet offsets of {_partition_name(tp)} moved under this flush")
 
+    def _declared_batch(
+        self, key: PartitionKey, rows: Sequence[Delivery[PredictionEvent]]
+    ) -> pa.RecordBatch | None:
+        """The rows at their model's declared types; None if undeclared or values are off it."""
+        declared = self._declared.get(key.model_name)
+        if declared is None:
+            return None
+        features, schema = declared
+        events = list(map(_EVENT, rows))
+        try:
+            arrays = _base_arrays(rows, events)
+            # Missing features are nulls, like dict.get in _table; other keys are ignored.
+            arrays += pa.array(list(map(_FEATURES, events)), type=features).flatten()
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            return None
+        return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
     def _table(
         self, key: PartitionKey, rows: Sequence[Delivery[PredictionEvent]]
     ) -> tuple[pa.Table, bytes]:
-        events = [delivery.event for delivery in rows]
-        columns: dict[str, Any] = {
-            "request_id": [event.request_id for event in events],
-            "event_id": [str(event.event_id) for event in events],
-            "predicted_at": [event.occurred_at for event in events],
-            "model_name": [event.model_name for event in events],
-            "model_version": [event.model_version for event in events],
-            "run_id": [event.run_id for event in events],
-            "prediction": [event.prediction for event in events],
-            "latency_ms": [event.latency_ms for event in events],
-            "source": [event.source for event in events],
-            "kafka_partition": [delivery.partition for delivery in rows],
-            "kafka_offset": [delivery.offset for delivery in rows],
-        }
-        arrays = [pa.array(columns[name], type=BASE_SCHEMA.field(name).type) for name in columns]
+        """The file of ``rows`` and its offset ranges, whatever their features hold."""
+        events = list(map(_EVENT, rows))
+        arrays = _base_arrays(rows, events)
         fields = list(BASE_SCHEMA)
+        features = list(map(_FEATURES, events))
         spec = self._specs.get(key.model_name)
-        names = (
-            list(spec.feature_names)
-            if spec is not None
-            else sorted({name for event in events for name in event.features})
-        )
+        names = list(spec.feature_names) if spec is not None else sorted(set().union(*features))
         for name in names:
-            values = [event.features.get(name) for event in events]
+            values = list(map(dict.get, features, repeat(name)))
             arrow_type = _ARROW_TYPES[spec.feature(name).dtype] if spec is not None else None
             array = _feature_array(values, arrow_type)
             arrays.append(array)
             fields.append(pa.field(feature_column(name), array.type))
         ranges: dict[str, list[int]] = {}
-        for delivery in rows:
-            span = ranges.setdefault(
-                f"{delivery.topic}:{delivery.partition}", [delivery.offset, delivery.offset]
-            )
-            span[0] = min(span[0], delivery.offset)
-            span[1] = max(span[1], delivery.offset)
+        _add_offsets(ranges, rows)
         return pa.Table.from_arrays(arrays, schema=pa.schema(fields)), orjson.dumps(ranges)
 
     async def restore(self, consumer: Any, partitions: Iterable[TopicPartition]) -> None:
@@ -386,9 +459,66 @@ class FeatureStore:
 
     def release(self, partitions: Iterable[TopicPartition]) -> None:
         """Forget revoked partitions and drop the whole buffer (the next owner replays it)."""
+        if self._flushing:
+            raise RuntimeError("partitions released during a flush: wait for the flush first")
         for tp in partitions:
             self._committed.pop(tp, None)
         self._buffer = _Buffer()
+
+
+def _base_arrays(
+    rows: Sequence[Delivery[PredictionEvent]], events: Sequence[PredictionEvent]
+) -> list[pa.Array]:
+    """The BASE_SCHEMA columns of ``rows``, one pass over the events per column."""
+    arrays = []
+    for column in BASE_SCHEMA:
+        if column.name == "event_id":
+            arrays.append(_uuid_strings(map(_UUID_INT, events)))
+        elif column.name == "kafka_partition":
+            arrays.append(pa.array(list(map(_PARTITION, rows)), type=column.type))
+        elif column.name == "kafka_offset":
+            arrays.append(pa.array(list(map(_OFFSET, rows)), type=column.type))
+        else:
+            attribute = attrgetter(_EVENT_ATTRIBUTES[column.name])
+            arrays.append(pa.array(list(map(attribute, events)), type=column.type))
+    return arrays
+
+
+def _uuid_strings(ids: Iterator[int]) -> pa.Array:
+    """``str(uuid)`` of each UUID (given as its int): 0.4 us a row, str() took 2.5."""
+    raw = b"".join(map(int.to_bytes, ids, repeat(16)))
+    count = len(raw) // 16
+    digits = np.frombuffer(raw.hex().encode(), dtype=np.uint8).reshape(count, 32)
+    text = np.full((count, 36), ord("-"), dtype=np.uint8)
+    for start, end, at in _UUID_GROUPS:
+        text[:, at : at + end - start] = digits[:, start:end]
+    ends = np.arange(0, 36 * count + 1, 36, dtype=np.int32)
+    return pa.StringArray.from_buffers(count, pa.py_buffer(ends), pa.py_buffer(text))
+
+
+def _add_offsets(ranges: dict[str, list[int]], rows: Iterable[Delivery[Any]]) -> None:
+    """Widen ``ranges`` ("topic:partition" -> [lowest, highest] offset) to cover ``rows``."""
+    for (topic, partition), run in groupby(rows, _TOPIC_PARTITION):
+        offsets = list(map(_OFFSET, run))
+        low, high = min(offsets), max(offsets)
+        span = ranges.get(f"{topic}:{partition}")
+        if span is None:
+            ranges[f"{topic}:{partition}"] = [low, high]
+        else:
+            span[0] = min(span[0], low)
+            span[1] = max(span[1], high)
+
+
+def _parquet_file(table: pa.Table, offsets: bytes) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(
+        table.replace_schema_metadata(
+            {**(table.schema.metadata or {}), b"driftloop.kafka_offsets": offsets}
+        ),
+        sink,
+        compression="zstd",
+    )
+    return sink.getvalue()
 
 
 def _feature_array(values: list[Any], arrow_type: pa.DataType | None) -> pa.Array:

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import uuid
-from datetime import UTC, datetime
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import orjson
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from aiokafka.structs import TopicPartition
 from pydantic import ValidationError
 
-from consumers.feature_logger import FeatureLoggerSettings
+from consumers.feature_logger import FeatureLogger, FeatureLoggerSettings
 from driftloop.consumer_loop import Delivery
-from driftloop.featurestore import FeatureStore, PartitionKey, feature_column
+from driftloop.featurestore import FeatureStore, PartitionKey, _parquet_file, feature_column
 from driftloop.migrations import MigrationError, shipped_migrations
+from driftloop.prediction_log import PredictionLog, SweepCounts, WriteCounts
 from schemas.events import PredictionEvent
 from schemas.features import load_feature_spec
 
@@ -24,13 +30,21 @@ TP0 = TopicPartition(TOPIC, 0)
 TP1 = TopicPartition(TOPIC, 1)
 
 
-def delivery(offset: int, partition: int = 0, hour: int = 10) -> Delivery[PredictionEvent]:
+def delivery(
+    offset: int,
+    partition: int = 0,
+    hour: int = 10,
+    features: dict[str, int | float | str | None] | None = None,
+    model_name: str = "bikeshare",
+) -> Delivery[PredictionEvent]:
     event = PredictionEvent(
         request_id=f"r-{partition}-{offset}",
-        model_name="bikeshare",
+        model_name=model_name,
         model_version=2,
         run_id=uuid.uuid4().hex,
-        features={"season": 1, "mnth": "Jan", "hr": 3, "temp": 0.5, "weathersit": None},
+        features=features
+        if features is not None
+        else {"season": 1, "mnth": "Jan", "hr": 3, "temp": 0.5, "weathersit": None},
         prediction=12.5,
         latency_ms=1.0,
         source="http",
@@ -92,7 +106,7 @@ def test_only_the_record_that_logged_a_request_first_becomes_a_row() -> None:
 def test_rows_are_grouped_by_model_date_and_hour() -> None:
     feature_store = store({TP0: 0})
     feature_store.add([delivery(0, hour=9), delivery(1, hour=9), delivery(2, hour=10)])
-    keys = sorted(feature_store._buffer.rows, key=lambda key: key.hour)
+    keys = sorted(feature_store._buffer.files, key=lambda key: key.hour)
     assert [key.hour for key in keys] == [9, 10]
     assert keys[0].object_key("features/", "f1") == (
         "features/model=bikeshare/date=2026-01-05/hour=09/f1.parquet"
@@ -138,3 +152,254 @@ def test_settings_have_their_prefix_and_refuse_a_bad_schema(
     assert settings.metrics_port == 9101
     with pytest.raises(ValidationError):
         FeatureLoggerSettings(db_schema="drop table; --")
+
+
+def buffered_file(feature_store: FeatureStore, key: PartitionKey) -> tuple[pa.Table, bytes]:
+    """The file a flush writes for ``key``: the batches converted at add time, or ``_table``."""
+    file = feature_store._buffer.files[key]
+    if file.batches is None:
+        return feature_store._table(key, file.rows)
+    return pa.Table.from_batches(file.batches), orjson.dumps(file.offsets)
+
+
+@pytest.mark.parametrize(
+    ("off_declaration", "converted_at_add"),
+    [
+        ({}, True),
+        ({"temp": 1, "extra": "ignored"}, True),  # an int is a float; undeclared keys are not kept
+        ({"hr": "three"}, False),  # off its declaration: the file falls back as a whole
+        ({"hr": 2**70}, False),
+    ],
+)
+def test_batches_converted_at_add_make_the_file_table_makes(
+    off_declaration: dict[str, Any], converted_at_add: bool
+) -> None:
+    feature_store = store({TP0: 0, TP1: 0})
+    features: dict[str, Any] = {
+        "season": 1,
+        "mnth": "Jan",
+        "hr": 3,
+        "temp": 0.5,
+        "weathersit": None,
+    }
+    # Two batches, partitions interleaved, one row off the declaration in the second.
+    feature_store.add([delivery(offset, partition=offset % 2) for offset in range(4)])
+    feature_store.add(
+        [delivery(4, features={**features, **off_declaration}), delivery(5, partition=1)]
+    )
+    key = next(iter(feature_store._buffer.files))
+    file = feature_store._buffer.files[key]
+    assert (file.batches is not None) is converted_at_add
+    rows = file.rows
+    assert [row.offset for row in rows] == [0, 1, 2, 3, 4, 5]
+    if off_declaration.get("hr") == 2**70:
+        with pytest.raises(OverflowError):  # as before: a flush of such a row fails
+            feature_store._table(key, rows)
+        return
+    table, offsets = buffered_file(feature_store, key)
+    reference, reference_offsets = feature_store._table(key, rows)
+    assert table.schema.equals(reference.schema, check_metadata=True)
+    assert table.equals(reference)
+    assert offsets == reference_offsets == b'{"predictions:0":[0,4],"predictions:1":[1,5]}'
+    assert table.column("event_id").to_pylist() == [str(row.event.event_id) for row in rows]
+    assert table.column("predicted_at").to_pylist() == [row.event.occurred_at for row in rows]
+    written = pq.read_table(io.BytesIO(_parquet_file(table, offsets)))
+    assert written.schema.metadata[b"driftloop.kafka_offsets"] == offsets
+    assert written.column("hr").type == (pa.int64() if converted_at_add else pa.string())
+
+
+def test_an_undeclared_model_infers_its_columns_at_flush() -> None:
+    feature_store = store({TP0: 0})
+    feature_store.add(
+        [
+            delivery(0, model_name="other", features={"a": 1, "b": "x"}),
+            delivery(1, model_name="other", features={"a": 2.5, "c": None}),
+        ]
+    )
+    key = next(iter(feature_store._buffer.files))
+    assert feature_store._buffer.files[key].batches is None
+    table, _ = buffered_file(feature_store, key)
+    assert table.column_names[-3:] == ["a", "b", "c"]
+    assert table.column("a").to_pylist() == [1.0, 2.5]
+    assert table.column("c").type == pa.null()
+
+
+class FakeLog:
+    """The prediction log of the FeatureLogger tests: records its writes."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+        self.written = asyncio.Event()
+
+    async def write(self, predictions: Sequence[Any], labels: Sequence[Any]) -> WriteCounts:
+        await asyncio.sleep(0)
+        self.writes += 1
+        self.written.set()
+        return WriteCounts(predictions_inserted=len(predictions))
+
+    async def sweep_pending_labels(self, retention: timedelta) -> SweepCounts:
+        return SweepCounts(0, 0)
+
+
+class FakeStore:
+    """A feature store whose flushes wait for the test, and fail when it says so."""
+
+    def __init__(self, max_buffered_rows: int = 100) -> None:
+        self.max_buffered_rows = max_buffered_rows
+        self.buffered_rows = 0
+        self.added: list[int] = []
+        self.flushes = 0
+        self.released = False
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.flushing = asyncio.Event()
+        self.fail_with: BaseException | None = None
+        self.in_flight = False
+
+    def add(self, deliveries: Sequence[Any], first_records: Any = None) -> int:
+        assert not self.in_flight, "add while a flush is in flight"
+        self.added.append(len(deliveries))
+        self.buffered_rows += len(deliveries)
+        return len(deliveries)
+
+    def flush_due(self) -> bool:
+        return self.buffered_rows > 0
+
+    async def flush(self) -> int:
+        assert not self.in_flight, "two flushes at once"
+        self.in_flight = True
+        self.flushes += 1
+        self.flushing.set()
+        try:
+            await self.gate.wait()
+            if self.fail_with is not None:
+                raise self.fail_with
+            rows, self.buffered_rows = self.buffered_rows, 0
+            return rows
+        finally:
+            self.in_flight = False
+
+    def release(self, partitions: Any) -> None:
+        assert not self.in_flight, "release while a flush is in flight"
+        self.released = True
+
+
+def feature_logger(fake_store: FakeStore) -> tuple[FeatureLogger, FakeLog]:
+    fake_log = FakeLog()
+    logger = FeatureLogger(
+        cast("PredictionLog", fake_log),
+        cast("FeatureStore", fake_store),
+        predictions_topic=TOPIC,
+        pending_retention=timedelta(days=7),
+        sweep_interval_seconds=3600,
+    )
+    return logger, fake_log
+
+
+async def test_a_due_flush_runs_beside_the_next_postgres_write() -> None:
+    fake_store = FakeStore()
+    logger, fake_log = feature_logger(fake_store)
+    fake_store.gate.clear()
+    await logger.write([delivery(0)])  # returns with its flush in flight
+    await fake_store.flushing.wait()
+    assert fake_store.in_flight
+    fake_log.written.clear()
+    second = asyncio.create_task(logger.write([delivery(1)]))
+    await fake_log.written.wait()
+    # The second batch is in Postgres while the flush goes on; it joins the buffer after it.
+    assert fake_store.added == [1]
+    fake_store.gate.set()
+    await second
+    assert fake_store.added == [1, 1]
+    assert fake_store.flushes == 2  # the second batch's own flush, in flight in turn
+    await logger.close()
+    assert not fake_store.in_flight
+
+
+async def test_a_failed_background_flush_is_retried_after_a_backoff() -> None:
+    fake_store = FakeStore()
+    logger, _ = feature_logger(fake_store)
+    fake_store.fail_with = OSError("object store down")
+    await logger.write([delivery(0)])
+    await logger.write([delivery(1)])  # takes the failure: counted, not raised
+    assert fake_store.flushes == 1  # no new attempt before the backoff
+    assert fake_store.buffered_rows == 2
+    logger._next_flush_attempt = 0.0
+    fake_store.fail_with = None
+    await logger.write([])
+    await logger.write([])
+    assert fake_store.flushes == 2
+    assert fake_store.buffered_rows == 0
+
+
+async def test_a_full_buffer_that_cannot_be_flushed_fails_the_write() -> None:
+    fake_store = FakeStore(max_buffered_rows=1)
+    logger, _ = feature_logger(fake_store)
+    fake_store.fail_with = OSError("object store down")
+    with pytest.raises(OSError, match="down"):
+        # Full: its flush is waited for, and its failure pauses consumption (the loop retries).
+        await logger.write([delivery(0)])
+    assert fake_store.flushes == 1
+    fake_store.fail_with = None
+    await logger.write([delivery(0)])  # the retry flushes at once, no backoff of its own
+    assert fake_store.flushes == 2
+    assert fake_store.buffered_rows == 0
+
+
+async def test_a_non_transient_background_failure_raises_from_the_next_write() -> None:
+    fake_store = FakeStore()
+    logger, _ = feature_logger(fake_store)
+    fake_store.fail_with = RuntimeError("fenced")
+    await logger.write([delivery(0)])
+    with pytest.raises(RuntimeError, match="fenced"):
+        await logger.write([delivery(1)])
+
+
+async def test_a_revoke_waits_for_the_flush_in_flight_then_flushes_and_releases() -> None:
+    fake_store = FakeStore()
+    logger, _ = feature_logger(fake_store)
+    fake_store.gate.clear()
+    await logger.write([delivery(0)])
+    await fake_store.flushing.wait()
+    revoking = asyncio.create_task(logger.on_revoked(frozenset({TP0})))
+    await asyncio.sleep(0.01)
+    assert not revoking.done()  # release, its last step, waits for the flush
+    fake_store.gate.set()
+    await revoking
+    assert fake_store.released
+    assert fake_store.flushes == 2  # the revoke's own flush (of nothing left) after it
+
+
+async def test_a_revoke_retries_a_flush_that_failed_in_flight() -> None:
+    fake_store = FakeStore()
+    logger, _ = feature_logger(fake_store)
+    fake_store.gate.clear()
+    fake_store.fail_with = OSError("object store down")
+    await logger.write([delivery(0)])
+    await fake_store.flushing.wait()
+    revoking = asyncio.create_task(logger.on_revoked(frozenset({TP0})))
+    await asyncio.sleep(0.01)
+    fake_store.fail_with = None
+    fake_store.gate.set()
+    await revoking
+    assert fake_store.flushes == 2
+    assert fake_store.buffered_rows == 0
+    assert fake_store.released
+
+
+async def test_a_cancelled_write_leaves_the_flush_to_finish_for_close() -> None:
+    fake_store = FakeStore()
+    logger, _ = feature_logger(fake_store)
+    fake_store.gate.clear()
+    await logger.write([delivery(0)])
+    await fake_store.flushing.wait()
+    second = asyncio.create_task(logger.write([delivery(1)]))
+    await asyncio.sleep(0.01)
+    second.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await second
+    assert fake_store.in_flight is True  # the flush itself was not cancelled
+    fake_store.gate.set()
+    await logger.abandon()
+    assert logger._flushing is None
+    assert fake_store.buffered_rows == 0
