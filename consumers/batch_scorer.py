@@ -49,6 +49,7 @@ from driftloop.settings import (
 )
 from schemas.events import TOPIC_EVENTS, PredictionEvent, ScoringRequest, ScoringResult
 from schemas.features import FeatureSpec, load_feature_spec
+from schemas.fields import utc_now
 from schemas.topics import Topic
 
 NAME: Final = "batch-scorer"
@@ -155,8 +156,6 @@ class BatchScorer:
         if champion is None:
             raise NoChampionError(f"no {self.holder.model_name} champion loaded yet")
         requests = [delivery.event for delivery in deliveries]
-        rows: list[list[float]] = []
-        scored: list[ScoringRequest] = []
         messages: list[kafka.Message] = []
 
         def refuse(request: ScoringRequest, reason: str) -> None:
@@ -171,18 +170,24 @@ class BatchScorer:
                 kafka.Message(self.results_topic, result.partition_key(), result.to_bytes())
             )
 
-        for request in requests:
-            try:
-                rows.append(self.spec.encode_row(self.spec.validate_row(request.features)))
-            except (ValidationError, ValueError, TypeError) as error:
-                refuse(request, _describe(error))
-                continue
-            scored.append(request)
+        # One call checks and encodes the whole batch: plain rows skip the per-row pydantic
+        # model (~17 us a row down to ~4), the others get validate_row's verdict and wording.
+        encoded = self.spec.encode_rows([request.features for request in requests])
+        for position, error in encoded.refused:
+            refuse(requests[position], _describe(error))
+        scored = [requests[position] for position in encoded.accepted]
         started = time.perf_counter()
-        scores = champion.predict(np.asarray(rows, dtype=np.float64)) if rows else np.empty(0)
+        # LightGBM releases the GIL while it predicts: in a worker thread the prediction runs
+        # beside the loop decoding the next batch instead of stopping it.
+        scores = (
+            await asyncio.to_thread(champion.predict, encoded.matrix) if scored else np.empty(0)
+        )
         elapsed = time.perf_counter() - started
         PREDICT_SECONDS.observe(elapsed)
-        share_ms = elapsed * 1000 / max(len(rows), 1)
+        share_ms = elapsed * 1000 / max(len(scored), 1)
+        # The batch is answered at one moment, so its events share one timestamp (one clock
+        # read and UTC conversion per batch instead of two per row).
+        answered_at = utc_now()
         # Every field below comes from a validated request or the loaded champion, so the
         # messages are encoded without validating them a second time (most of a batch's CPU).
         predicted = 0
@@ -195,6 +200,7 @@ class BatchScorer:
                     self.results_topic,
                     ScoringResult.key_of(request.request_id, request.batch_id),
                     ScoringResult.encode_trusted(
+                        occurred_at=answered_at,
                         request_id=request.request_id,
                         batch_id=request.batch_id,
                         model_name=champion.name,
@@ -209,6 +215,7 @@ class BatchScorer:
                     self.predictions_topic,
                     request.partition_key(),
                     PredictionEvent.encode_trusted(
+                        occurred_at=answered_at,
                         request_id=request.request_id,
                         model_name=champion.name,
                         model_version=champion.version,

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, Self, cast
 
 import yaml
 from pydantic import (
@@ -36,10 +38,18 @@ from schemas.fields import (
     NonEmptyText,
 )
 
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
+
 MODELS_DIR = Path(__file__).with_name("models")
 """Where the declarations named by ``load_feature_spec("<name>")`` live."""
 
 Category = StrictInt | StrictStr
+
+# Integers up to 2**53 in magnitude convert to float exactly, so the fast row check compares
+# them as pydantic does; larger ones (and bounds that are not exact floats) take its path.
+_EXACT_INTEGER: Final = 2**53
 
 
 class FeatureKind(StrEnum):
@@ -154,6 +164,78 @@ class Feature(_Declaration):
         if isinstance(value, str):
             raise TypeError(f"numeric feature {self.name} got a string: {value!r}")
         return float(value)
+
+    def fast_encoder(self) -> Callable[[object], float | None]:
+        """Value -> its encoding when the value is plainly valid, else None.
+
+        Only the plain cases the wire carries are decided here: a value of exactly the
+        declared type (int or str; float, or an int a float holds exactly, for float
+        features) inside the bounds, one of the categories, or None for a nullable feature.
+        Anything else, valid or not (a bool, a float subclass, NaN, a huge int, a value out of
+        bounds), gives None so the caller asks ``row_model``, which alone refuses a value and
+        words why.
+        """
+        missing = math.nan if self.nullable else None
+        if self.kind is FeatureKind.CATEGORICAL:
+            category_type: type = int if self.dtype == "int" else str
+            codes: dict[object, float] = {
+                category: float(code) for category, code in self.category_codes.items()
+            }
+
+            def encode_category(value: object) -> float | None:
+                if value is None:
+                    return missing
+                # type() is, not isinstance(): strict pydantic refuses a bool for an int.
+                return codes.get(value) if type(value) is category_type else None
+
+            return encode_category
+        lowest, highest = self._plain_range()
+        if self.dtype == "int":
+
+            def encode_int(value: object) -> float | None:
+                if value is None:
+                    return missing
+                if type(value) is int and lowest <= value <= highest:
+                    return float(value)
+                return None
+
+            return encode_int
+
+        def encode_float(value: object) -> float | None:
+            if value is None:
+                return missing
+            # Comparisons with NaN are false and the range is finite, so NaN and the
+            # infinities are left to pydantic, which refuses them.
+            if type(value) is float:
+                return value if lowest <= value <= highest else None
+            if type(value) is int and -_EXACT_INTEGER <= value <= _EXACT_INTEGER:
+                number = float(value)  # strict pydantic reads an int as a float here
+                return number if lowest <= number <= highest else None
+            return None
+
+        return encode_float
+
+    def _plain_range(self) -> tuple[float, float]:
+        # The values fast_encoder may accept: the declared bounds, narrowed to finite floats
+        # (int features: to +-2**53). A float feature's int bound that a float cannot hold
+        # exactly might compare differently in pydantic, so it leaves every value to pydantic.
+        limit: float = _EXACT_INTEGER if self.dtype == "int" else sys.float_info.max
+        if self.dtype == "float" and not all(
+            _exact_as_float(bound)
+            for bound in (self.minimum, self.maximum)
+            if isinstance(bound, int)
+        ):
+            return math.inf, -math.inf
+        lowest = -limit if self.minimum is None else max(self.minimum, -limit)
+        highest = limit if self.maximum is None else min(self.maximum, limit)
+        return lowest, highest
+
+
+def _exact_as_float(number: int) -> bool:
+    try:
+        return float(number) == number
+    except OverflowError:
+        return False
 
 
 class Target(_Declaration):
@@ -288,12 +370,65 @@ class FeatureSpec(_Declaration):
         """A checked row as the model's input vector: category codes, NaN for missing values."""
         return [feature.encode(row.get(feature.name)) for feature in self.features]
 
+    def encode_rows(self, rows: Sequence[Mapping[str, object]]) -> EncodedRows:
+        """Many rows checked and encoded: ``encode_row(validate_row(row))`` for each, faster.
+
+        A row of plain values (a dict of declared features, each of exactly its type, in
+        range or a category, None only where nullable) is encoded straight away; any other
+        row goes through ``validate_row`` and ``encode_row``, so what is accepted, how it is
+        encoded and each refusal's error are theirs (a unit test compares them row by row).
+        Measured on bikeshare rows: ~4 us a row instead of ~17.
+        """
+        import numpy as np  # here, not at the top: DAG files import schemas without numpy
+
+        encoders = self._fast_encoders
+        declared = self._feature_name_set
+        values: list[float] = []
+        accepted: list[int] = []
+        refused: list[tuple[int, ValueError | TypeError]] = []
+        for index, row in enumerate(rows):
+            if type(row) is dict and row.keys() <= declared:
+                plain = [encode(row.get(name)) for name, encode in encoders]
+                if None not in plain:
+                    accepted.append(index)
+                    values.extend(cast("list[float]", plain))
+                    continue
+            try:
+                vector = self.encode_row(self.validate_row(row))
+            except (ValueError, TypeError) as error:  # ValidationError is a ValueError
+                refused.append((index, error))
+                continue
+            accepted.append(index)
+            values.extend(vector)
+        matrix = np.array(values, dtype=np.float64).reshape(len(accepted), len(encoders))
+        return EncodedRows(matrix=matrix, accepted=accepted, refused=refused)
+
+    @cached_property
+    def _fast_encoders(self) -> tuple[tuple[str, Callable[[object], float | None]], ...]:
+        return tuple((feature.name, feature.fast_encoder()) for feature in self.features)
+
+    @cached_property
+    def _feature_name_set(self) -> frozenset[str]:
+        return frozenset(self.feature_names)
+
     def _names(self, kind: FeatureKind, *, monitored_only: bool = False) -> tuple[str, ...]:
         return tuple(
             feature.name
             for feature in self.features
             if feature.kind is kind and (feature.monitored or not monitored_only)
         )
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedRows:
+    """A batch of rows checked and encoded by ``FeatureSpec.encode_rows``."""
+
+    matrix: NDArray[np.float64]
+    """The accepted rows' input vectors, one matrix row each, in the order of ``accepted``."""
+    accepted: list[int]
+    """Positions, in the rows given, of the accepted rows (ascending)."""
+    refused: list[tuple[int, ValueError | TypeError]]
+    """Position of each refused row with the error ``validate_row``/``encode_row`` raised."""
 
 
 def declared_feature_specs() -> list[str]:

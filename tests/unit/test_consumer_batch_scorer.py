@@ -10,9 +10,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from consumers.batch_cli import rows_from_records
-from consumers.batch_scorer import BatchScorer, NoChampionError
+from consumers.batch_scorer import BatchScorer, NoChampionError, _describe
 from consumers.dlq_cli import StoredLetter, select
 from driftloop.consumer_loop import Delivery
 from schemas.events import (
@@ -115,6 +116,38 @@ async def test_a_batch_is_scored_in_one_call_and_answered_per_request() -> None:
     assert {event.run_id for event in events} == {"a" * 32}
     keys = {key for topic, _, key in producer.sent if topic == "scoring.results"}
     assert keys == {b"b-1"}
+
+
+async def test_refusals_are_worded_from_validate_row_and_scores_keep_request_order() -> None:
+    batch_scorer, producer = scorer(FakeChampion())
+    # Values a ScoringRequest carries (NaN and bools never get this far) that the spec refuses.
+    spoilt: list[dict[str, Any]] = [
+        {"hr": 24},
+        {"temp": "warm"},
+        {"season": "1"},
+        {"mnth": "january"},
+        {"season": None},
+        {"humidity": 0.5},
+        {"hr": 8.0},
+    ]
+    deliveries = [request(0)]
+    for index, changes in enumerate(spoilt, start=1):
+        deliveries += [request(index, **changes), request(100 + index, temp=None, hum=1)]
+    await batch_scorer.write(deliveries)
+    results = [ScoringResult.from_bytes(v) for t, v, _ in producer.sent if t == "scoring.results"]
+    errors = {result.request_id: result.error for result in results if result.error}
+    for index, changes in enumerate(spoilt, start=1):
+        with pytest.raises(ValidationError) as refused:
+            SPEC.validate_row({**ROW, **changes})
+        assert errors[f"r-{index}"] == _describe(refused.value)
+    scored = [result for result in results if result.prediction is not None]
+    # FakeChampion scores the n-th row of the matrix n + 0.5: rows keep the requests' order.
+    assert [result.request_id for result in scored] == ["r-0"] + [
+        f"r-{100 + index}" for index in range(1, len(spoilt) + 1)
+    ]
+    assert [result.prediction for result in scored] == [n + 0.5 for n in range(len(scored))]
+    events = [PredictionEvent.from_bytes(v) for t, v, _ in producer.sent if t == "predictions"]
+    assert len({event.occurred_at for event in events}) == 1  # one answer time per batch
 
 
 async def test_without_a_champion_the_batch_waits() -> None:
