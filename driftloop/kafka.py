@@ -35,7 +35,10 @@ def producer(settings: KafkaSettings, client_name: str, **overrides: object) -> 
         "enable_idempotence": False,
         # Small lingering batches many events per request at high rates for ~no latency cost.
         "linger_ms": 5,
-        "compression_type": "lz4",
+        # zstd (level 3): aiokafka compresses lz4 at level 9, which cost 2.3 us a prediction
+        # event against zstd's 1.0 (decoding: 0.2 against 0.3), and zstd's batches are 40 %
+        # smaller. lz4 stays installed: consumers read batches produced before the switch.
+        "compression_type": "zstd",
     }
     options.update(overrides)
     return AIOKafkaProducer(**options)

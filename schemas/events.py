@@ -8,6 +8,7 @@ turns an ``EventDecodeError`` into a ``DeadLetter``.
 
 from __future__ import annotations
 
+import os
 from abc import abstractmethod
 from collections.abc import Iterable, Mapping
 from datetime import datetime
@@ -93,6 +94,19 @@ def _require_envelope(schema: JsonDict) -> None:
     schema["required"] = [*ENVELOPE_FIELDS, *body]
 
 
+def uuid4_text() -> str:
+    """A random (version 4) UUID in its canonical text, without building a ``UUID`` object.
+
+    The hot encoders write one per event; ``uuid.uuid4()`` and its serialisation cost about
+    twice as much.
+    """
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    digits = raw.hex()
+    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+
+
 class Event(BaseModel):
     """Base of every Kafka event: the envelope and the wire encoding."""
 
@@ -165,7 +179,7 @@ class Event(BaseModel):
             {
                 "event_type": cls.EVENT_TYPE,
                 "schema_version": cls.SCHEMA_VERSION,
-                "event_id": uuid4(),
+                "event_id": uuid4_text(),
                 "occurred_at": occurred_at or utc_now(),
                 **fields,
             },

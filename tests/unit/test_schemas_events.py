@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
+from uuid import RFC_4122, UUID
 
 import orjson
 import pytest
@@ -27,6 +28,7 @@ from schemas.events import (
     ScoringResult,
     decode_event,
     decode_model_event,
+    uuid4_text,
 )
 from schemas.generate import JSON_SCHEMA_DIR, schema_file_name
 from schemas.topics import Topic
@@ -446,3 +448,13 @@ def test_long_validation_reports_are_cut() -> None:
         PredictionEvent.from_bytes(wire(SAMPLES[PredictionEvent], **twelve_errors))
     assert caught.value.reason.startswith("invalid PredictionEvent: ")
     assert caught.value.reason.endswith("; and 2 more")
+
+
+def test_uuid4_text_is_a_random_version_4_uuid() -> None:
+    texts = {uuid4_text() for _ in range(1000)}
+    assert len(texts) == 1000
+    for text in texts:
+        parsed = UUID(text)
+        assert str(parsed) == text
+        assert parsed.version == 4
+        assert parsed.variant == RFC_4122
