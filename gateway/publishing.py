@@ -40,6 +40,11 @@ from schemas.events import Event
 log = logging.getLogger(__name__)
 
 _REPLAY_BATCH: Final = 500
+# How long the sender lets events gather before it packs them into record batches. Woken by
+# every request, it sent batches of one or two events at 2,600 requests/s, and each batch cost
+# the gateway a future and a callback and the broker a record batch to append: publishing
+# took a quarter of the gateway's throughput. The request never waits for it.
+_LINGER_SECONDS: Final = 0.01
 _RETRY_SECONDS: Final = 1.0
 _MAX_RETRY_SECONDS: Final = 10.0
 
@@ -165,6 +170,7 @@ class EventPublisher:
     async def _send_queued(self) -> None:
         while True:
             await self._queued.wait()
+            await asyncio.sleep(_LINGER_SECONDS)
             self._queued.clear()
             while self._queue:
                 await self._send_batch()
