@@ -32,6 +32,7 @@ from driftloop.batch_scoring import score_rows
 from driftloop.consumer_loop import ConsumerLoop, Delivery, LoopOptions, install_stop_signals
 from driftloop.settings import KafkaSettings, MlflowSettings, load_settings
 from schemas.events import TOPIC_EVENTS, PredictionEvent, ScoringRequest, ScoringResult
+from schemas.fields import utc_now
 from schemas.topics import Topic
 
 SCRIPT = Path(__file__).resolve()
@@ -53,8 +54,19 @@ class PassThrough:
         return False
 
     async def write(self, deliveries: Sequence[Delivery[ScoringRequest]]) -> None:
-        # The scorer's producing path (trusted encoding, whole record batches), so the ratio
-        # isolates the model: row checks, encoding and predict.
+        # The scorer's producing path (per-batch encoders and timestamp, whole record batches),
+        # so the ratio isolates the model: row checks, encoding and predict.
+        encode_result = ScoringResult.trusted_encoder(
+            model_name="pass-through", model_version=1, error=None
+        )
+        encode_prediction = PredictionEvent.trusted_encoder(
+            model_name="pass-through",
+            model_version=1,
+            run_id=RUN_ID,
+            latency_ms=0.0,
+            source="batch",
+        )
+        answered_at = utc_now()
         messages = []
         for delivery in deliveries:
             request = delivery.event
@@ -62,13 +74,11 @@ class PassThrough:
                 kafka.Message(
                     self.results,
                     ScoringResult.key_of(request.request_id, request.batch_id),
-                    ScoringResult.encode_trusted(
+                    encode_result(
+                        occurred_at=answered_at,
                         request_id=request.request_id,
                         batch_id=request.batch_id,
-                        model_name="pass-through",
-                        model_version=1,
                         prediction=0.0,
-                        error=None,
                     ),
                 )
             )
@@ -76,15 +86,11 @@ class PassThrough:
                 kafka.Message(
                     self.predictions,
                     request.partition_key(),
-                    PredictionEvent.encode_trusted(
+                    encode_prediction(
+                        occurred_at=answered_at,
                         request_id=request.request_id,
-                        model_name="pass-through",
-                        model_version=1,
-                        run_id=RUN_ID,
                         features=request.features,
                         prediction=0.0,
-                        latency_ms=0.0,
-                        source="batch",
                     ),
                 )
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -11,6 +12,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp
 
 from driftloop.champion import ChampionSource
 from driftloop.settings import load_settings
@@ -24,6 +26,22 @@ from gateway.scoring import NoModelError, RequestProblemError
 from gateway.service import Gateway
 from gateway.settings import GatewaySettings
 from schemas.features import load_feature_spec
+
+
+class _GatewayApp(FastAPI):
+    """FastAPI with ``GatewayMiddleware`` in front of Starlette's own middleware.
+
+    ``add_middleware`` would put it inside Starlette's server-error middleware, whose wrapped
+    ``send`` every /predict answer then crossed; in front, /predict skips it. A failure there
+    is answered 500 by uvicorn instead (and still counted, and logged).
+    """
+
+    front: Callable[[ASGIApp], ASGIApp] | None = None
+
+    def build_middleware_stack(self) -> ASGIApp:
+        """Starlette's stack, behind ``front`` when one is set."""
+        stack = super().build_middleware_stack()
+        return stack if self.front is None else self.front(stack)
 
 
 def create_app(
@@ -50,7 +68,7 @@ def create_app(
         finally:
             await service.stop()
 
-    app = FastAPI(
+    app = _GatewayApp(
         title="driftloop gateway",
         summary=f"Predictions of the {spec.name} model: {spec.description}",
         version="1",
@@ -59,7 +77,7 @@ def create_app(
     )
     app.state.gateway = service
     app.include_router(router)
-    app.add_middleware(
+    app.front = partial(
         GatewayMiddleware,
         metrics=metrics,
         max_body_bytes=settings.max_body_bytes,

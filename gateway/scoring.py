@@ -65,6 +65,15 @@ class Scores:
     single: bool
 
 
+@dataclass(frozen=True, slots=True)
+class _ChampionOutputs:
+    """What the scorer writes for one model version: its metric children, its event encoder."""
+
+    predictions: Counter
+    values: Histogram
+    encode: Callable[..., bytes]
+
+
 def parse_json(body: bytes) -> Any:
     """The body as JSON, or a 400 problem naming the parse error."""
     if not body:
@@ -162,7 +171,7 @@ class Scorer:
         self.max_rows = max_rows
         self.predictions_topic = predictions_topic
         self._width = len(spec.features)
-        self._metric_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+        self._champion_outputs: dict[tuple[str, int], _ChampionOutputs] = {}
 
     def rows(self, body: bytes) -> tuple[list[dict[str, FeatureValue]], bool]:
         """The checked feature rows of a request body, and whether it held one object."""
@@ -195,16 +204,23 @@ class Scorer:
         self._record(champion, rows, row_ids, predictions, latency_ms)
         return Scores(champion, row_ids, predictions, single)
 
-    def _champion_metrics(self, champion: Champion) -> tuple[Counter, Histogram]:
-        # Resolved once per model version: labels() takes a lock and hashes the labels.
+    def _outputs(self, champion: Champion) -> _ChampionOutputs:
+        # Resolved once per model version: labels() takes a lock and hashes the labels, and
+        # the event fields naming the model are encoded once.
         key = (champion.name, champion.version)
-        children = self._metric_children.get(key)
-        if children is None:
-            children = self._metric_children[key] = (
+        outputs = self._champion_outputs.get(key)
+        if outputs is None:
+            outputs = self._champion_outputs[key] = _ChampionOutputs(
                 self.metrics.predictions.labels(champion.name, str(champion.version)),
                 self.metrics.prediction_values.labels(champion.name),
+                PredictionEvent.trusted_encoder(
+                    model_name=champion.name,
+                    model_version=champion.version,
+                    run_id=champion.run_id,
+                    source="http",
+                ),
             )
-        return children
+        return outputs
 
     def _record(
         self,
@@ -214,10 +230,10 @@ class Scorer:
         predictions: list[float],
         latency_ms: float,
     ) -> None:
-        counter, histogram = self._champion_metrics(champion)
-        counter.inc(len(rows))
+        outputs = self._outputs(champion)
+        outputs.predictions.inc(len(rows))
         for prediction in predictions:
-            histogram.observe(prediction)
+            outputs.values.observe(prediction)
         if self.publisher is None:
             return
         now = utc_now()
@@ -226,16 +242,12 @@ class Scorer:
                 SpoolRecord(
                     self.predictions_topic,
                     row_id.encode(),
-                    PredictionEvent.encode_trusted(
+                    outputs.encode(
                         occurred_at=now,
                         request_id=row_id,
-                        model_name=champion.name,
-                        model_version=champion.version,
-                        run_id=champion.run_id,
                         features=row,
                         prediction=prediction,
                         latency_ms=latency_ms,
-                        source="http",
                     ),
                 )
             )

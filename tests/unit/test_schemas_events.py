@@ -158,6 +158,23 @@ def test_trusted_encoding_decodes_strictly(event_class: type[Event]) -> None:
     assert unset.occurred_at > sample.occurred_at  # stamped now
 
 
+@pytest.mark.parametrize("event_class", [PredictionEvent, ScoringResult], ids=lambda c: c.__name__)
+def test_an_encoder_with_fixed_fields_encodes_what_encode_trusted_does(
+    event_class: type[Event],
+) -> None:
+    sample = SAMPLES[event_class]
+    body = {name: value for name, value in sample.__dict__.items() if name not in ENVELOPE_FIELDS}
+    fixed = dict(list(body.items())[:2])
+    encode = event_class.trusted_encoder(**fixed)
+    rest = {name: value for name, value in body.items() if name not in fixed}
+    spliced = orjson.loads(encode(occurred_at=sample.occurred_at, **rest))
+    whole = orjson.loads(event_class.encode_trusted(occurred_at=sample.occurred_at, **body))
+    assert spliced.pop("event_id") != whole.pop("event_id")
+    assert spliced == whole
+    decoded = event_class.from_bytes(encode(occurred_at=sample.occurred_at, **rest))
+    assert decoded.model_dump(exclude={"event_id"}) == sample.model_dump(exclude={"event_id"})
+
+
 @pytest.mark.parametrize("event_class", EVENT_CLASSES, ids=lambda cls: cls.__name__)
 def test_round_trip(event_class: type[Event]) -> None:
     event = SAMPLES[event_class]
