@@ -142,7 +142,10 @@ def rows(count: int) -> list[dict[str, Any]]:
     from schemas.features import load_feature_spec
 
     spec = load_feature_spec("bikeshare")
-    records = read_dataset(spec).to_dict(orient="records")
+    records = [
+        {str(name): value for name, value in record.items()}
+        for record in read_dataset(spec).to_dict(orient="records")
+    ]
     found = rows_from_records(spec, records)
     return [found[index % len(found)] for index in range(count)]
 

@@ -30,10 +30,11 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from driftloop import kafka
 from driftloop.settings import KafkaSettings, PostgresSettings, load_settings
 from schemas.events import PredictionEvent
+from schemas.fields import FeatureValue
 from schemas.topics import Topic
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-FEATURES = {
+FEATURES: dict[str, FeatureValue] = {
     "season": 1, "mnth": "Jan", "hr": 8, "holiday": 0, "weekday": 2, "workingday": 1,
     "weathersit": "clear", "temp": 0.24, "atemp": 0.28, "hum": 0.81, "windspeed": 0.1,
 }  # fmt: skip
