@@ -188,12 +188,7 @@ async def main() -> None:
     if options.worker:
         await pass_through_worker(options.worker)
         return
-    from driftloop.training import (
-        log_and_register,
-        read_dataset,
-        set_champion,
-        train_booster,
-    )
+    from driftloop.training import read_dataset, train_champion
     from schemas.features import load_feature_spec
 
     tag = f"b{uuid.uuid4().hex[:10]}"
@@ -201,11 +196,13 @@ async def main() -> None:
     tracking_uri = load_settings(MlflowSettings).tracking_uri
     spec = load_feature_spec("bikeshare")
     with tempfile.TemporaryDirectory() as work:
-        booster = train_booster(spec, read_dataset(spec, months=["Jan", "Feb", "March"]))
-        model = log_and_register(
-            booster, spec, tracking_uri=tracking_uri, model_name=f"bench-{tag}", work_dir=Path(work)
+        model = train_champion(
+            spec,
+            read_dataset(spec, months=["Jan", "Feb", "March"]),
+            tracking_uri=tracking_uri,
+            model_name=f"bench-{tag}",
+            work_dir=Path(work),
         )
-        set_champion(model, tracking_uri=tracking_uri)
         sample = rows(options.rows)
         scorer_kafka = base.model_copy(update={"topic_prefix": f"{tag}.scorer."})
         passing_kafka = base.model_copy(update={"topic_prefix": f"{tag}.pass."})

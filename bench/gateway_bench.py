@@ -177,14 +177,14 @@ def main() -> None:
 
     frame = training.read_dataset(spec, months=["Jan", "Feb", "March"])
     name = f"bench-gateway-{stamp}"
-    first = training.log_and_register(
-        training.train_booster(spec, frame, num_boost_round=arguments.trees),
+    first = training.train_champion(
         spec,
+        frame,
         tracking_uri=mlflow_settings.tracking_uri,
         model_name=name,
         work_dir=work,
+        num_boost_round=arguments.trees,
     )
-    training.set_champion(first, tracking_uri=mlflow_settings.tracking_uri)
 
     env = {
         **os.environ,
@@ -251,16 +251,15 @@ def main() -> None:
     ):
         warm(url, body)
         runs["steady (before swap)"] = wrk("steady (before swap)", url, body, 8)
-        second = training.log_and_register(
-            training.train_booster(
-                spec, frame, num_boost_round=arguments.trees, params={"seed": 11}
-            ),
+        training.train_champion(
             spec,
+            frame,
             tracking_uri=mlflow_settings.tracking_uri,
             model_name=name,
             work_dir=work,
+            num_boost_round=arguments.trees,
+            params={"seed": 11},
         )
-        training.set_champion(second, tracking_uri=mlflow_settings.tracking_uri)
         reload_status: list[object] = []
         trigger = threading.Thread(target=reload_after, args=(2.0, 18101, reload_status))
         trigger.start()

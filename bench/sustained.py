@@ -530,18 +530,14 @@ async def run(arguments: argparse.Namespace) -> None:
 
     spec = load_feature_spec("bikeshare")
     model_name = f"bench-sustained-{stamp}"
-    model = training.log_and_register(
-        training.train_booster(
-            spec,
-            training.read_dataset(spec, months=["Jan", "Feb", "March"]),
-            num_boost_round=arguments.trees,
-        ),
+    training.train_champion(
         spec,
+        training.read_dataset(spec, months=["Jan", "Feb", "March"]),
         tracking_uri=mlflow.tracking_uri,
         model_name=model_name,
         work_dir=work,
+        num_boost_round=arguments.trees,
     )
-    training.set_champion(model, tracking_uri=mlflow.tracking_uri)
 
     env = {
         **os.environ,

@@ -233,6 +233,29 @@ def model_signature(spec: FeatureSpec) -> ModelSignature:
     return ModelSignature(inputs=inputs, outputs=Schema([ColSpec(DataType.double)]))
 
 
+def train_champion(
+    spec: FeatureSpec,
+    frame: pd.DataFrame,
+    *,
+    tracking_uri: str,
+    model_name: str,
+    work_dir: Path,
+    num_boost_round: int = 200,
+    params: Mapping[str, Any] | None = None,
+) -> RegisteredModel:
+    """Train on ``frame``, register the model and point its ``champion`` alias at it.
+
+    A serving model in one call, for the benchmarks and the tests; the bootstrap logs its
+    scores and reference with ``log_and_register`` itself.
+    """
+    booster = train_booster(spec, frame, num_boost_round=num_boost_round, params=params)
+    model = log_and_register(
+        booster, spec, tracking_uri=tracking_uri, model_name=model_name, work_dir=work_dir
+    )
+    set_champion(model, tracking_uri=tracking_uri)
+    return model
+
+
 def set_champion(model: RegisteredModel, *, tracking_uri: str) -> None:
     """Point the registered model's ``champion`` alias at this version."""
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)

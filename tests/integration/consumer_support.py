@@ -21,13 +21,7 @@ from driftloop import kafka
 from driftloop.settings import KafkaSettings
 from driftloop.stack import readiness
 from driftloop.stack.settings import StackSettings
-from driftloop.training import (
-    RegisteredModel,
-    log_and_register,
-    read_dataset,
-    set_champion,
-    train_booster,
-)
+from driftloop.training import RegisteredModel, read_dataset, train_champion
 from schemas.events import Event
 from schemas.features import load_feature_spec
 from schemas.topics import Topic
@@ -240,14 +234,15 @@ async def broker_loss_seen(process: ConsumerProcess, since: int, *, within: floa
 def register_champion(tracking_uri: str, model_name: str, work_dir: Path) -> RegisteredModel:
     """A small bikeshare model registered under ``model_name`` with the champion alias."""
     spec = load_feature_spec("bikeshare")
-    frame = read_dataset(spec, months=["Jan", "Feb"])
-    booster = train_booster(spec, frame, num_boost_round=20)
     work_dir.mkdir(parents=True, exist_ok=True)
-    model = log_and_register(
-        booster, spec, tracking_uri=tracking_uri, model_name=model_name, work_dir=work_dir
+    return train_champion(
+        spec,
+        read_dataset(spec, months=["Jan", "Feb"]),
+        tracking_uri=tracking_uri,
+        model_name=model_name,
+        work_dir=work_dir,
+        num_boost_round=20,
     )
-    set_champion(model, tracking_uri=tracking_uri)
-    return model
 
 
 async def metric(port: int | str, name: str, **labels: str) -> float | None:

@@ -35,14 +35,14 @@ def spec() -> FeatureSpec:
 def _register(
     spec: FeatureSpec, mlflow_settings: MlflowSettings, name: str, rounds: int, work_dir: Path
 ) -> training.RegisteredModel:
-    booster = training.train_booster(
-        spec, training.read_dataset(spec, months=["Jan", "Feb"]), num_boost_round=rounds
+    return training.train_champion(
+        spec,
+        training.read_dataset(spec, months=["Jan", "Feb"]),
+        tracking_uri=mlflow_settings.tracking_uri,
+        model_name=name,
+        work_dir=work_dir,
+        num_boost_round=rounds,
     )
-    model = training.log_and_register(
-        booster, spec, tracking_uri=mlflow_settings.tracking_uri, model_name=name, work_dir=work_dir
-    )
-    training.set_champion(model, tracking_uri=mlflow_settings.tracking_uri)
-    return model
 
 
 async def _eventually(check: Callable[[], Awaitable[bool]], within: float) -> None:
