@@ -138,7 +138,11 @@ class Feature(_Declaration):
                 Field(json_schema_extra={"enum": list(self.categories or ())}),
             ]
         elif self.dtype == "int":
-            base = Annotated[int, Field(strict=True, ge=self.minimum, le=self.maximum)]
+            base = Annotated[
+                int,
+                Field(strict=True, ge=self.minimum, le=self.maximum),
+                AfterValidator(_check_float_range),
+            ]
         else:
             base = Annotated[
                 float,
@@ -229,6 +233,19 @@ class Feature(_Declaration):
         lowest = -limit if self.minimum is None else max(self.minimum, -limit)
         highest = limit if self.maximum is None else min(self.maximum, limit)
         return lowest, highest
+
+
+def _check_float_range(value: int) -> int:
+    # The model reads float64: an int beyond its range has no input value at all (float()
+    # raises OverflowError), so it is refused here like any other invalid value.
+    try:
+        float(value)
+    except OverflowError:
+        raise ValueError(
+            f"an integer of {len(str(abs(value)))} digits is beyond the range of the model's "
+            "64-bit float input"
+        ) from None
+    return value
 
 
 def _exact_as_float(number: int) -> bool:
