@@ -155,18 +155,25 @@ class KeyPartitioner:
         self._counts: dict[str, int] = {}
 
     async def partition(self, topic: str, key: bytes | None) -> int:
-        count = self._counts.get(topic)
-        if count is None:
-            count = self._counts[topic] = len(await self._producer.partitions_for(topic))
-        return zlib.crc32(key or b"") % count
+        return zlib.crc32(key or b"") % await self._count(topic)
 
     async def group(self, messages: Iterable[K]) -> dict[tuple[str, int], list[K]]:
         """Messages by (topic, partition), each group in the order given."""
         groups: dict[tuple[str, int], list[K]] = {}
+        counts = self._counts
         for message in messages:
-            partition = await self.partition(message.topic, message.key)
-            groups.setdefault((message.topic, partition), []).append(message)
+            # No await per message: the gateway groups every prediction it publishes here.
+            topic = message.topic
+            count = counts.get(topic) or await self._count(topic)
+            partition = zlib.crc32(message.key or b"") % count
+            groups.setdefault((topic, partition), []).append(message)
         return groups
+
+    async def _count(self, topic: str) -> int:
+        count = self._counts.get(topic)
+        if count is None:
+            count = self._counts[topic] = len(await self._producer.partitions_for(topic))
+        return count
 
 
 def record_batches(

@@ -18,7 +18,7 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, NamedTuple
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS spooled_record (
@@ -30,9 +30,12 @@ CREATE TABLE IF NOT EXISTS spooled_record (
 """
 
 
-@dataclass(frozen=True, slots=True)
-class SpoolRecord:
-    """A Kafka record waiting for its broker: topic, key and value bytes."""
+class SpoolRecord(NamedTuple):
+    """A Kafka record waiting for its broker: topic, key and value bytes.
+
+    A named tuple, immutable like a frozen dataclass at half its construction cost: the
+    gateway builds one per prediction on the request path.
+    """
 
     topic: str
     key: bytes | None
