@@ -23,6 +23,7 @@ from schemas.events import (
     ScoringRequest,
     ScoringResult,
 )
+from schemas.fields import FeatureValue
 from schemas.topics import Topic
 from tests.integration.consumer_support import (
     ConsumerProcess,
@@ -171,7 +172,7 @@ async def test_batch_scorer_dead_letters_garbage_and_keeps_scoring(
         tmp_path / "batch-scorer.log",
     ).start()
     try:
-        features = {
+        features: dict[str, FeatureValue] = {
             "season": 1, "mnth": "Jan", "hr": 8, "holiday": 0, "weekday": 2, "workingday": 1,
             "weathersit": "clear", "temp": 0.2, "atemp": 0.2, "hum": 0.5, "windspeed": 0.1,
         }  # fmt: skip

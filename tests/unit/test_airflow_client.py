@@ -255,7 +255,7 @@ async def test_trigger_sends_run_id_null_logical_date_and_conf(
         seen.append(json.loads(request.content))
         return None
 
-    airflow.answer = capture  # type: ignore[assignment]
+    airflow.answer = capture
     async with client_for(airflow, clock) as client:
         await client.trigger_dag_run("retrain_model", "drift-e:1", {"k": "v"}, note="n")
     assert seen == [

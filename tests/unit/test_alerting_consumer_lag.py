@@ -150,8 +150,8 @@ def make_loop(
             dead_letter_topics={TOPIC: f"{TOPIC}.dlq"},
             **options,
         ),
-        consumer,  # type: ignore[arg-type]
-        Producer(),  # type: ignore[arg-type]
+        consumer,
+        Producer(),
         processor,
     )
     consumer.loop = loop

@@ -24,9 +24,10 @@ from schemas.events import (
     ScoringResult,
 )
 from schemas.features import load_feature_spec
+from schemas.fields import FeatureValue
 
 SPEC = load_feature_spec("bikeshare")
-ROW = {
+ROW: dict[str, FeatureValue] = {
     "season": 1, "mnth": "Jan", "hr": 8, "holiday": 0, "weekday": 2, "workingday": 1,
     "weathersit": "clear", "temp": 0.2, "atemp": 0.2, "hum": 0.5, "windspeed": 0.1,
 }  # fmt: skip
@@ -86,7 +87,7 @@ def scorer(champion: FakeChampion | None) -> tuple[BatchScorer, FakeProducer]:
         BatchScorer(
             FakeHolder(champion),  # type: ignore[arg-type]
             SPEC,
-            producer,  # type: ignore[arg-type]
+            producer,
             results_topic="scoring.results",
             predictions_topic="predictions",
         ),

@@ -145,7 +145,7 @@ def make_loop(
         backoff_initial_seconds=0.01,
         backoff_max_seconds=0.02,
     )
-    loop: ConsumerLoop[PredictionEvent] = ConsumerLoop(options, consumer, producer, processor)  # type: ignore[arg-type]
+    loop: ConsumerLoop[PredictionEvent] = ConsumerLoop(options, consumer, producer, processor)
     consumer.loop = loop
     return loop, consumer, producer
 

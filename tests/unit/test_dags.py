@@ -71,7 +71,7 @@ def test_retrain_model_params_are_the_policy_defaults(dagbag: object) -> None:
 
 
 def test_retrain_model_params_refuse_what_the_policy_refuses(dagbag: object) -> None:
-    from airflow.sdk.definitions.param import ParamValidationError
+    from airflow.sdk.exceptions import ParamValidationError
 
     dag = dagbag.dags["retrain_model"]  # type: ignore[attr-defined]
 
@@ -84,6 +84,11 @@ def test_retrain_model_params_refuse_what_the_policy_refuses(dagbag: object) -> 
     assert (
         validated({"promotion_margin": 0.5, "model_name": "bikeshare"})["promotion_margin"] == 0.5
     )
-    for bad in ({"promotion_margin": -0.1}, {"num_boost_round": 0}, {"holdout_fraction": "x"}):
+    bad_confs: list[dict[str, object]] = [
+        {"promotion_margin": -0.1},
+        {"num_boost_round": 0},
+        {"holdout_fraction": "x"},
+    ]
+    for bad in bad_confs:
         with pytest.raises(ParamValidationError):
             validated(bad)

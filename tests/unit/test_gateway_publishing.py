@@ -67,7 +67,7 @@ async def test_partial_replay_keeps_the_unacknowledged_tail_in_order(tmp_path: P
         spool,
         GatewayMetrics(),
         timeout_seconds=0.5,
-        producer_factory=lambda: producer,  # type: ignore[arg-type,return-value]
+        producer_factory=lambda: producer,
     )
     await publisher.start(connect_within_seconds=1)
     try:

@@ -45,7 +45,7 @@ class Producer:
 
 
 async def test_same_key_same_partition_on_every_topic() -> None:
-    partitioner = KeyPartitioner(Producer(10))  # type: ignore[arg-type]
+    partitioner = KeyPartitioner(Producer(10))
     keys = [f"request-{index}".encode() for index in range(50)]
     predictions = [await partitioner.partition("predictions", key) for key in keys]
     labels = [await partitioner.partition("labels", key) for key in keys]
@@ -55,9 +55,9 @@ async def test_same_key_same_partition_on_every_topic() -> None:
 
 async def test_every_message_is_sent_once_in_order_within_its_partition() -> None:
     producer = Producer(capacity=3)
-    partitioner = KeyPartitioner(producer)  # type: ignore[arg-type]
+    partitioner = KeyPartitioner(producer)
     messages = [Message("predictions", f"k{i % 4}".encode(), f"v{i}".encode()) for i in range(20)]
-    futures = await send_batched(producer, partitioner, messages)  # type: ignore[arg-type]
+    futures = await send_batched(producer, partitioner, messages)
     await asyncio.gather(*futures)
 
     assert len(futures) == len(producer.batches)
@@ -78,10 +78,10 @@ async def test_every_message_is_sent_once_in_order_within_its_partition() -> Non
 
 async def test_a_message_larger_than_a_batch_is_refused_not_dropped() -> None:
     producer = Producer(capacity=3)
-    partitioner = KeyPartitioner(producer)  # type: ignore[arg-type]
+    partitioner = KeyPartitioner(producer)
     with pytest.raises(ValueError, match="exceeds the producer's batch size"):
         await send_batched(
-            producer,  # type: ignore[arg-type]
+            producer,
             partitioner,
             [Message("predictions", b"k", b"small"), Message("predictions", b"k", b"x" * 200)],
         )

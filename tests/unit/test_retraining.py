@@ -459,8 +459,12 @@ def test_challenger_trained_on_summer_rows_beats_the_winter_model_on_summer(
 
     truth = training.target_vector(spec, holdout)
     matrix = training.feature_matrix(spec, holdout)
-    champion_rmse = retraining.holdout_score(RMSE, truth, champion.predict(matrix))
-    challenger_rmse = retraining.holdout_score(RMSE, truth, challenger.predict(matrix))
+    champion_rmse = retraining.holdout_score(
+        RMSE, truth, np.asarray(champion.predict(matrix), dtype=np.float64)
+    )
+    challenger_rmse = retraining.holdout_score(
+        RMSE, truth, np.asarray(challenger.predict(matrix), dtype=np.float64)
+    )
 
     assert judge_challenger(RMSE, challenger_rmse, champion_rmse, 0.02).promote
 
