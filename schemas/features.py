@@ -241,9 +241,9 @@ def _check_float_range(value: int) -> int:
     try:
         float(value)
     except OverflowError:
+        # Not the value in the message: it may have thousands of digits.
         raise ValueError(
-            f"an integer of {len(str(abs(value)))} digits is beyond the range of the model's "
-            "64-bit float input"
+            "the integer is beyond +-1.8e308, the range of the model's 64-bit float input"
         ) from None
     return value
 

@@ -224,7 +224,7 @@ def test_an_int_beyond_float_range_is_refused_not_raised(edges: FeatureSpec) -> 
     encoded = edges.encode_rows(rows)
     assert encoded.accepted == [0]
     assert [position for position, _ in encoded.refused] == [1, 2]
-    assert "an integer of 401 digits is beyond the range" in str(encoded.refused[0][1])
+    assert "the integer is beyond +-1.8e308" in str(encoded.refused[0][1])
     assert "count" in str(encoded.refused[1][1])
     assert edges.encode_rows([{**EDGES_ROW, "count": 2**1000}]).accepted == [0]
 
