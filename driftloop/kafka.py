@@ -155,7 +155,7 @@ class KeyPartitioner:
         self._counts: dict[str, int] = {}
 
     async def partition(self, topic: str, key: bytes | None) -> int:
-        return zlib.crc32(key or b"") % await self._count(topic)
+        return _key_partition(key, await self._count(topic))
 
     async def group(self, messages: Iterable[K]) -> dict[tuple[str, int], list[K]]:
         """Messages by (topic, partition), each group in the order given."""
@@ -165,7 +165,7 @@ class KeyPartitioner:
             # No await per message: the gateway groups every prediction it publishes here.
             topic = message.topic
             count = counts.get(topic) or await self._count(topic)
-            partition = zlib.crc32(message.key or b"") % count
+            partition = _key_partition(message.key, count)
             groups.setdefault((topic, partition), []).append(message)
         return groups
 
@@ -174,6 +174,10 @@ class KeyPartitioner:
         if count is None:
             count = self._counts[topic] = len(await self._producer.partitions_for(topic))
         return count
+
+
+def _key_partition(key: bytes | None, count: int) -> int:
+    return zlib.crc32(key or b"") % count
 
 
 def record_batches(

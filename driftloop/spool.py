@@ -87,7 +87,7 @@ class Spool:
             with self._transaction():
                 self._db.executemany(
                     "INSERT INTO spooled_record (topic, key, value) VALUES (?, ?, ?)",
-                    [(record.topic, record.key, record.value) for record in accepted],
+                    accepted,  # each record is a (topic, key, value) tuple
                 )
             self._depth += len(accepted)
         self.dropped += refused

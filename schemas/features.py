@@ -138,17 +138,23 @@ class Feature(_Declaration):
                 Field(json_schema_extra={"enum": list(self.categories or ())}),
             ]
         elif self.dtype == "int":
-            base = Annotated[
-                int,
-                Field(strict=True, ge=self.minimum, le=self.maximum),
-                AfterValidator(_check_float_range),
-            ]
+            base = Annotated[int, Field(strict=True, ge=self.minimum, le=self.maximum)]
+            if not self._bounds_within_float_range():
+                # Only here: a Python validator per value costs the gateway's hot path, and
+                # declared bounds inside float range already refuse every such int.
+                base = Annotated[base, AfterValidator(_check_float_range)]
         else:
             base = Annotated[
                 float,
                 Field(strict=True, allow_inf_nan=False, ge=self.minimum, le=self.maximum),
             ]
         return base | None if self.nullable else base
+
+    def _bounds_within_float_range(self) -> bool:
+        return all(
+            bound is not None and abs(bound) <= sys.float_info.max
+            for bound in (self.minimum, self.maximum)
+        )
 
     def _check_category(self, value: Category) -> Category:
         if value not in self.category_codes:
