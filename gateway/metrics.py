@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from driftloop.champion import Champion, LoadEvent
+from gateway.publishing import PublisherState, PublisherStatus
 from schemas.events import ModelDecision, ModelPromoted
 
 # Request latency: the gateway answers in about a millisecond; the tail matters to 100 ms.
@@ -47,39 +52,16 @@ class GatewayMetrics:
             buckets=_PREDICTION_BUCKETS,
             registry=registry,
         )
-        self.publish_errors = Counter(
-            "gateway_kafka_publish_errors",
-            "Events Kafka did not acknowledge in time (they go to the spool), by topic.",
-            ("topic",),
+        self.relay_restarts = Counter(
+            "gateway_relay_restarts",
+            "Times the publishing relay process exited unexpectedly and was started again "
+            "(the events it held in memory were lost; alert on any increase).",
             registry=registry,
         )
-        self.published = Counter(
-            "gateway_kafka_published",
-            "Events acknowledged by Kafka, by topic.",
-            ("topic",),
-            registry=registry,
-        )
-        self.spool_depth = Gauge(
-            "gateway_spool_depth", "Events waiting in the on-disk spool.", registry=registry
-        )
-        self.spool_capacity = Gauge(
-            "gateway_spool_capacity",
-            "Events the spool holds at most (GATEWAY_SPOOL_MAX_RECORDS); beyond it they drop.",
-            registry=registry,
-        )
-        self.spooled = Counter(
-            "gateway_spooled_events", "Events written to the spool.", registry=registry
-        )
-        self.spool_dropped = Counter(
-            "gateway_spool_dropped_events",
-            "Events lost because the spool was full (alert on any increase).",
-            registry=registry,
-        )
-        self.kafka_up = Gauge(
-            "gateway_kafka_up",
-            "1 while events go straight to Kafka, 0 while they are spooled.",
-            registry=registry,
-        )
+        # The publisher's counts live in the publisher (in this process or in the relay's);
+        # this collector exports whatever it reports at scrape time.
+        self.publisher_status: Callable[[], PublisherStatus | None] = lambda: None
+        registry.register(_PublisherCollector(lambda: self.publisher_status()))
         self.model_loads = Counter(
             "gateway_model_loads",
             "Model load attempts, by outcome (loaded, unchanged, failed), source and reason.",
@@ -144,3 +126,49 @@ class GatewayMetrics:
         """Count one ``ModelPromoted`` or ``ModelRejected`` read from model.events."""
         decision = "promoted" if isinstance(event, ModelPromoted) else "rejected"
         self.model_decisions.labels(event.model_name, decision).inc()
+
+
+class _PublisherCollector(Collector):
+    """The publisher's state and counts as Prometheus metrics, read at each scrape."""
+
+    def __init__(self, status: Callable[[], PublisherStatus | None]) -> None:
+        self._status = status
+
+    def collect(self) -> Iterator[Metric]:
+        """One family per figure of the publisher's status (zeros while publishing is off)."""
+        status = self._status() or PublisherStatus(state=PublisherState.STOPPED)
+        published = CounterMetricFamily(
+            "gateway_kafka_published", "Events acknowledged by Kafka, by topic.", labels=["topic"]
+        )
+        for topic, count in sorted(status.published.items()):
+            published.add_metric([topic], count)
+        errors = CounterMetricFamily(
+            "gateway_kafka_publish_errors",
+            "Events Kafka did not acknowledge in time (they go to the spool), by topic.",
+            labels=["topic"],
+        )
+        for topic, count in sorted(status.publish_errors.items()):
+            errors.add_metric([topic], count)
+        yield published
+        yield errors
+        yield GaugeMetricFamily(
+            "gateway_spool_depth", "Events waiting in the on-disk spool.", status.spool_depth
+        )
+        yield GaugeMetricFamily(
+            "gateway_spool_capacity",
+            "Events the spool holds at most (GATEWAY_SPOOL_MAX_RECORDS); beyond it they drop.",
+            status.spool_capacity,
+        )
+        yield CounterMetricFamily(
+            "gateway_spooled_events", "Events written to the spool.", status.spooled
+        )
+        yield CounterMetricFamily(
+            "gateway_spool_dropped_events",
+            "Events lost because the spool was full (alert on any increase).",
+            status.spool_dropped,
+        )
+        yield GaugeMetricFamily(
+            "gateway_kafka_up",
+            "1 while events go straight to Kafka, 0 while they are spooled.",
+            float(status.state is PublisherState.DIRECT),
+        )

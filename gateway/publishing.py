@@ -22,20 +22,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from functools import partial
-from typing import Final
+from typing import Any, Final, NamedTuple, Protocol
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from pydantic import BaseModel, ConfigDict
 
 from driftloop import kafka
 from driftloop.settings import KafkaSettings
 from driftloop.spool import Spool, SpoolRecord
-from gateway.metrics import GatewayMetrics
-from schemas.events import Event
+from schemas.events import Event, PredictionEvent, PredictionSource
+from schemas.fields import FeatureValue
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ _LINGER_SECONDS: Final = 0.05
 _MAX_BATCH_BYTES: Final = 512 * 1024
 _RETRY_SECONDS: Final = 1.0
 _MAX_RETRY_SECONDS: Final = 10.0
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class _UnsentError(Exception):
@@ -73,6 +76,111 @@ class PublisherState(StrEnum):
     STOPPED = "stopped"
 
 
+class PublisherStatus(BaseModel):
+    """Where a publisher sends events now, and what became of them since it started."""
+
+    model_config = ConfigDict(frozen=True)
+
+    state: PublisherState
+    spool_depth: int = 0
+    spool_capacity: int = 0
+    published: dict[str, int] = {}
+    """Events Kafka acknowledged, by topic."""
+    publish_errors: dict[str, int] = {}
+    """Sends Kafka did not acknowledge in time (their events went to the spool), by topic."""
+    spooled: int = 0
+    spool_dropped: int = 0
+    """Events lost because the spool was full."""
+
+    @property
+    def spool_full(self) -> bool:
+        """Whether a new event would be dropped."""
+        return self.spool_capacity > 0 and self.spool_depth >= self.spool_capacity
+
+
+class ModelKey(NamedTuple):
+    """The model version that answered, as its prediction events name it."""
+
+    name: str
+    version: int
+    run_id: str
+
+
+class PredictionRecords:
+    """Prediction events from one source as Kafka records: keyed by request id, one topic.
+
+    The fields naming the model are encoded once per model version (``trusted_encoder``);
+    the rows were checked by the feature declaration and the model's output is a float, so
+    nothing is validated again (the unit tests decode what it writes, strictly).
+    """
+
+    def __init__(self, topic: str, source: PredictionSource) -> None:
+        self.topic = topic
+        self.source = source
+        self._encoders: dict[ModelKey, Callable[..., bytes]] = {}
+
+    def record(
+        self,
+        model: ModelKey,
+        occurred_at: datetime,
+        request_id: str,
+        features: Mapping[str, FeatureValue] | Any,
+        prediction: float,
+        latency_ms: float,
+    ) -> SpoolRecord:
+        """The record of one answered row; ``features`` may be an ``orjson.Fragment``."""
+        encode = self._encoders.get(model) or self._encoder(model)
+        value = encode(
+            occurred_at=occurred_at,
+            request_id=request_id,
+            features=features,
+            prediction=prediction,
+            latency_ms=latency_ms,
+        )
+        return SpoolRecord(self.topic, request_id.encode(), value)
+
+    def _encoder(self, model: ModelKey) -> Callable[..., bytes]:
+        encoder = self._encoders[model] = PredictionEvent.trusted_encoder(
+            model_name=model.name,
+            model_version=model.version,
+            run_id=model.run_id,
+            source=self.source,
+        )
+        return encoder
+
+
+def datetime_of(microseconds: int) -> datetime:
+    """The UTC time ``microseconds`` after the Unix epoch, exactly."""
+    return _EPOCH + timedelta(microseconds=microseconds)
+
+
+class Publisher(Protocol):
+    """What the gateway publishes through: in its own event loop or from a relay process."""
+
+    def publish(self, topic: str, event: Event) -> None:
+        """Queue an event for ``topic``; returns at once, never raises for Kafka's sake."""
+
+    def publish_predictions(
+        self,
+        model: ModelKey,
+        occurred_at_us: int,
+        latency_ms: float,
+        request_ids: Sequence[str],
+        rows: Sequence[Mapping[str, FeatureValue]],
+        predictions: Sequence[float],
+    ) -> None:
+        """Queue the prediction events of one answer (the hot path); same promise."""
+
+    async def start(self, *, connect_within_seconds: float) -> None:
+        """Begin publishing: Kafka or the spool take events from here on."""
+
+    async def stop(self) -> None:
+        """Hand every queued event to Kafka or the spool, then close."""
+
+    def status(self) -> PublisherStatus:
+        """The state and counts now."""
+
+
 class EventPublisher:
     """Sends events to Kafka in the background; spools and replays them when it cannot."""
 
@@ -80,15 +188,15 @@ class EventPublisher:
         self,
         settings: KafkaSettings,
         spool: Spool,
-        metrics: GatewayMetrics,
         *,
         timeout_seconds: float,
         client_name: str = "gateway",
+        predictions: PredictionRecords | None = None,
         producer_factory: Callable[[], AIOKafkaProducer] | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
-        self.metrics = metrics
+        self.predictions = predictions
         self.timeout_seconds = timeout_seconds
         timeout_ms = int(timeout_seconds * 1000)
         self._producer_factory = producer_factory or partial(
@@ -112,9 +220,10 @@ class EventPublisher:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._dropped_warned = False
-        metrics.spool_depth.set_function(lambda: spool.depth)
-        metrics.spool_capacity.set(spool.max_records)
-        metrics.kafka_up.set_function(lambda: float(self.state is PublisherState.DIRECT))
+        self._published: Counter[str] = Counter()
+        self._publish_errors: Counter[str] = Counter()
+        self._spooled_count = 0
+        self._dropped_count = 0
 
     @property
     def state(self) -> PublisherState:
@@ -125,19 +234,49 @@ class EventPublisher:
             return PublisherState.SPOOLING
         return PublisherState.DIRECT
 
+    def status(self) -> PublisherStatus:
+        """The state, the spool's depth and the counts since start."""
+        return PublisherStatus(
+            state=self.state,
+            spool_depth=self.spool.depth,
+            spool_capacity=self.spool.max_records,
+            published=dict(self._published),
+            publish_errors=dict(self._publish_errors),
+            spooled=self._spooled_count,
+            spool_dropped=self._dropped_count,
+        )
+
     def publish(self, topic: str, event: Event) -> None:
         """Queue an event for ``topic``; returns at once, never raises for Kafka's sake."""
         self._queue.append((topic, event))
         if not self._queued.is_set():
             self._queued.set()
 
-    def publish_encoded(self, record: SpoolRecord) -> None:
+    def publish_encoded(self, topic: str, key: bytes | None, value: bytes) -> None:
         """Queue an already encoded event (the hot path's way); same promise as ``publish``."""
-        self._queue.append(record)
+        self._queue.append(SpoolRecord(topic, key, value))
         if not self._queued.is_set():
             self._queued.set()
 
-    async def start(self, *, connect_within_seconds: float = 5.0) -> None:
+    def publish_predictions(
+        self,
+        model: ModelKey,
+        occurred_at_us: int,
+        latency_ms: float,
+        request_ids: Sequence[str],
+        rows: Sequence[Mapping[str, FeatureValue]],
+        predictions: Sequence[float],
+    ) -> None:
+        """Queue the prediction events of one answer; needs ``predictions`` at construction."""
+        if self.predictions is None:
+            raise RuntimeError("this publisher was made without PredictionRecords")
+        record, occurred_at = self.predictions.record, datetime_of(occurred_at_us)
+        for request_id, row, prediction in zip(request_ids, rows, predictions, strict=True):
+            self._queue.append(record(model, occurred_at, request_id, row, prediction, latency_ms))
+        if not self._queued.is_set():
+            self._queued.set()
+
+    async def start(self, *, connect_within_seconds: float) -> None:
         """Try to connect for a while (spooling meanwhile), then keep sending in the background."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._connect(), connect_within_seconds)
@@ -189,7 +328,8 @@ class EventPublisher:
 
     async def _send_batch(self) -> None:
         batch = [
-            item if isinstance(item, SpoolRecord) else _record(*item) for item in self._drain()
+            item if isinstance(item, SpoolRecord) else encode_record(*item)
+            for item in self._drain()
         ]
         producer = self._producer
         if producer is None or self.spool.depth:
@@ -252,13 +392,13 @@ class EventPublisher:
         records = entry[0]
         error = future.exception() if not future.cancelled() else asyncio.CancelledError()
         if error is None:
-            self.metrics.published.labels(records[0].topic).inc(len(records))
+            self._published[records[0].topic] += len(records)
             return
         self._kafka_failed(records[0].topic, error)
         self._spool(records)
 
     def _kafka_failed(self, topic: str, error: BaseException) -> None:
-        self.metrics.publish_errors.labels(topic).inc()
+        self._publish_errors[topic] += 1
         if self.spool.depth == 0:
             log.warning("Kafka did not take an event for %s (%r); spooling", topic, error)
 
@@ -266,9 +406,9 @@ class EventPublisher:
         if not records:
             return
         refused = self.spool.extend(records)
-        self.metrics.spooled.inc(len(records) - refused)
+        self._spooled_count += len(records) - refused
         if refused:
-            self.metrics.spool_dropped.inc(refused)
+            self._dropped_count += refused
             if not self._dropped_warned:
                 log.error(
                     "spool %s is full (%d records): %d events dropped",
@@ -355,9 +495,9 @@ class EventPublisher:
         if acknowledged:
             self.spool.acknowledge(batch[acknowledged - 1].position)
             for item in batch[:acknowledged]:
-                self.metrics.published.labels(item.record.topic).inc()
+                self._published[item.record.topic] += 1
         if acknowledged < len(batch):
-            self.metrics.publish_errors.labels(batch[acknowledged].record.topic).inc()
+            self._publish_errors[batch[acknowledged].record.topic] += 1
             return False
         if not self.spool.depth:
             log.info("spool replayed; publishing directly again")
@@ -368,5 +508,6 @@ def _acknowledged(future: asyncio.Future[object]) -> bool:
     return future.done() and not future.cancelled() and future.exception() is None
 
 
-def _record(topic: str, event: Event) -> SpoolRecord:
+def encode_record(topic: str, event: Event) -> SpoolRecord:
+    """The Kafka record of ``event`` for ``topic``: its partition key and its bytes."""
     return SpoolRecord(topic, event.partition_key(), event.to_bytes())

@@ -189,14 +189,14 @@ async def ready(request: Request) -> Response:
     """200 once a model is loaded; Kafka's state is reported but does not block serving."""
     service = gateway(request)
     champion = service.holder.current
-    spool = service.spool
+    publishing = service.publisher.status() if service.publisher is not None else None
     body = {
         "ready": champion is not None,
         "reason": None if champion else "no model loaded yet",
         "model": _current_model(service, champion) if champion else None,
         "kafka": service.kafka_state,
-        "spool_depth": spool.depth if spool else 0,
-        "spool_full": spool.full if spool else False,
+        "spool_depth": publishing.spool_depth if publishing else 0,
+        "spool_full": publishing.spool_full if publishing else False,
         "model_events": service.model_events_state,
     }
     return JSONBytesResponse(body, status_code=200 if champion else 503)

@@ -20,13 +20,11 @@ from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
 from driftloop.champion import Champion, ChampionHolder
-from driftloop.spool import SpoolRecord
 from gateway.contract import Feedback
 from gateway.metrics import GatewayMetrics
-from gateway.publishing import EventPublisher
-from schemas.events import PredictionEvent
+from gateway.publishing import ModelKey, Publisher
 from schemas.features import FeatureSpec
-from schemas.fields import FeatureValue, utc_now
+from schemas.fields import FeatureValue
 
 T = TypeVar("T")
 
@@ -67,11 +65,11 @@ class Scores:
 
 @dataclass(frozen=True, slots=True)
 class _ChampionOutputs:
-    """What the scorer writes for one model version: its metric children, its event encoder."""
+    """What the scorer writes for one model version: its metric children, its event name."""
 
     predictions: Counter
     values: Histogram
-    encode: Callable[..., bytes]
+    model: ModelKey
 
 
 def parse_json(body: bytes) -> Any:
@@ -158,18 +156,16 @@ class Scorer:
         self,
         spec: FeatureSpec,
         holder: ChampionHolder,
-        publisher: EventPublisher | None,
+        publisher: Publisher | None,
         metrics: GatewayMetrics,
         *,
         max_rows: int,
-        predictions_topic: str,
     ) -> None:
         self.spec = spec
         self.holder = holder
         self.publisher = publisher
         self.metrics = metrics
         self.max_rows = max_rows
-        self.predictions_topic = predictions_topic
         self._width = len(spec.features)
         self._champion_outputs: dict[tuple[str, int], _ChampionOutputs] = {}
 
@@ -205,20 +201,14 @@ class Scorer:
         return Scores(champion, row_ids, predictions, single)
 
     def _outputs(self, champion: Champion) -> _ChampionOutputs:
-        # Resolved once per model version: labels() takes a lock and hashes the labels, and
-        # the event fields naming the model are encoded once.
+        # Resolved once per model version: labels() takes a lock and hashes the labels.
         key = (champion.name, champion.version)
         outputs = self._champion_outputs.get(key)
         if outputs is None:
             outputs = self._champion_outputs[key] = _ChampionOutputs(
                 self.metrics.predictions.labels(champion.name, str(champion.version)),
                 self.metrics.prediction_values.labels(champion.name),
-                PredictionEvent.trusted_encoder(
-                    model_name=champion.name,
-                    model_version=champion.version,
-                    run_id=champion.run_id,
-                    source="http",
-                ),
+                ModelKey(champion.name, champion.version, champion.run_id),
             )
         return outputs
 
@@ -236,18 +226,6 @@ class Scorer:
             outputs.values.observe(prediction)
         if self.publisher is None:
             return
-        now = utc_now()
-        for row, row_id, prediction in zip(rows, row_ids, predictions, strict=True):
-            self.publisher.publish_encoded(
-                SpoolRecord(
-                    self.predictions_topic,
-                    row_id.encode(),
-                    outputs.encode(
-                        occurred_at=now,
-                        request_id=row_id,
-                        features=row,
-                        prediction=prediction,
-                        latency_ms=latency_ms,
-                    ),
-                )
-            )
+        self.publisher.publish_predictions(
+            outputs.model, time.time_ns() // 1000, latency_ms, row_ids, rows, predictions
+        )

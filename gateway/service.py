@@ -20,7 +20,8 @@ from driftloop.champion import (
 from driftloop.model_events import FollowerState, ModelEventFollower
 from driftloop.spool import Spool
 from gateway.metrics import GatewayMetrics
-from gateway.publishing import EventPublisher
+from gateway.publishing import EventPublisher, PredictionRecords, Publisher
+from gateway.relay import RelayConfig, RelayPublisher
 from gateway.scoring import Problem, RequestProblemError, Scorer
 from gateway.settings import GatewaySettings
 from schemas.events import Event
@@ -42,6 +43,9 @@ class Gateway:
         registry: ChampionSource | None = None,
         producer_factory: Callable[[], AIOKafkaProducer] | None = None,
     ) -> None:
+        if producer_factory is not None and settings.publisher_process:
+            raise ValueError("a producer_factory replaces the producer of the in-process "
+                             "publisher: set publisher_process=False")  # fmt: skip
         self.settings = settings
         self._producer_factory = producer_factory
         self.spec = spec
@@ -56,7 +60,7 @@ class Gateway:
             on_load=self._model_loaded,
         )
         self.spool: Spool | None = None
-        self.publisher: EventPublisher | None = None
+        self.publisher: Publisher | None = None
         self.follower: ModelEventFollower | None = None
         self.labels_topic = settings.kafka.topic(Topic.LABELS)
         self.scorer = Scorer(
@@ -65,7 +69,6 @@ class Gateway:
             None,
             metrics,
             max_rows=settings.max_rows,
-            predictions_topic=settings.kafka.topic(Topic.PREDICTIONS),
         )
         self._api_keys = tuple(key.get_secret_value().encode() for key in settings.api_keys)
         self._admin_token = settings.admin_token.get_secret_value().encode()
@@ -74,17 +77,9 @@ class Gateway:
     async def start(self) -> None:
         """Open the spool, connect Kafka, load the model and start the background tasks."""
         if self.settings.publish:
-            self.spool = Spool(
-                self.settings.spool_path, max_records=self.settings.spool_max_records
-            )
-            self.publisher = EventPublisher(
-                self.settings.kafka,
-                self.spool,
-                self.metrics,
-                timeout_seconds=self.settings.kafka_timeout_seconds,
-                producer_factory=self._producer_factory,
-            )
+            self.publisher = self._publisher()
             self.scorer.publisher = self.publisher
+            self.metrics.publisher_status = self.publisher.status
             await self.publisher.start(connect_within_seconds=self.settings.kafka_timeout_seconds)
         await self.holder.start()
         self._tasks.append(
@@ -114,6 +109,26 @@ class Gateway:
         if self.spool is not None:
             self.spool.close()
 
+    def _publisher(self) -> Publisher:
+        settings = self.settings
+        if settings.publisher_process:
+            config = RelayConfig(
+                kafka=settings.kafka,
+                spool_path=settings.spool_path,
+                spool_max_records=settings.spool_max_records,
+                timeout_seconds=settings.kafka_timeout_seconds,
+                predictions_topic=settings.kafka.topic(Topic.PREDICTIONS),
+            )
+            return RelayPublisher(config, on_restart=self.metrics.relay_restarts.inc)
+        self.spool = Spool(settings.spool_path, max_records=settings.spool_max_records)
+        return EventPublisher(
+            settings.kafka,
+            self.spool,
+            timeout_seconds=settings.kafka_timeout_seconds,
+            predictions=PredictionRecords(settings.kafka.topic(Topic.PREDICTIONS), "http"),
+            producer_factory=self._producer_factory,
+        )
+
     def publish_label(self, event: Event) -> None:
         """Queue a ground-truth event for the labels topic."""
         if self.publisher is None:
@@ -125,7 +140,7 @@ class Gateway:
     @property
     def kafka_state(self) -> str:
         """direct, spooling, stopped, or off when publishing is disabled."""
-        return self.publisher.state.value if self.publisher is not None else "off"
+        return self.publisher.status().state.value if self.publisher is not None else "off"
 
     @property
     def model_events_state(self) -> str:

@@ -104,9 +104,10 @@ def test_spool_capacity_is_the_configured_maximum(tmp_path: Path) -> None:
     metrics = GatewayMetrics()
     spool = Spool(tmp_path / "spool.sqlite3", max_records=1234)
     try:
-        EventPublisher(KafkaSettings(), spool, metrics, timeout_seconds=1)
+        metrics.publisher_status = EventPublisher(KafkaSettings(), spool, timeout_seconds=1).status
         assert _value(metrics.registry, "gateway_spool_capacity") == 1234
         assert _value(metrics.registry, "gateway_spool_depth") == 0
+        assert _value(metrics.registry, "gateway_kafka_up") == 0
     finally:
         spool.close()
 

@@ -11,7 +11,6 @@ from aiokafka.errors import KafkaTimeoutError
 
 from driftloop.settings import KafkaSettings
 from driftloop.spool import Spool, SpoolRecord
-from gateway.metrics import GatewayMetrics
 from gateway.publishing import EventPublisher, PublisherState
 
 
@@ -65,7 +64,6 @@ async def test_partial_replay_keeps_the_unacknowledged_tail_in_order(tmp_path: P
     publisher = EventPublisher(
         KafkaSettings(bootstrap_servers="127.0.0.1:9"),
         spool,
-        GatewayMetrics(),
         timeout_seconds=0.5,
         producer_factory=lambda: producer,
     )
