@@ -50,6 +50,8 @@ Category = StrictInt | StrictStr
 # Integers up to 2**53 in magnitude convert to float exactly, so the fast row check compares
 # them as pydantic does; larger ones (and bounds that are not exact floats) take its path.
 _EXACT_INTEGER: Final = 2**53
+_INT64_MIN: Final = -(2**63)
+_INT64_MAX: Final = 2**63 - 1
 
 
 class FeatureKind(StrEnum):
@@ -138,23 +140,18 @@ class Feature(_Declaration):
                 Field(json_schema_extra={"enum": list(self.categories or ())}),
             ]
         elif self.dtype == "int":
-            base = Annotated[int, Field(strict=True, ge=self.minimum, le=self.maximum)]
-            if not self._bounds_within_float_range():
-                # Only here: a Python validator per value costs the gateway's hot path, and
-                # declared bounds inside float range already refuse every such int.
-                base = Annotated[base, AfterValidator(_check_float_range)]
+            # Every accepted row is logged as a JSON event, whose encoder (orjson) and readers
+            # hold 64-bit integers: a bigger int (and 10**400 is valid JSON and a valid int)
+            # is refused here, with the field, instead of failing after it was scored.
+            lowest = _INT64_MIN if self.minimum is None else max(self.minimum, _INT64_MIN)
+            highest = _INT64_MAX if self.maximum is None else min(self.maximum, _INT64_MAX)
+            base = Annotated[int, Field(strict=True, ge=lowest, le=highest)]
         else:
             base = Annotated[
                 float,
                 Field(strict=True, allow_inf_nan=False, ge=self.minimum, le=self.maximum),
             ]
         return base | None if self.nullable else base
-
-    def _bounds_within_float_range(self) -> bool:
-        return all(
-            bound is not None and abs(bound) <= sys.float_info.max
-            for bound in (self.minimum, self.maximum)
-        )
 
     def _check_category(self, value: Category) -> Category:
         if value not in self.category_codes:
@@ -239,19 +236,6 @@ class Feature(_Declaration):
         lowest = -limit if self.minimum is None else max(self.minimum, -limit)
         highest = limit if self.maximum is None else min(self.maximum, limit)
         return lowest, highest
-
-
-def _check_float_range(value: int) -> int:
-    # The model reads float64: an int beyond its range has no input value at all (float()
-    # raises OverflowError), so it is refused here like any other invalid value.
-    try:
-        float(value)
-    except OverflowError:
-        # Not the value in the message: it may have thousands of digits.
-        raise ValueError(
-            "the integer is beyond +-1.8e308, the range of the model's 64-bit float input"
-        ) from None
-    return value
 
 
 def _exact_as_float(number: int) -> bool:

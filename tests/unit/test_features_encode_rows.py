@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 
 from schemas.features import FeatureSpec, load_feature_spec
@@ -217,16 +218,21 @@ def test_refusals_keep_validate_rows_wording(bikeshare: FeatureSpec) -> None:
     assert "finite number" in str(encoded.refused[1][1])
 
 
-def test_an_int_beyond_float_range_is_refused_not_raised(edges: FeatureSpec) -> None:
-    # An unbounded int feature: 10**400 is a valid int but no float64; it once stopped the
-    # batch scorer with an OverflowError instead of refusing the row.
-    rows = [EDGES_ROW, {**EDGES_ROW, "count": 10**400}, {**EDGES_ROW, "count": -(10**309)}]
+def test_an_int_beyond_64_bits_is_refused_not_raised(edges: FeatureSpec) -> None:
+    # An unbounded int feature: 10**400 is a valid int but no float64 (it once stopped the
+    # batch scorer with an OverflowError), and 2**63 is a float64 but no JSON number the
+    # event encoder writes (orjson holds 64-bit integers): both are refused with the field.
+    too_big = [10**400, -(10**309), 2**63, -(2**63) - 1]
+    rows = [EDGES_ROW, *({**EDGES_ROW, "count": value} for value in too_big)]
     encoded = edges.encode_rows(rows)
     assert encoded.accepted == [0]
-    assert [position for position, _ in encoded.refused] == [1, 2]
-    assert "the integer is beyond +-1.8e308" in str(encoded.refused[0][1])
-    assert "count" in str(encoded.refused[1][1])
-    assert edges.encode_rows([{**EDGES_ROW, "count": 2**1000}]).accepted == [0]
+    assert [position for position, _ in encoded.refused] == [1, 2, 3, 4]
+    assert "count" in str(encoded.refused[0][1])
+    assert "less than or equal to 9223372036854775807" in str(encoded.refused[0][1])
+    assert "greater than or equal to -9223372036854775808" in str(encoded.refused[1][1])
+    extremes = [{**EDGES_ROW, "count": 2**63 - 1}, {**EDGES_ROW, "count": -(2**63)}]
+    assert edges.encode_rows(extremes).accepted == [0, 1]
+    assert orjson.loads(orjson.dumps(extremes)) == extremes
 
 
 def test_an_empty_batch_is_an_empty_matrix(bikeshare: FeatureSpec) -> None:
