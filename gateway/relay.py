@@ -36,10 +36,10 @@ import struct
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Final
+from typing import BinaryIO, Final
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from driftloop.settings import KafkaSettings
 from driftloop.spool import Spool, SpoolRecord
@@ -381,7 +381,8 @@ class RelayPublisher:
             self._on_restart()
             self._before = _added(self._before, self._status)
             self._status = PublisherStatus(state=PublisherState.SPOOLING)
-            await asyncio.sleep(_RESTART_SECONDS)
+            if not self._stopping:
+                await asyncio.sleep(_RESTART_SECONDS)
 
     async def _run_relay(self) -> int:
         process = await asyncio.create_subprocess_exec(
@@ -399,8 +400,16 @@ class RelayPublisher:
         process.stdin.writelines(self._held)
         self._held, self._held_bytes = [], 0
         self._process = process
+        if self._stopping:
+            # Started after its predecessor died during the stop: it takes the held frames
+            # over, spools or sends them, and stops.
+            process.stdin.close()
         async for line in process.stdout:
-            self._status = PublisherStatus.model_validate_json(line)
+            try:
+                self._status = PublisherStatus.model_validate_json(line)
+            except ValidationError:
+                log.warning("the publishing relay wrote a line that is no status: %r", line[:200])
+                continue
             if self._first_status is not None and not self._first_status.done():
                 self._first_status.set_result(None)
         code = await process.wait()
@@ -425,7 +434,9 @@ def _added(before: PublisherStatus, last: PublisherStatus) -> PublisherStatus:
     )
 
 
-async def run_relay(config: RelayConfig, reader: asyncio.StreamReader) -> None:
+async def run_relay(
+    config: RelayConfig, reader: asyncio.StreamReader, status_out: BinaryIO
+) -> None:
     """The relay's work: publish the records read until end of input, reporting as it goes."""
     spool = Spool(config.spool_path, max_records=config.spool_max_records)
     publisher = EventPublisher(
@@ -433,7 +444,7 @@ async def run_relay(config: RelayConfig, reader: asyncio.StreamReader) -> None:
     )
     frames = FrameReader(PredictionRecords(config.predictions_topic, config.source))
     await publisher.start(connect_within_seconds=config.timeout_seconds)
-    reporter = asyncio.create_task(_report(publisher), name="relay-status")
+    reporter = asyncio.create_task(_report(publisher, status_out), name="relay-status")
     try:
         while chunk := await reader.read(_READ_BYTES):
             for record in frames.feed(chunk):
@@ -445,27 +456,27 @@ async def run_relay(config: RelayConfig, reader: asyncio.StreamReader) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await reporter
         await publisher.stop()
-        _write_status(publisher.status())
+        _write_status(status_out, publisher.status())
         spool.close()
 
 
-async def _report(publisher: EventPublisher) -> None:
+async def _report(publisher: EventPublisher, out: BinaryIO) -> None:
     while True:
-        _write_status(publisher.status())
+        _write_status(out, publisher.status())
         await asyncio.sleep(_STATUS_SECONDS)
 
 
-def _write_status(status: PublisherStatus) -> None:
-    sys.stdout.buffer.write(status.model_dump_json().encode() + b"\n")
-    sys.stdout.buffer.flush()
+def _write_status(out: BinaryIO, status: PublisherStatus) -> None:
+    out.write(status.model_dump_json().encode() + b"\n")
+    out.flush()
 
 
-async def _main() -> None:
+async def _main(status_out: BinaryIO) -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=2 * _READ_BYTES)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin.buffer)
     config = RelayConfig.model_validate_json(await reader.readline())
-    await run_relay(config, reader)
+    await run_relay(config, reader, status_out)
 
 
 def main() -> None:
@@ -474,8 +485,11 @@ def main() -> None:
     # reading until the gateway, stopping, closes its input.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Standard output carries status lines only: anything a library prints goes to
+    # standard error instead.
+    status_out, sys.stdout = sys.stdout.buffer, sys.stderr
     logging.basicConfig(level=logging.INFO, format="%(asctime)s relay %(levelname)s %(message)s")
-    asyncio.run(_main())
+    asyncio.run(_main(status_out))
 
 
 if __name__ == "__main__":
