@@ -106,6 +106,18 @@ class ModelKey(NamedTuple):
     run_id: str
 
 
+class Answer(NamedTuple):
+    """One answer's predictions, as the scorer hands them to a publisher."""
+
+    model: ModelKey
+    occurred_at_us: int
+    """When it was answered: microseconds since the Unix epoch."""
+    latency_ms: float
+    request_ids: Sequence[str]
+    rows: Sequence[Mapping[str, FeatureValue]]
+    predictions: Sequence[float]
+
+
 class PredictionRecords:
     """Prediction events from one source as Kafka records: keyed by request id, one topic.
 
@@ -160,15 +172,7 @@ class Publisher(Protocol):
     def publish(self, topic: str, event: Event) -> None:
         """Queue an event for ``topic``; returns at once, never raises for Kafka's sake."""
 
-    def publish_predictions(
-        self,
-        model: ModelKey,
-        occurred_at_us: int,
-        latency_ms: float,
-        request_ids: Sequence[str],
-        rows: Sequence[Mapping[str, FeatureValue]],
-        predictions: Sequence[float],
-    ) -> None:
+    def publish_predictions(self, answer: Answer) -> None:
         """Queue the prediction events of one answer (the hot path); same promise."""
 
     async def start(self, *, connect_within_seconds: float) -> None:
@@ -258,20 +262,15 @@ class EventPublisher:
         if not self._queued.is_set():
             self._queued.set()
 
-    def publish_predictions(
-        self,
-        model: ModelKey,
-        occurred_at_us: int,
-        latency_ms: float,
-        request_ids: Sequence[str],
-        rows: Sequence[Mapping[str, FeatureValue]],
-        predictions: Sequence[float],
-    ) -> None:
+    def publish_predictions(self, answer: Answer) -> None:
         """Queue the prediction events of one answer; needs ``predictions`` at construction."""
         if self.predictions is None:
             raise RuntimeError("this publisher was made without PredictionRecords")
-        record, occurred_at = self.predictions.record, datetime_of(occurred_at_us)
-        for request_id, row, prediction in zip(request_ids, rows, predictions, strict=True):
+        record, occurred_at = self.predictions.record, datetime_of(answer.occurred_at_us)
+        model, latency_ms = answer.model, answer.latency_ms
+        for request_id, row, prediction in zip(
+            answer.request_ids, answer.rows, answer.predictions, strict=True
+        ):
             self._queue.append(record(model, occurred_at, request_id, row, prediction, latency_ms))
         if not self._queued.is_set():
             self._queued.set()

@@ -34,7 +34,7 @@ import logging
 import signal
 import struct
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, Final
 
@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from driftloop.settings import KafkaSettings
 from driftloop.spool import Spool, SpoolRecord
 from gateway.publishing import (
+    Answer,
     EventPublisher,
     ModelKey,
     PredictionRecords,
@@ -53,7 +54,6 @@ from gateway.publishing import (
     encode_record,
 )
 from schemas.events import Event, PredictionSource
-from schemas.fields import FeatureValue
 
 log = logging.getLogger(__name__)
 
@@ -115,30 +115,25 @@ class FrameWriter:
         head = _FRAME.pack(_RECORD_FRAME, body) + _RECORD.pack(len(name), key_length)
         return b"".join((head, name, key or b"", value))
 
-    def predictions(
-        self,
-        model: ModelKey,
-        occurred_at_us: int,
-        latency_ms: float,
-        request_ids: Sequence[str],
-        rows: Sequence[Mapping[str, FeatureValue]],
-        predictions: Sequence[float],
-    ) -> list[bytes]:
+    def predictions(self, answer: Answer) -> list[bytes]:
         """The frames of one answer's predictions (after its model's, the first time)."""
         frames: list[bytes] = []
-        index = self._models.get(model)
+        index = self._models.get(answer.model)
         if index is None:
-            index = self._models[model] = len(self._models)
-            frames.append(_model_frame(index, model))
+            index = self._models[answer.model] = len(self._models)
+            frames.append(_model_frame(index, answer.model))
         size, pack = _PREDICTION.size, _PREDICTION.pack
-        for request_id, row, prediction in zip(request_ids, rows, predictions, strict=True):
+        at_us, latency_ms = answer.occurred_at_us, answer.latency_ms
+        for request_id, row, prediction in zip(
+            answer.request_ids, answer.rows, answer.predictions, strict=True
+        ):
             identifier, features = request_id.encode(), orjson.dumps(row)
             body = size + len(identifier) + len(features)
             frames.append(
                 b"".join(
                     (
                         _FRAME.pack(_PREDICTION_FRAME, body),
-                        pack(index, occurred_at_us, prediction, latency_ms, len(identifier)),
+                        pack(index, at_us, prediction, latency_ms, len(identifier)),
                         identifier,
                         features,
                     )
@@ -263,19 +258,9 @@ class RelayPublisher:
         self._frames.append(self._writer.record(topic, key, value))
         self._schedule_flush()
 
-    def publish_predictions(
-        self,
-        model: ModelKey,
-        occurred_at_us: int,
-        latency_ms: float,
-        request_ids: Sequence[str],
-        rows: Sequence[Mapping[str, FeatureValue]],
-        predictions: Sequence[float],
-    ) -> None:
+    def publish_predictions(self, answer: Answer) -> None:
         """Queue the prediction events of one answer (the hot path); same promise."""
-        self._frames += self._writer.predictions(
-            model, occurred_at_us, latency_ms, request_ids, rows, predictions
-        )
+        self._frames += self._writer.predictions(answer)
         self._schedule_flush()
 
     def _schedule_flush(self) -> None:

@@ -22,7 +22,7 @@ from pydantic_core import ErrorDetails
 from driftloop.champion import Champion, ChampionHolder
 from gateway.contract import Feedback
 from gateway.metrics import GatewayMetrics
-from gateway.publishing import ModelKey, Publisher
+from gateway.publishing import Answer, ModelKey, Publisher
 from schemas.features import FeatureSpec
 from schemas.fields import FeatureValue
 
@@ -227,5 +227,5 @@ class Scorer:
         if self.publisher is None:
             return
         self.publisher.publish_predictions(
-            outputs.model, time.time_ns() // 1000, latency_ms, row_ids, rows, predictions
+            Answer(outputs.model, time.time_ns() // 1000, latency_ms, row_ids, rows, predictions)
         )

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import orjson
 import pytest
@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from driftloop.settings import KafkaSettings
 from driftloop.spool import Spool, SpoolRecord
 from gateway.publishing import (
+    Answer,
     ModelKey,
     PredictionRecords,
     PublisherState,
@@ -76,15 +77,6 @@ def answers(draw: st.DrawFn) -> Answer:
     )
 
 
-class Answer(NamedTuple):
-    model: ModelKey
-    occurred_at_us: int
-    latency_ms: float
-    request_ids: list[str]
-    rows: list[dict[str, Any]]
-    predictions: list[float]
-
-
 def _comparable(item: SpoolRecord) -> tuple[str, bytes | None, Any]:
     """A record with its value parsed and the random event id left out."""
     try:
@@ -112,7 +104,7 @@ def test_what_the_relay_reads_is_what_the_gateway_would_have_sent(
             frames.append(writer.record(*item))
             expected.append(item)
             continue
-        frames += writer.predictions(*item)
+        frames += writer.predictions(item)
         at = datetime_of(item.occurred_at_us)
         for request_id, row, prediction in zip(
             item.request_ids, item.rows, item.predictions, strict=True
@@ -135,7 +127,7 @@ def test_a_relayed_prediction_is_a_valid_prediction_event() -> None:
     writer, reader = FrameWriter(), FrameReader(PredictionRecords(TOPIC, "http"))
     at_us = 1_764_921_600_123_456
     row: dict[str, FeatureValue] = {"season": 2, "temp": 0.5, "mnth": "July", "hum": None}
-    frames = writer.predictions(MODELS[1], at_us, 1.25, ["req-9"], [row], [412.5])
+    frames = writer.predictions(Answer(MODELS[1], at_us, 1.25, ["req-9"], [row], [412.5]))
     (item,) = reader.feed(b"".join(frames))
     event = PredictionEvent.from_bytes(item.value)
     assert (item.topic, item.key) == (TOPIC, b"req-9")
@@ -247,7 +239,7 @@ async def test_a_relay_that_dies_is_replaced_and_its_counts_are_kept(tmp_path: P
     await relay.start(connect_within_seconds=0.5)
     row: dict[str, FeatureValue] = {"temp": 0.5}
     try:
-        relay.publish_predictions(MODELS[0], 0, 1.0, ["p-0"], [row], [1.0])
+        relay.publish_predictions(Answer(MODELS[0], 0, 1.0, ["p-0"], [row], [1.0]))
         for record in _events(0, 10):
             relay.publish_encoded(*record)
         await _wait_for(lambda: relay.status().spooled == 11)
@@ -257,7 +249,7 @@ async def test_a_relay_that_dies_is_replaced_and_its_counts_are_kept(tmp_path: P
 
         await _wait_for(lambda: relay.process_id not in (None, first) and bool(restarts))
         # The new relay knows the model described to the one before it.
-        relay.publish_predictions(MODELS[0], 0, 1.0, ["p-1"], [row], [2.0])
+        relay.publish_predictions(Answer(MODELS[0], 0, 1.0, ["p-1"], [row], [2.0]))
         for record in _events(10, 5):
             relay.publish_encoded(*record)
         await _wait_for(lambda: relay.status().spooled == 17)
