@@ -1,8 +1,14 @@
 """Publishing events to Kafka off the request path, with a durable spool while Kafka is away.
 
+``EventPublisher`` is the one publisher. By default it runs in the gateway's relay process
+(``gateway.relay``), which feeds it what the gateway's event loop writes to a pipe;
+``GATEWAY_PUBLISHER_PROCESS=false`` runs it in that event loop. Either way the gateway sees a
+``Publisher``: ``publish`` and ``publish_predictions`` return at once, and ``status`` reports
+the state and counts (a ``PublisherStatus``) that the metrics and ``/health/ready`` show.
+
 ``publish`` only appends to an in-memory queue: the request never waits for the broker. A
-sender task serialises the queued events and hands them to aiokafka, which batches them
-(``linger_ms``). Two modes:
+sender task serialises the queued events and hands them to aiokafka, one linger's worth at a
+time. Two modes:
 
 - direct: the producer is up and the spool is empty; events go to Kafka, and an event whose
   delivery fails (no acknowledgement within the timeout) is written to the spool;
@@ -257,7 +263,7 @@ class EventPublisher:
             self._queued.set()
 
     def publish_encoded(self, topic: str, key: bytes | None, value: bytes) -> None:
-        """Queue an already encoded event (the hot path's way); same promise as ``publish``."""
+        """Queue an already encoded event (the relay's way); same promise as ``publish``."""
         self._queue.append(SpoolRecord(topic, key, value))
         if not self._queued.is_set():
             self._queued.set()
