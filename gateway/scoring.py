@@ -65,7 +65,7 @@ class Scores:
 
 @dataclass(frozen=True, slots=True)
 class _ChampionOutputs:
-    """What the scorer writes for one model version: its metric children, its event name."""
+    """What the scorer writes for one model version: its metric children, its name in events."""
 
     predictions: Counter
     values: Histogram
