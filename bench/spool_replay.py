@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer
@@ -35,6 +36,7 @@ from driftloop.spool import Spool, SpoolRecord
 from gateway.publishing import EventPublisher, ModelKey, PredictionRecords, datetime_of
 from schemas.topics import Topic
 
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 MODEL = ModelKey("bikeshare", 1, "0" * 32)
 ROW = {
     "season": 2, "mnth": "May", "hr": 17, "holiday": 0, "weekday": 3, "workingday": 1,
@@ -189,11 +191,23 @@ async def main() -> None:
             f"{run.read_back:10,} {run.missing:7,}"
         )
     reference = runs[0].rate
-    print(f"\nreplay / direct (events/s)                 {runs[1].rate / reference:.2f}")
+    ratios = {"replay": runs[1].rate / reference, "replay_under_traffic": runs[2].rate / reference}
+    print(f"\nreplay / direct (events/s)                 {ratios['replay']:.2f}")
     print(
-        f"replay under {options.rate:,}/s of traffic / direct  {runs[2].rate / reference:.2f}"
-        f"  (drains while traffic < replay rate)"
+        f"replay under {options.rate:,}/s of traffic / direct  "
+        f"{ratios['replay_under_traffic']:.2f}  (drains while traffic < replay rate)"
     )
+    document = {
+        "stamp": stamp,
+        "events": options.events,
+        "rate": options.rate,
+        "runs": [{**asdict(run), "events_per_second": run.rate} for run in runs],
+        "ratios": ratios,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"spool-replay-{stamp}.json"
+    path.write_text(json.dumps(document, indent=2))
+    print(f"\nresults: {path}")
 
 
 if __name__ == "__main__":
