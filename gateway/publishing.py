@@ -15,12 +15,14 @@ time. Two modes:
 - spooling: the producer is down or the spool holds events; new events are appended to the
   spool behind them, so the spool's order is arrival order.
 
-A replay task sends the spool's oldest events in batches, removes a batch only once Kafka has
-acknowledged it, and goes back to direct mode when the spool is empty. Delivery is at least
-once: a batch that failed half-way is sent again, and the feature logger's writes are
-idempotent by request id. Events sent directly and still unacknowledged when the broker went
-away are spooled when their timeout expires, so they may follow events that came after them;
-each event carries its own key and timestamp, and no key spans two requests.
+A replay task sends the spool's oldest events in rounds, in record batches by partition as
+the direct path does. It removes a round's events only up to the first one whose batch Kafka
+did not acknowledge, and it goes back to direct mode when the spool is empty. Delivery is at
+least once: the events after that one are sent again, even those Kafka took, and the feature
+logger's writes are idempotent by request id. Events sent directly and still unacknowledged
+when the broker went away are spooled when their timeout expires, so they may follow events
+that came after them; each event carries its own key and timestamp, and no key spans two
+requests.
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ from schemas.fields import FeatureValue
 
 log = logging.getLogger(__name__)
 
-_REPLAY_BATCH: Final = 500
+# Records replayed per round: a few produce requests' worth, acknowledged before the spool
+# lets them go.
+_REPLAY_BATCH: Final = 5000
 # How long the sender lets events gather before it packs them into record batches and hands
 # them over, one batch per partition in one produce request. Each produce request costs the
 # gateway's event loop about a millisecond of aiokafka's pure-Python protocol work and
@@ -476,25 +480,27 @@ class EventPublisher:
         batch = self.spool.peek(_REPLAY_BATCH)
         if producer is None or not batch:
             return True
-        futures: list[asyncio.Future[object]] = []
-        partitioner = self._partitioner_of(producer)
+        # Sent as the direct path sends: grouped by the same partitioner (a replayed event
+        # lands where it would have), in whole record batches, each group in spool order.
+        placed = [_Placed(*item.record, place) for place, item in enumerate(batch)]
+        futures: list[asyncio.Future[object] | None] = [None] * len(batch)
         try:
-            for item in batch:
-                # The direct path's partitioner: a replayed event lands where it would have.
-                record = item.record
-                partition = await partitioner.partition(record.topic, record.key)
-                futures.append(
-                    await producer.send(
-                        record.topic, record.value, key=record.key, partition=partition
-                    )
-                )
+            groups = await self._partitioner_of(producer).group(placed)
+            for (topic, partition), records in groups.items():
+                for builder, in_batch in kafka.record_batches(producer, records):
+                    future = await producer.send_batch(builder, topic, partition=partition)
+                    for record in in_batch:
+                        futures[record.place] = future
         except KafkaError as error:
             log.warning("replaying the spool failed (%r)", error)
-        results = await asyncio.gather(*futures, return_exceptions=True)
-        # Only the acknowledged prefix leaves the spool, so the spool stays in arrival order.
+        await asyncio.gather(
+            *{id(f): f for f in futures if f is not None}.values(), return_exceptions=True
+        )
+        # Only the acknowledged prefix leaves the spool, so the spool stays in arrival order;
+        # records after it that Kafka took are sent again (delivery is at least once).
         acknowledged = 0
-        for result in results:
-            if isinstance(result, BaseException):
+        for future in futures:
+            if future is None or not _acknowledged(future):
                 break
             acknowledged += 1
         if acknowledged:
@@ -507,6 +513,15 @@ class EventPublisher:
         if not self.spool.depth:
             log.info("spool replayed; publishing directly again")
         return True
+
+
+class _Placed(NamedTuple):
+    """A spooled record with its place in the replayed batch."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    place: int
 
 
 def _acknowledged(future: asyncio.Future[object]) -> bool:
