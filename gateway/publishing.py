@@ -107,6 +107,24 @@ class PublisherStatus(BaseModel):
         """Whether a new event would be dropped."""
         return self.spool_capacity > 0 and self.spool_depth >= self.spool_capacity
 
+    def after(self, earlier: PublisherStatus) -> PublisherStatus:
+        """This status with the counts of an earlier publisher's (a relay before) added."""
+        return self.model_copy(
+            update={
+                "published": _sum(earlier.published, self.published),
+                "publish_errors": _sum(earlier.publish_errors, self.publish_errors),
+                "spooled": earlier.spooled + self.spooled,
+                "spool_dropped": earlier.spool_dropped + self.spool_dropped,
+            }
+        )
+
+
+def _sum(first: dict[str, int], second: dict[str, int]) -> dict[str, int]:
+    total = dict(first)
+    for key, count in second.items():
+        total[key] = total.get(key, 0) + count
+    return total
+
 
 class ModelKey(NamedTuple):
     """The model version that answered, as its prediction events name it."""

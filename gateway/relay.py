@@ -274,16 +274,13 @@ class RelayPublisher:
 
     def status(self) -> PublisherStatus:
         """The relay's last report, with the counts of relays before it and of drops here."""
-        now, before = self._status, self._before
-        state = PublisherState.STOPPED if self._stopping else now.state
-        return PublisherStatus(
-            state=state,
-            spool_depth=now.spool_depth,
-            spool_capacity=now.spool_capacity or self.config.spool_max_records,
-            published=_sum(before.published, now.published),
-            publish_errors=_sum(before.publish_errors, now.publish_errors),
-            spooled=before.spooled + now.spooled,
-            spool_dropped=before.spool_dropped + now.spool_dropped + self._dropped,
+        total = self._status.after(self._before)
+        return total.model_copy(
+            update={
+                "state": PublisherState.STOPPED if self._stopping else total.state,
+                "spool_capacity": total.spool_capacity or self.config.spool_max_records,
+                "spool_dropped": total.spool_dropped + self._dropped,
+            }
         )
 
     async def start(self, *, connect_within_seconds: float) -> None:
@@ -364,7 +361,7 @@ class RelayPublisher:
                 return
             log.error("the publishing relay exited with %s; starting another", code)
             self._on_restart()
-            self._before = _added(self._before, self._status)
+            self._before = self._status.after(self._before)
             self._status = PublisherStatus(state=PublisherState.SPOOLING)
             if not self._stopping:
                 await asyncio.sleep(_RESTART_SECONDS)
@@ -400,23 +397,6 @@ class RelayPublisher:
         code = await process.wait()
         self._process = None  # frames from now on are held for the next relay
         return code
-
-
-def _sum(first: dict[str, int], second: dict[str, int]) -> dict[str, int]:
-    total = dict(first)
-    for key, count in second.items():
-        total[key] = total.get(key, 0) + count
-    return total
-
-
-def _added(before: PublisherStatus, last: PublisherStatus) -> PublisherStatus:
-    return PublisherStatus(
-        state=PublisherState.STOPPED,
-        published=_sum(before.published, last.published),
-        publish_errors=_sum(before.publish_errors, last.publish_errors),
-        spooled=before.spooled + last.spooled,
-        spool_dropped=before.spool_dropped + last.spool_dropped,
-    )
 
 
 async def run_relay(

@@ -194,7 +194,7 @@ async def ready(request: Request) -> Response:
         "ready": champion is not None,
         "reason": None if champion else "no model loaded yet",
         "model": _current_model(service, champion) if champion else None,
-        "kafka": service.kafka_state,
+        "kafka": publishing.state.value if publishing else "off",
         "spool_depth": publishing.spool_depth if publishing else 0,
         "spool_full": publishing.spool_full if publishing else False,
         "model_events": service.model_events_state,

@@ -138,11 +138,6 @@ class Gateway:
         self.publisher.publish(self.labels_topic, event)
 
     @property
-    def kafka_state(self) -> str:
-        """direct, spooling, stopped, or off when publishing is disabled."""
-        return self.publisher.status().state.value if self.publisher is not None else "off"
-
-    @property
     def model_events_state(self) -> str:
         """following, connecting or off."""
         return (self.follower.state if self.follower else FollowerState.OFF).value
