@@ -48,6 +48,12 @@ class DriftPolicy(BaseModel):
     (150: a week of hourly traffic, 168 rows, is judged; a day is not)."""
     min_labelled_rows: Count = 50
     """Fewest labelled rows in a window for the quality metrics to be computed."""
+    threshold_quantile: Annotated[float, Field(gt=0.5, lt=1)] = 0.99
+    """Quantile of a column's null distribution (its distance from the reference over
+    window-sized samples of the reference itself) taken as its threshold
+    (``driftloop.drift.baseline``): about 1 window in 100 of undrifted data passes it."""
+    sketch_bins: Annotated[int, Field(ge=4, le=10_000)] = 100
+    """Bins cut from the reference's quantiles per numeric column of a window sketch."""
     consecutive_windows: Count = 2
     """Drifted windows in a row before drift holds and an episode opens (no flapping)."""
     clean_windows_to_close: Count = 2
@@ -67,6 +73,12 @@ class DriftPolicy(BaseModel):
     def stat_test(self, kind: FeatureKind) -> str:
         """The stat test of a feature of this kind."""
         return self.numeric_stat_test if kind is FeatureKind.NUMERIC else self.categorical_stat_test
+
+    def sketch_test(self, kind: FeatureKind, *, prediction: bool = False) -> str:
+        """The stat test a window sketch computes for a column of this kind."""
+        if prediction:
+            return self.prediction_stat_test
+        return self.stat_test(kind)
 
     def threshold(self, feature: str, kind: FeatureKind) -> float:
         """The threshold of one feature: its override, else its kind's."""

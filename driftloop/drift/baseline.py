@@ -1,0 +1,288 @@
+"""A model version's drift baseline: its sketch layout and thresholds calibrated on its reference.
+
+No threshold is a constant tuned to one dataset. For each monitored column (and the
+predictions) the threshold is a quantile (``DriftPolicy.threshold_quantile``, 0.99 by default)
+of the column's *null distribution*: its distance from the whole reference over many
+window-sized samples of the reference itself, computed with the same sketch estimator the
+monitor applies to live windows.
+
+- A reference with a time order (its declaration names the columns that order the data) is
+  sampled in time-contiguous blocks: weather, seasons and habits make neighbouring rows alike,
+  so a week of the training months sits farther from the whole than a random week's worth of
+  rows would, and a live window is a contiguous span of time too.
+- A reference with no time order is sampled without replacement.
+
+The distance of a sample shrinks as it grows, so thresholds are calibrated on a grid of sample
+sizes (doubling from the policy's ``min_rows``) and read for a window's row count by
+interpolation in log(rows); a window larger than the largest sample takes that sample's
+threshold, the conservative side. An explicit per-feature threshold in the policy replaces the
+calibrated one. The baseline is stored with the version as an MLflow artifact
+(``drift/baseline.json``) and shown in each report.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final, Literal
+
+import numpy as np
+import pandas as pd
+from numpy.typing import NDArray
+from pydantic import BaseModel, ConfigDict, Field
+
+from driftloop.drift.policy import DriftPolicy
+from driftloop.drift.sketch import (
+    DEFAULT_BINS,
+    ColumnDistance,
+    ReferenceColumn,
+    SketchLayout,
+    WindowSketch,
+    distance_of,
+    reference_columns,
+)
+from schemas.features import FeatureKind, FeatureSpec
+
+BASELINE_ARTIFACT: Final = "drift/baseline.json"
+"""Where a version's baseline is stored in its MLflow run."""
+PREDICTION_COLUMN: Final = "prediction"
+
+Sampling = Literal["time_blocks", "resampling"]
+
+_MAX_SAMPLES: Final = 400
+"""Samples drawn per size: enough for a 0.99 quantile, bounded for large references."""
+_SEED: Final = 20_111  # fixed: calibrating the same reference twice gives the same thresholds
+
+
+class ColumnCalibration(BaseModel):
+    """One column's stat test and its threshold at each calibrated sample size."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+    name: str
+    stat_test: str
+    thresholds: tuple[float, ...]
+    """Threshold at each of the baseline's ``sample_rows`` (the declared quantile of the null
+    distances), or the one explicit threshold repeated."""
+    explicit: bool = False
+    """The threshold is the policy's per-feature override, not calibrated."""
+
+
+class DriftBaseline(BaseModel):
+    """What the monitor needs of a version: how to sketch its windows, when a column drifted."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+    model_name: str
+    model_version: int = Field(ge=1)
+    reference_rows: int = Field(ge=0)
+    layout: SketchLayout
+    """Bins of the monitored features and of the predictions."""
+    sampling: Sampling
+    """How the null distributions were drawn from the reference."""
+    quantile: float = Field(gt=0, lt=1)
+    """Quantile of the null distribution taken as the threshold."""
+    sample_rows: tuple[int, ...]
+    """Sample sizes calibrated, increasing."""
+    samples: int = Field(ge=1)
+    """Samples drawn per size."""
+    columns: tuple[ColumnCalibration, ...]
+
+    def calibration(self, name: str) -> ColumnCalibration:
+        for column in self.columns:
+            if column.name == name:
+                return column
+        raise KeyError(name)
+
+    def threshold(self, name: str, rows: int) -> float:
+        """The column's threshold for a window of ``rows`` rows."""
+        thresholds = self.calibration(name).thresholds
+        sizes = self.sample_rows
+        if rows <= sizes[0]:
+            return thresholds[0]
+        if rows >= sizes[-1]:
+            return thresholds[-1]
+        return float(np.interp(math.log(rows), np.log(sizes), thresholds))
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        """The monitored features (every column but the predictions)."""
+        return tuple(c.name for c in self.columns if c.name != PREDICTION_COLUMN)
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(indent=1).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedBaseline:
+    """A baseline with its reference columns ready: what the monitor keeps per version."""
+
+    baseline: DriftBaseline
+    reference: dict[str, ReferenceColumn]
+
+    def distances(self, sketch: WindowSketch) -> dict[str, ColumnDistance]:
+        """Every column's distance of a window from the reference."""
+        return {
+            column.name: distance_of(
+                self.reference[column.name], sketch.columns[column.name], column.stat_test
+            )
+            for column in self.baseline.columns
+        }
+
+
+def reference_arrays(
+    frame: pd.DataFrame, layout: SketchLayout
+) -> dict[str, NDArray[np.float64] | NDArray[np.object_]]:
+    """The layout's columns of a frame as arrays (numeric as float64 with NaN)."""
+    arrays: dict[str, NDArray[np.float64] | NDArray[np.object_]] = {}
+    for column in layout.columns:
+        values = frame[column.name]
+        if column.kind == "numeric":
+            arrays[column.name] = pd.to_numeric(values, errors="coerce").to_numpy(np.float64)
+        else:
+            arrays[column.name] = values.astype(object).to_numpy()
+    return arrays
+
+
+def prepare(baseline: DriftBaseline, reference: pd.DataFrame) -> PreparedBaseline:
+    """The baseline with the reference's columns sorted and counted once."""
+    arrays = reference_arrays(reference, baseline.layout)
+    return PreparedBaseline(baseline, reference_columns(baseline.layout, arrays))
+
+
+def sketch_layout(
+    spec: FeatureSpec, reference: pd.DataFrame, *, bins: int = DEFAULT_BINS
+) -> SketchLayout:
+    """Bins of the declaration's monitored features (and the predictions) from the reference."""
+    kinds = {name: spec.feature(name).kind for name in spec.monitored_features}
+    if PREDICTION_COLUMN in reference.columns:
+        kinds[PREDICTION_COLUMN] = FeatureKind.NUMERIC
+    declared = {
+        name: spec.feature(name).categories or ()
+        for name, kind in kinds.items()
+        if kind is FeatureKind.CATEGORICAL
+    }
+    frame = reference.reindex(columns=list(kinds))
+    arrays: dict[str, NDArray[np.float64] | NDArray[np.object_]] = {
+        name: pd.to_numeric(frame[name], errors="coerce").to_numpy(np.float64)
+        if kind is FeatureKind.NUMERIC
+        else frame[name].astype(object).to_numpy()
+        for name, kind in kinds.items()
+    }
+    return SketchLayout.from_reference(arrays, kinds, declared_categories=declared, bins=bins)
+
+
+def calibrate(
+    spec: FeatureSpec,
+    reference: pd.DataFrame,
+    policy: DriftPolicy,
+    *,
+    model_name: str,
+    model_version: int,
+    time_ordered: bool | None = None,
+) -> DriftBaseline:
+    """Calibrate every column's threshold on the reference (in its row order when time-ordered).
+
+    ``time_ordered`` defaults to whether the declaration names columns that order its data.
+    """
+    ordered = (
+        bool(spec.dataset is not None and spec.dataset.order_by)
+        if time_ordered is None
+        else time_ordered
+    )
+    layout = sketch_layout(spec, reference, bins=policy.sketch_bins)
+    arrays = reference_arrays(reference, layout)
+    prepared = reference_columns(layout, arrays)
+    total = len(reference)
+    sizes = sample_sizes(total, policy.min_rows)
+    tests = {
+        column.name: policy.sketch_test(
+            FeatureKind.NUMERIC if column.kind == "numeric" else FeatureKind.CATEGORICAL,
+            prediction=column.name == PREDICTION_COLUMN,
+        )
+        for column in layout.columns
+    }
+    rng = np.random.default_rng(_SEED)
+    nulls: dict[str, list[list[float]]] = {name: [] for name in layout.names}
+    samples = 0
+    for size in sizes:
+        draws = _samples(total, size, ordered=ordered, rng=rng)
+        samples = len(draws)
+        per_column: dict[str, list[float]] = {name: [] for name in layout.names}
+        for rows in draws:
+            sketch = WindowSketch.of(
+                layout, {name: values[rows] for name, values in arrays.items()}
+            )
+            for name in layout.names:
+                found = distance_of(prepared[name], sketch.columns[name], tests[name])
+                if not math.isnan(found.score):
+                    per_column[name].append(found.score)
+        for name in layout.names:
+            nulls[name].append(per_column[name])
+    columns = []
+    for name in layout.names:
+        override = policy.feature_thresholds.get(name)
+        if override is not None:
+            thresholds = tuple(override for _ in sizes)
+        else:
+            thresholds = _monotone(
+                [_quantile(values, policy.threshold_quantile) for values in nulls[name]]
+            )
+        columns.append(
+            ColumnCalibration(
+                name=name,
+                stat_test=tests[name],
+                thresholds=thresholds,
+                explicit=override is not None,
+            )
+        )
+    return DriftBaseline(
+        model_name=model_name,
+        model_version=model_version,
+        reference_rows=total,
+        layout=layout,
+        sampling="time_blocks" if ordered else "resampling",
+        quantile=policy.threshold_quantile,
+        sample_rows=tuple(sizes),
+        samples=max(samples, 1),
+        columns=tuple(columns),
+    )
+
+
+def sample_sizes(reference_rows: int, min_rows: int) -> list[int]:
+    """Sample sizes to calibrate: ``min_rows`` doubling, up to half the reference."""
+    if reference_rows < min_rows:
+        return [max(reference_rows, 1)]
+    sizes = [min_rows]
+    while sizes[-1] * 2 <= reference_rows // 2:
+        sizes.append(sizes[-1] * 2)
+    return sizes
+
+
+def _samples(
+    total: int, size: int, *, ordered: bool, rng: np.random.Generator
+) -> list[NDArray[np.int64]]:
+    if ordered:
+        starts = np.unique(np.linspace(0, total - size, num=min(total - size + 1, _MAX_SAMPLES)))
+        return [np.arange(int(start), int(start) + size) for start in starts]
+    return [rng.choice(total, size=size, replace=False) for _ in range(_MAX_SAMPLES)]
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return math.inf  # the column never has a value in the reference: it cannot drift
+    return float(np.quantile(np.asarray(values), q))
+
+
+def _monotone(thresholds: Sequence[float]) -> tuple[float, ...]:
+    # Distances shrink as samples grow; sampling noise can break that by a hair, and a larger
+    # window must never get a looser threshold than a smaller one.
+    out: list[float] = []
+    for value in thresholds:
+        out.append(value if not out else min(value, out[-1]))
+    return tuple(out)
+
+
+def column_kinds(baseline: DriftBaseline) -> Mapping[str, str]:
+    return {column.name: column.kind for column in baseline.layout.columns}
