@@ -36,6 +36,8 @@ from mlflow.models.signature import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, DataType, Schema
 
+from driftloop.drift.baseline import BASELINE_ARTIFACT, DriftBaseline, calibrate
+from driftloop.drift.policy import DriftPolicy
 from schemas.features import FeatureKind, FeatureSpec, Task
 
 REPOSITORY_ROOT: Final = Path(__file__).resolve().parent.parent
@@ -177,26 +179,34 @@ def log_and_register(
     run_name: str | None = None,
     run_tags: Mapping[str, str] | None = None,
     version_tags: Mapping[str, str] | None = None,
+    drift_policy: DriftPolicy | None = None,
     work_dir: Path,
 ) -> RegisteredModel:
     """Log the booster (LightGBM flavour, declaration inside) in a new run and register it.
 
     The run gets ``params``, ``metrics``, ``run_tags``, the declaration and, when given, the
-    ``reference`` dataset. The version is created last, with ``version_tags`` (and the
-    reference's tag) in the same call: a registered version is always complete, so a caller
-    that finds one by its tags can rely on it.
+    ``reference`` dataset with its drift baseline (thresholds calibrated on it under
+    ``drift_policy``, ``driftloop.drift.baseline``). The version is created last, with
+    ``version_tags`` (and the reference's tag) in the same call: a registered version is
+    always complete, so a caller that finds one by its tags can rely on it.
     """
     name = model_name or spec.registered_model_name
     spec_path = work_dir / FEATURE_SPEC_FILE
     spec_path.write_text(feature_spec_document(spec), encoding="utf-8")
     tags = dict(version_tags or {})
     reference_path: Path | None = None
+    baseline_path: Path | None = None
     if reference is not None:
         reference_dir = work_dir / REFERENCE_ARTIFACT_DIR
         reference_dir.mkdir(exist_ok=True)
         reference_path = reference_dir / REFERENCE_FILE
         reference.to_parquet(reference_path, index=False)
         tags[REFERENCE_TAG] = REFERENCE_ARTIFACT
+        # Thresholds are the version's own: calibrated on its reference before it can serve.
+        baseline_path = work_dir / Path(BASELINE_ARTIFACT).name
+        baseline_path.write_bytes(
+            calibrate(spec, reference, drift_policy or DriftPolicy()).to_json()
+        )
     # The fluent API is the only way to log a model; its tracking URI is process-global and
     # mirrored into MLFLOW_TRACKING_URI (inherited by subprocesses), so both are restored
     # afterwards; None unsets the variable again when it was not set.
@@ -212,6 +222,8 @@ def log_and_register(
             mlflow.log_artifact(str(spec_path))
             if reference_path is not None:
                 mlflow.log_artifact(str(reference_path), REFERENCE_ARTIFACT_DIR)
+            if baseline_path is not None:
+                mlflow.log_artifact(str(baseline_path), str(Path(BASELINE_ARTIFACT).parent))
             info = mlflow.lightgbm.log_model(
                 booster,
                 name="model",
@@ -324,3 +336,22 @@ def load_reference(tracking_uri: str, model_name: str, version: int) -> pd.DataF
             tracking_uri=tracking_uri,
         )
         return pd.read_parquet(local)
+
+
+def load_baseline(tracking_uri: str, model_name: str, version: int) -> DriftBaseline | None:
+    """The drift baseline logged with a model version; None for a version registered without
+    one (before baselines existed, or without a reference)."""
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    run_id = client.get_model_version(model_name, str(version)).run_id
+    if run_id is None:
+        raise LookupError(f"{model_name} version {version} has no run")
+    listed = {
+        item.path for item in client.list_artifacts(run_id, str(Path(BASELINE_ARTIFACT).parent))
+    }
+    if BASELINE_ARTIFACT not in listed:
+        return None
+    with tempfile.TemporaryDirectory(prefix="driftloop-baseline-") as work:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=BASELINE_ARTIFACT, dst_path=work, tracking_uri=tracking_uri
+        )
+        return DriftBaseline.model_validate_json(Path(local).read_bytes())

@@ -23,7 +23,7 @@ calibrated one. The baseline is stored with the version as an MLflow artifact
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -74,8 +74,6 @@ class DriftBaseline(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
-    model_name: str
-    model_version: int = Field(ge=1)
     reference_rows: int = Field(ge=0)
     layout: SketchLayout
     """Bins of the monitored features and of the predictions."""
@@ -83,6 +81,12 @@ class DriftBaseline(BaseModel):
     """How the null distributions were drawn from the reference."""
     quantile: float = Field(gt=0, lt=1)
     """Quantile of the null distribution taken as the threshold."""
+    min_rows: int = Field(ge=1)
+    """The policy's minimum window, the smallest sample size calibrated."""
+    bins: int = Field(ge=1)
+    """The policy's numeric bins per column."""
+    overrides: dict[str, float] = Field(default_factory=dict)
+    """The policy's explicit per-feature thresholds."""
     sample_rows: tuple[int, ...]
     """Sample sizes calibrated, increasing."""
     samples: int = Field(ge=1)
@@ -112,6 +116,25 @@ class DriftBaseline(BaseModel):
 
     def to_json(self) -> bytes:
         return self.model_dump_json(indent=1).encode()
+
+    def follows(self, policy: DriftPolicy) -> bool:
+        """Whether this baseline was calibrated under ``policy`` (else calibrate again)."""
+        return (
+            self.quantile == policy.threshold_quantile
+            and self.min_rows == policy.min_rows
+            and self.bins == policy.sketch_bins
+            and self.overrides == dict(policy.feature_thresholds)
+            and all(
+                column.stat_test
+                == policy.sketch_test(
+                    FeatureKind.NUMERIC
+                    if self.layout.column(column.name).kind == "numeric"
+                    else FeatureKind.CATEGORICAL,
+                    prediction=column.name == PREDICTION_COLUMN,
+                )
+                for column in self.columns
+            )
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,8 +201,6 @@ def calibrate(
     reference: pd.DataFrame,
     policy: DriftPolicy,
     *,
-    model_name: str,
-    model_version: int,
     time_ordered: bool | None = None,
 ) -> DriftBaseline:
     """Calibrate every column's threshold on the reference (in its row order when time-ordered).
@@ -238,12 +259,13 @@ def calibrate(
             )
         )
     return DriftBaseline(
-        model_name=model_name,
-        model_version=model_version,
         reference_rows=total,
         layout=layout,
         sampling="time_blocks" if ordered else "resampling",
         quantile=policy.threshold_quantile,
+        min_rows=policy.min_rows,
+        bins=policy.sketch_bins,
+        overrides=dict(policy.feature_thresholds),
         sample_rows=tuple(sizes),
         samples=max(samples, 1),
         columns=tuple(columns),
@@ -282,7 +304,3 @@ def _monotone(thresholds: Sequence[float]) -> tuple[float, ...]:
     for value in thresholds:
         out.append(value if not out else min(value, out[-1]))
     return tuple(out)
-
-
-def column_kinds(baseline: DriftBaseline) -> Mapping[str, str]:
-    return {column.name: column.kind for column in baseline.layout.columns}

@@ -51,7 +51,7 @@ def winter(seed: pd.DataFrame) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def baseline(spec: FeatureSpec, winter: pd.DataFrame) -> DriftBaseline:
-    return calibrate(spec, winter, POLICY, model_name="bikeshare", model_version=1)
+    return calibrate(spec, winter, POLICY)
 
 
 @pytest.fixture(scope="module")
@@ -112,16 +112,19 @@ def test_thresholds_come_from_the_reference(baseline: DriftBaseline) -> None:
 def test_calibration_is_repeatable_and_stored_as_json(
     spec: FeatureSpec, winter: pd.DataFrame, baseline: DriftBaseline
 ) -> None:
-    again = calibrate(spec, winter, POLICY, model_name="bikeshare", model_version=1)
+    again = calibrate(spec, winter, POLICY)
     assert again == baseline
     assert DriftBaseline.model_validate_json(baseline.to_json()) == baseline
+    assert baseline.follows(POLICY)
+    assert not baseline.follows(DriftPolicy(threshold_quantile=0.95))
+    assert not baseline.follows(DriftPolicy(feature_thresholds={"temp": 0.5}))
 
 
 def test_an_explicit_threshold_replaces_the_calibrated_one(
     spec: FeatureSpec, winter: pd.DataFrame
 ) -> None:
     policy = DriftPolicy(feature_thresholds={"temp": 0.5})
-    baseline = calibrate(spec, winter, policy, model_name="bikeshare", model_version=1)
+    baseline = calibrate(spec, winter, policy)
     assert baseline.calibration("temp").explicit
     assert baseline.threshold("temp", WEEK) == 0.5
     assert not baseline.calibration("hum").explicit
@@ -179,7 +182,7 @@ def test_random_windows_of_unordered_data_open_no_episode() -> None:
     shuffled = frame.sample(frac=1.0, random_state=11).reset_index(drop=True)
     reference, live = shuffled.iloc[:400], shuffled.iloc[400:]
     policy = DriftPolicy(min_rows=60)
-    baseline = calibrate(spec, reference, policy, model_name="breast_cancer", model_version=1)
+    baseline = calibrate(spec, reference, policy)
     assert baseline.sampling == "resampling"
     prepared_cancer = prepare(baseline, reference)
     pool = pd.concat([reference, live], ignore_index=True)

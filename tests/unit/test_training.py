@@ -11,6 +11,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from driftloop import training
+from driftloop.drift.policy import DriftPolicy
 from schemas.features import FeatureSpec, load_feature_spec
 
 
@@ -111,6 +112,40 @@ def test_logs_registers_and_promotes(spec: FeatureSpec, tmp_path: Path, tracking
         ).read_text()
     )
     assert FeatureSpec.model_validate(logged) == spec
+
+
+def test_a_version_with_a_reference_carries_its_drift_baseline(
+    spec: FeatureSpec, tmp_path: Path, tracking_uri: str
+) -> None:
+    frame = training.read_dataset(spec, months=["Jan", "Feb"])
+    (tmp_path / "bare").mkdir()
+    booster = training.train_booster(spec, frame, num_boost_round=5)
+    reference = training.reference_frame(spec, [("train", frame)], booster)
+
+    with_reference = training.log_and_register(
+        booster,
+        spec,
+        tracking_uri=tracking_uri,
+        model_name="bikeshare-unit-baseline",
+        reference=reference,
+        work_dir=tmp_path,
+    )
+    without = training.log_and_register(
+        booster,
+        spec,
+        tracking_uri=tracking_uri,
+        model_name="bikeshare-unit-baseline",
+        work_dir=tmp_path / "bare",
+    )
+
+    baseline = training.load_baseline(
+        tracking_uri, "bikeshare-unit-baseline", with_reference.version
+    )
+    assert baseline is not None
+    assert baseline.reference_rows == len(reference)
+    assert baseline.features == spec.monitored_features
+    assert baseline.follows(DriftPolicy())
+    assert training.load_baseline(tracking_uri, "bikeshare-unit-baseline", without.version) is None
 
 
 def test_saved_model_has_the_flavour_layout(spec: FeatureSpec, tmp_path: Path) -> None:
