@@ -285,6 +285,8 @@ def sample_sizes(reference_rows: int, min_rows: int) -> list[int]:
 def _samples(
     total: int, size: int, *, ordered: bool, rng: np.random.Generator
 ) -> list[NDArray[np.int64]]:
+    if total < size or size < 1:
+        return []
     if ordered:
         starts = np.unique(np.linspace(0, total - size, num=min(total - size + 1, _MAX_SAMPLES)))
         return [np.arange(int(start), int(start) + size) for start in starts]

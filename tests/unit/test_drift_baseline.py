@@ -210,3 +210,10 @@ def test_sample_sizes_double_up_to_half_the_reference() -> None:
     assert sample_sizes(2000, 150) == [150, 300, 600]
     assert sample_sizes(100, 150) == [100]
     assert sample_sizes(1_000_000, 150)[-1] == 307_200
+
+
+def test_a_reference_too_small_to_sample_calibrates_nothing(spec: FeatureSpec) -> None:
+    empty = pd.DataFrame(columns=[*spec.feature_names, "prediction"])
+    baseline = calibrate(spec, empty, POLICY, time_ordered=False)
+    assert baseline.reference_rows == 0
+    assert all(t == float("inf") for c in baseline.columns for t in c.thresholds)
