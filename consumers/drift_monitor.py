@@ -1,8 +1,9 @@
-"""drift-monitor: Evidently on each new window of the champion's log; DriftDetected on drift.
+"""drift-monitor: each closed time window of the champion's traffic judged; DriftDetected on drift.
 
-Reads the prediction log (``prediction_log`` joined with ``labels``) of each monitored model's
-champion version, judges tumbling windows against that version's reference dataset
-(``driftloop.drift``), stores each report in the object store and each run in ``drift_runs``,
+Judges each monitored model's champion version in windows of prediction time, from the slice
+sketches the feature-logger writes with the rows, against thresholds calibrated on that
+version's reference (``driftloop.drift``); an Evidently report on a uniform sample of each
+window goes to the object store and each run to ``drift_runs``; it
 exports the scores to Prometheus and publishes ``DriftDetected`` to ``drift.events`` once drift
 holds for the policy's consecutive windows. Run with ``python -m consumers.drift_monitor``;
 metrics on ``DRIFT_MONITOR_METRICS_PORT`` (9103). ``python -m consumers.drift_monitor status``
@@ -65,20 +66,28 @@ class DriftMonitorSettings(ServiceSettings):
         description="DRIFT_MONITOR_MODELS: comma-separated registered models to monitor "
         "(default empty: the registered_model_name of every declaration in schemas/models).",
     )
-    window_rows: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
-        default=168,
-        description="DRIFT_MONITOR_WINDOW_ROWS: rows in a full window (default 168, a week of "
-        "hourly traffic); at least the policy's min_rows.",
-    )
-    max_window_age_seconds: Seconds = Field(
-        default=3600.0,
-        description="DRIFT_MONITOR_MAX_WINDOW_AGE_SECONDS: a partial window of at least min_rows "
-        "rows is judged once its oldest row is this old (default 3600).",
+    window_seconds: Seconds | None = Field(
+        default=None,
+        description="DRIFT_MONITOR_WINDOW_SECONDS: span of every model's windows, overriding "
+        "each declaration's monitoring.window (default unset: the declarations'); a multiple "
+        "of 0.1. For replays faster than real time, such as the demo's.",
     )
     settle_seconds: Annotated[float, Field(ge=0)] = Field(
-        default=3.0,
-        description="DRIFT_MONITOR_SETTLE_SECONDS: rows logged less than this ago wait for a "
-        "later window, so lagging log partitions are not cut out (default 3).",
+        default=10.0,
+        description="DRIFT_MONITOR_SETTLE_SECONDS: how long after a window closes its rows may "
+        "still be arriving through the feature-logger; the window is judged after (default "
+        "10). Rows later than that are counted as late and left out.",
+    )
+    max_merged_windows: Annotated[int, Field(ge=1, le=10_000)] = Field(
+        default=10,
+        description="DRIFT_MONITOR_MAX_MERGED_WINDOWS: a window with fewer rows than the "
+        "policy's min_rows takes in the next ones, up to this many in all; then it is refused "
+        "(default 10).",
+    )
+    report_sample_rows: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
+        default=10_000,
+        description="DRIFT_MONITOR_REPORT_SAMPLE_ROWS: rows of the uniform sample of each "
+        "window the Evidently report and the quality figures run on (default 10000).",
     )
     poll_seconds: Seconds = Field(
         default=2.0,
@@ -128,9 +137,10 @@ class DriftMonitorSettings(ServiceSettings):
 
     def monitor_options(self) -> MonitorOptions:
         return MonitorOptions(
-            window_rows=self.window_rows,
-            max_window_age=timedelta(seconds=self.max_window_age_seconds),
+            window=None if self.window_seconds is None else timedelta(seconds=self.window_seconds),
             settle=timedelta(seconds=self.settle_seconds),
+            max_merged_windows=self.max_merged_windows,
+            sample_rows=self.report_sample_rows,
             champion_refresh=timedelta(seconds=self.champion_refresh_seconds),
             report_prefix=self.report_prefix,
         )
@@ -181,9 +191,11 @@ async def run_drift_monitor(settings: DriftMonitorSettings) -> None:
         stopping = asyncio.Event()
         install_stop_signals(stopping.set)
         log.info(
-            "monitoring %s: windows of %d rows (min %d, %d in a row to drift), events to %s",
+            "monitoring %s: windows of %s (min %d rows, %d in a row to drift), events to %s",
             models,
-            settings.window_rows,
+            "each declaration's span"
+            if settings.window_seconds is None
+            else f"{settings.window_seconds} s",
             settings.policy.min_rows,
             settings.policy.consecutive_windows,
             topic,

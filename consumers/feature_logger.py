@@ -69,6 +69,16 @@ PENDING_EXPIRED = Counter(
     "driftloop_feature_logger_pending_labels_expired_total",
     "Pending labels deleted after the retention without their prediction arriving.",
 )
+SKETCHED_ROWS = Counter(
+    "driftloop_feature_logger_sketched_rows_total",
+    "New predictions sketched for the drift monitor, by whether their version's layout was "
+    "published (sketched) or not yet (counted only; the monitor rebuilds their window).",
+    ["outcome"],
+)
+SKETCH_SECONDS = Counter(
+    "driftloop_feature_logger_sketch_seconds_total",
+    "Time spent sketching new predictions for the drift monitor.",
+)
 PARQUET_BUFFERED = Gauge(
     "driftloop_feature_logger_parquet_buffered_rows",
     "Predictions buffered for the next Parquet flush.",
@@ -202,6 +212,9 @@ class FeatureLogger:
             )
             DUPLICATES.labels(NAME, "postgres").inc(counts.predictions_duplicate)
             PENDING_LABELS.inc(counts.labels_pending)
+            SKETCHED_ROWS.labels("sketched").inc(counts.sketched_rows)
+            SKETCHED_ROWS.labels("unsketched").inc(counts.unsketched_rows)
+            SKETCH_SECONDS.inc(counts.sketch_seconds)
         if self.store is not None:
             # The flush in flight writes the buffer that add changes.
             await self._flush_landed()

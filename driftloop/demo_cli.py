@@ -18,6 +18,7 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import httpx
@@ -234,6 +235,20 @@ class DemoOptions:
     settle_timeout: float
 
 
+@dataclass(frozen=True, slots=True)
+class SimulatedTime:
+    """The replay's clock: real moment ``started`` is simulated ``first``, at a given pace."""
+
+    started: datetime
+    first: datetime
+    hours_per_second: float
+
+    def at(self, moment: datetime) -> datetime:
+        """The simulated moment of a real one."""
+        seconds = (moment - self.started).total_seconds()
+        return self.first + timedelta(hours=seconds * self.hours_per_second)
+
+
 @dataclass(slots=True)
 class LoopTally:
     """What the closed-loop demo saw, for the summary."""
@@ -248,6 +263,8 @@ class LoopTally:
     served: list[int] = field(default_factory=list)
     first_drifted_report: str | None = None
     in_flight: set[str] = field(default_factory=set)
+    simulated: SimulatedTime | None = None
+    """Set when the replay starts: windows are shown in simulated time."""
 
 
 def describe(change: LoopChange, tally: LoopTally) -> str:
@@ -288,10 +305,19 @@ def describe(change: LoopChange, tally: LoopTally) -> str:
     return f"[bold cyan]gateway[/bold cyan] now serves version {change.version}{was}"
 
 
+def _window_span(run: DriftRun, tally: LoopTally) -> str:
+    clock = tally.simulated
+    if clock is None:
+        return f"{run.window_start:%H:%M:%S}-{run.window_end:%H:%M:%S}"
+    start, end = clock.at(run.window_start), clock.at(run.window_end)
+    return f"{start:%b %d %Hh}-{end:%b %d %Hh}"
+
+
 def _window_line(run: DriftRun, tally: LoopTally) -> str:
     tally.windows[run.outcome] += 1
+    span = _window_span(run, tally)
     if run.outcome == "refused":
-        return f"[yellow]window[/yellow] v{run.model_version} refused: {run.refusal_reason}"
+        return f"[yellow]window[/yellow] v{run.model_version} {span} refused: {run.refusal_reason}"
     if run.outcome == "drifted" and tally.first_drifted_report is None:
         tally.first_drifted_report = run.report_uri
     rmse = (run.quality or {}).get("rmse")
@@ -299,8 +325,8 @@ def _window_line(run: DriftRun, tally: LoopTally) -> str:
     features = f" ({', '.join(run.drifted_features)})" if run.drifted_features else ""
     quality = f", RMSE {rmse:.1f} on {run.labelled_rows} labels" if rmse is not None else ""
     return (
-        f"[{colour}]window[/{colour}] v{run.model_version} {run.window_rows} rows: drift share "
-        f"{run.drift_share or 0:.2f}{features}{quality}"
+        f"[{colour}]window[/{colour}] v{run.model_version} {span}, {run.window_rows} rows: "
+        f"drift share {run.drift_share or 0:.2f}{features}{quality}"
     )
 
 
@@ -439,6 +465,9 @@ async def _closed_loop(options: DemoOptions) -> bool:
                 concurrency=options.concurrency,
             )
             holder.append(replayer.stats)
+            tally.simulated = SimulatedTime(
+                datetime.now(UTC), hours[0].moment, options.hours_per_second
+            )
             stats = await replayer.run()
             console.print(
                 f"[cyan]demo[/cyan] replay done: {stats.predictions} predictions, "

@@ -2,13 +2,16 @@
 
 A batch is copied (binary ``COPY``) into session-local staging tables, then inserted with
 ``ON CONFLICT (request_id)`` in the same transaction, so a batch replayed after a crash adds
-nothing. A label whose prediction is not logged yet waits in ``pending_labels``; it moves to
+nothing. The rows a batch logged first are sketched for the drift monitor by slice of
+prediction time (``driftloop.drift.slices``), and the sketches written in that transaction
+too. A label whose prediction is not logged yet waits in ``pending_labels``; it moves to
 ``labels`` when its prediction arrives (or at the next sweep), and is deleted after the
 retention.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -19,6 +22,7 @@ import orjson
 
 from driftloop.consumer_loop import Delivery
 from driftloop.database import open_migrated_pool
+from driftloop.drift.slices import SLICE_COLUMNS, LayoutCache, slice_deltas
 from driftloop.settings import PostgresSettings
 from schemas.events import GroundTruth, PredictionEvent
 
@@ -121,6 +125,12 @@ class WriteCounts:
     labels_pending: int = 0
     first_records: frozenset[tuple[int, int]] | None = None
     """(partition, offset) of the records that logged their request first; None: all of them."""
+    sketched_rows: int = 0
+    """New rows sketched for the drift monitor."""
+    unsketched_rows: int = 0
+    """New rows of versions with no published layout yet (counted, not sketched)."""
+    sketch_seconds: float = 0.0
+    """Time spent sketching the new rows (the drift monitor's per-row cost, paid here)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,12 +168,20 @@ async def open_prediction_log(
     return PredictionLog(pool, schema)
 
 
+_LAYOUT = "SELECT layout::text FROM drift_baselines WHERE model_name = $1 AND model_version = $2"
+
+
 class PredictionLog:
     """Writes predictions and labels to the platform database, idempotently."""
 
-    def __init__(self, pool: asyncpg.Pool, schema: str) -> None:
+    def __init__(self, pool: asyncpg.Pool, schema: str, *, sketches: bool = True) -> None:
         self.pool = pool
         self.schema = schema
+        self.layouts: LayoutCache | None = LayoutCache(self._layout) if sketches else None
+
+    async def _layout(self, model_name: str, model_version: int) -> str | None:
+        document: str | None = await self.pool.fetchval(_LAYOUT, model_name, model_version)
+        return document
 
     async def close(self) -> None:
         await self.pool.close()
@@ -172,8 +190,15 @@ class PredictionLog:
         self, predictions: Sequence[Delivery[PredictionEvent]], labels: Sequence[GroundTruth]
     ) -> WriteCounts:
         """Insert a batch in one transaction; rows already logged are left as they are."""
-        inserted = labelled = pending = 0
+        inserted = labelled = pending = sketched = unsketched = 0
+        sketch_seconds = 0.0
         first_records: frozenset[tuple[int, int]] | None = None
+        layouts = self.layouts
+        if predictions and layouts is not None:
+            await layouts.prepare(
+                (delivery.event.model_name, delivery.event.model_version)
+                for delivery in predictions
+            )
         async with self.pool.acquire() as connection, connection.transaction():
             if predictions:
                 await connection.copy_records_to_table(
@@ -186,6 +211,24 @@ class PredictionLog:
                     first_records = frozenset(
                         (row[0], row[1]) for row in await connection.fetch(_FIRST_RECORDS)
                     )
+                if layouts is not None and inserted:
+                    # Only the rows this batch logged first: a replay sketches nothing twice.
+                    first = [
+                        delivery.event
+                        for delivery in predictions
+                        if first_records is None
+                        or (delivery.partition, delivery.offset) in first_records
+                    ]
+                    started = time.perf_counter()
+                    deltas = slice_deltas(first, layouts)
+                    sketch_seconds = time.perf_counter() - started
+                    await connection.copy_records_to_table(
+                        "drift_sketches",
+                        records=[delta.record() for delta in deltas],
+                        columns=SLICE_COLUMNS,
+                    )
+                    unsketched = sum(delta.unsketched_rows for delta in deltas)
+                    sketched = len(first) - unsketched
                 labelled += _affected(await connection.execute(_MOVE_PENDING_OF_BATCH))
             if labels:
                 await connection.copy_records_to_table(
@@ -195,7 +238,16 @@ class PredictionLog:
                 )
                 labelled += _affected(await connection.execute(_INSERT_KNOWN_LABELS))
                 pending = _affected(await connection.execute(_INSERT_PENDING_LABELS))
-        return WriteCounts(inserted, len(predictions) - inserted, labelled, pending, first_records)
+        return WriteCounts(
+            inserted,
+            len(predictions) - inserted,
+            labelled,
+            pending,
+            first_records,
+            sketched,
+            unsketched,
+            sketch_seconds,
+        )
 
     async def sweep_pending_labels(self, retention: timedelta) -> SweepCounts:
         """Move pending labels whose prediction arrived; delete those older than ``retention``."""

@@ -12,6 +12,7 @@ import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
@@ -265,6 +266,14 @@ class Dataset(_Declaration):
     """Columns of the file that are neither features nor target, with the reason."""
 
 
+class Monitoring(_Declaration):
+    """How the drift monitor watches the model's traffic."""
+
+    window: timedelta = Field(default=timedelta(hours=1), gt=timedelta(0))
+    """Span of prediction time judged as one window (ISO 8601, e.g. PT1M, PT1H, P7D): windows
+    are aligned on multiples of it since the Unix epoch, and judged once closed and settled."""
+
+
 class FeatureSpec(_Declaration):
     """The declaration of one model's inputs, target and task."""
 
@@ -282,6 +291,8 @@ class FeatureSpec(_Declaration):
     """The inputs, in the order of the model's input vector."""
     dataset: Dataset | None = None
     """Seed data, when the model ships with some."""
+    monitoring: Monitoring = Field(default_factory=Monitoring)
+    """How drift is watched (the window's span)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:

@@ -57,7 +57,10 @@ class FeatureDrift(_Result):
     score: float
     """The test's score (distance) on this window."""
     drifted: bool
-    """Whether the column drifted (Evidently's verdict: score >= threshold)."""
+    """Whether the column drifted (score above threshold)."""
+    bound: float = Field(default=0.0, ge=0)
+    """Largest possible difference between this score, computed from the window's sketch, and
+    the same test run on the window's raw values (0: exact)."""
 
 
 class QualityAssessment(_Result):

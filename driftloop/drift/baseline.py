@@ -39,6 +39,7 @@ from driftloop.drift.sketch import (
     ReferenceColumn,
     SketchLayout,
     WindowSketch,
+    categorical_values,
     distance_of,
     reference_columns,
 )
@@ -164,7 +165,7 @@ def reference_arrays(
         if column.kind == "numeric":
             arrays[column.name] = pd.to_numeric(values, errors="coerce").to_numpy(np.float64)
         else:
-            arrays[column.name] = values.astype(object).to_numpy()
+            arrays[column.name] = categorical_values(values.astype(object).to_numpy())
     return arrays
 
 
@@ -190,7 +191,7 @@ def sketch_layout(
     arrays: dict[str, NDArray[np.float64] | NDArray[np.object_]] = {
         name: pd.to_numeric(frame[name], errors="coerce").to_numpy(np.float64)
         if kind is FeatureKind.NUMERIC
-        else frame[name].astype(object).to_numpy()
+        else categorical_values(frame[name].astype(object).to_numpy())
         for name, kind in kinds.items()
     }
     return SketchLayout.from_reference(arrays, kinds, declared_categories=declared, bins=bins)

@@ -1,9 +1,10 @@
 """The champion as the drift monitor needs it, from the MLflow registry: version, reference, spec.
 
-Every model version carries its own reference dataset (``reference/reference.parquet``, named by
-the version tag ``reference_artifact``) and the feature declaration it was trained with
-(``feature_spec.yaml`` in its run), so after a promotion the monitor compares windows with what
-the new champion learned from, on the columns it reads.
+Every model version carries its own reference dataset (``reference/reference.parquet``, named
+by the version tag ``reference_artifact``), its drift baseline (``drift/baseline.json``) and
+the feature declaration it was trained with (``feature_spec.yaml`` in its run), so after a
+promotion the monitor compares windows with what the new champion learned from, on the columns
+it reads, against thresholds calibrated on that reference.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import mlflow.artifacts
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from driftloop.training import FEATURE_SPEC_FILE, current_champion, load_reference
+from driftloop.drift.baseline import DriftBaseline
+from driftloop.training import FEATURE_SPEC_FILE, current_champion, load_baseline, load_reference
 from schemas.features import FeatureSpec, load_feature_spec
 
 
@@ -33,6 +35,17 @@ class RegistryChampions:
     def reference(self, model_name: str, version: int) -> pd.DataFrame:
         """The reference dataset logged with the version."""
         return load_reference(self.tracking_uri, model_name, version)
+
+    def baseline(self, model_name: str, version: int) -> DriftBaseline | None:
+        """The drift baseline logged with the version, None when it has none."""
+        return load_baseline(self.tracking_uri, model_name, version)
+
+    def newest_version(self, model_name: str) -> int | None:
+        """The highest registered version (a challenger about to be promoted), if any."""
+        found = self._client.search_model_versions(
+            f"name = '{model_name}'", max_results=1, order_by=["version_number DESC"]
+        )
+        return int(found[0].version) if found else None
 
     def feature_spec(self, model_name: str, version: int) -> FeatureSpec:
         """The declaration stored in the version's run."""

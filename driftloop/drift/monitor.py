@@ -1,22 +1,33 @@
-"""The drift monitor's core: judge each new window of a champion's logged rows, act on the verdict.
+"""The drift monitor's core: judge each closed time window of a champion's traffic, act on it.
 
 For every monitored model, on each round:
 
 1. resolve the ``champion`` alias (cached for ``champion_refresh``); a new version switches the
-   episode state (``episodes.follow``), the reference dataset and the feature declaration to
-   that version's own (both read from its MLflow run);
-2. read the next window from the log (``DriftStore.window``): ``window_rows`` rows after the
-   last window's end, or fewer (at least the policy's minimum) once the oldest of them is
-   ``max_window_age`` old, so low traffic is judged too; rows younger than ``settle`` wait,
-   so the feature-logger's partitions catch up before a window is cut behind them;
-3. run Evidently (``evaluate_window``, in a worker thread) and store the JSON and HTML report;
-4. advance the episode machine; when drift holds, publish ``DriftDetected`` (and wait for the
+   episode state (``episodes.follow``), the reference, the declaration and the drift baseline
+   (its sketch layout and calibrated thresholds, ``driftloop.drift.baseline``) to that
+   version's own, and publishes the layout so the feature-logger sketches its rows; the newest
+   registered version's layout is published ahead too, so a promotion finds it there;
+2. take the next window: a span of prediction time (the declaration's ``monitoring.window``,
+   or ``MonitorOptions.window``) after the last one judged, once it has closed and ``settle``
+   has passed, so the logger's last rows are in. A window with fewer rows than the policy's
+   minimum takes in the next one, up to ``max_merged_windows``; past that it is refused with
+   the reason. Windows with no row are skipped;
+3. merge the window's slice sketches (written by the feature-logger with the rows: every
+   logged row counts, none is read back). A window holding rows logged before the layout was
+   published is sketched from the log instead. Distances against the reference and the
+   thresholds for the window's row count give the verdict: a cost per window that does not
+   grow with its rows;
+4. run Evidently (in a worker thread) on a bounded uniform sample of the window against the
+   reference, for the human report and the quality on the labelled rows, and store the report;
+5. advance the episode machine; when drift holds, publish ``DriftDetected`` (and wait for the
    broker's ack);
-5. write the ``drift_runs`` row and the new state in one transaction, then export the metrics.
+6. write the ``drift_runs`` row, the new state and the deletion of the window's slices in one
+   transaction, then export the metrics.
 
-A crash between 4 and 5 repeats the window after the restart: the same window end gives the
-same episode id, and the retrain-trigger drops the duplicate. Every failure (Postgres, S3,
-Kafka, MLflow away) leaves the state where it was and is retried with backoff.
+A crash before 6 judges the same window again after the restart, with the same slices: the
+same window end gives the same episode id, and the retrain-trigger drops a duplicate event.
+Every failure (Postgres, S3, Kafka, MLflow away) leaves the state where it was and is retried
+with backoff.
 """
 
 from __future__ import annotations
@@ -36,19 +47,30 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from driftloop.drift import episodes
 from driftloop.drift.assessment import (
+    PREDICTION_COLUMN,
     DriftAssessment,
+    FeatureDrift,
+    RefusalReason,
     WindowBounds,
     WindowEvaluation,
     WindowRefused,
     evaluate_window,
-    window_bounds,
+)
+from driftloop.drift.baseline import (
+    DriftBaseline,
+    PreparedBaseline,
+    calibrate,
+    prepare,
+    reference_arrays,
 )
 from driftloop.drift.episodes import EpisodeState, EpisodeStep
 from driftloop.drift.policy import DriftPolicy
 from driftloop.drift.reports import ReportDocuments, render_report, report_keys
-from driftloop.drift.store import PREDICTED_AT_COLUMN, WindowRecord
+from driftloop.drift.sketch import ColumnDistance, WindowSketch
+from driftloop.drift.slices import align, check_window, decode, encode
+from driftloop.drift.store import WindowRecord, WindowSlices
 from schemas.events import DriftDetected
-from schemas.features import FeatureSpec
+from schemas.features import FeatureKind, FeatureSpec
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +89,11 @@ FEATURE_SCORE = Gauge(
     "Stat test distance of each monitored feature in the last window.",
     ["model", "feature"],
 )
+FEATURE_THRESHOLD = Gauge(
+    "driftloop_drift_feature_threshold",
+    "Calibrated threshold of each monitored feature for the last window's row count.",
+    ["model", "feature"],
+)
 FEATURE_DRIFTED = Gauge(
     "driftloop_drift_feature_drifted",
     "1 when the feature drifted in the last window, else 0.",
@@ -83,16 +110,55 @@ EPISODE_OPEN = Gauge(
 EVENTS = Counter("driftloop_drift_events_total", "DriftDetected events published.", ["model"])
 QUALITY = Gauge(
     "driftloop_model_quality",
-    "Model quality on the labelled rows of the last window (rmse, mae, r2, mean_error, ...).",
+    "Model quality on the labelled rows of the last window's sample (rmse, mae, r2, ...).",
     ["model", "metric"],
 )
 WINDOW_ROWS = Gauge("driftloop_drift_window_rows", "Rows in the last window.", ["model"])
 LABELLED_ROWS = Gauge(
-    "driftloop_drift_labelled_rows", "Labelled rows in the last window.", ["model"]
+    "driftloop_drift_labelled_rows", "Labelled rows in the last window's sample.", ["model"]
+)
+ROWS_JUDGED = Counter(
+    "driftloop_drift_rows_judged_total",
+    "Logged rows counted in judged (or refused) windows.",
+    ["model"],
+)
+LATE_ROWS = Counter(
+    "driftloop_drift_late_rows_total",
+    "Rows logged for windows already judged (after the settle time): counted, then dropped.",
+    ["model"],
+)
+REBUILT = Counter(
+    "driftloop_drift_windows_rebuilt_total",
+    "Windows sketched from the log because some rows were logged before their layout existed.",
+    ["model"],
+)
+LAG = Gauge(
+    "driftloop_drift_monitor_lag_seconds",
+    "Seconds from the last judged window's close to its verdict.",
+    ["model"],
+)
+LAG_SECONDS = Histogram(
+    "driftloop_drift_monitor_lag_seconds_distribution",
+    "Seconds from a window's close to its verdict.",
+    buckets=(1, 2, 5, 10, 20, 30, 60, 90, 120, 300, 600, 1800),
+)
+SAMPLE_AGREEMENT = Gauge(
+    "driftloop_drift_sample_agreement",
+    "Share of monitored features whose verdict on the report's sample (Evidently) matched the "
+    "window's (sketch) in the last window.",
+    ["model"],
+)
+STAGE_SECONDS = Histogram(
+    "driftloop_drift_stage_duration_seconds",
+    "Time of each stage of a window's judgement: slices (read and merge the sketches), sample "
+    "(the uniform sample's query), judge (distances, Evidently on the sample, rendering), "
+    "store (report upload and DriftDetected publish).",
+    ["stage"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32),
 )
 CHECK_SECONDS = Histogram(
     "driftloop_drift_check_duration_seconds",
-    "Time to judge one window: load, Evidently, report upload, publish, record.",
+    "Time to judge one window: sketches, sample, Evidently report, publish, record.",
     buckets=(0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64),
 )
 LAST_CHECK = Gauge(
@@ -104,16 +170,19 @@ CHAMPION_VERSION = Gauge(
     "driftloop_drift_champion_version", "Champion version whose windows are judged.", ["model"]
 )
 
-
 # Quality series exported per model, so a window without enough labels can withdraw them.
 _quality_exported: dict[str, set[str]] = {}
 
 
 class ChampionSource(Protocol):
-    """Where the monitor learns the champion version and that version's reference and spec."""
+    """Where the monitor learns the champion and that version's reference, spec and baseline."""
 
     def champion_version(self, model_name: str) -> int | None:
         """The version behind the ``champion`` alias, or None when there is none."""
+        ...
+
+    def newest_version(self, model_name: str) -> int | None:
+        """The highest registered version, or None when there is none."""
         ...
 
     def reference(self, model_name: str, version: int) -> pd.DataFrame:
@@ -124,9 +193,23 @@ class ChampionSource(Protocol):
         """The feature declaration the version was trained with."""
         ...
 
+    def baseline(self, model_name: str, version: int) -> DriftBaseline | None:
+        """The drift baseline logged with the version, None when it has none."""
+        ...
+
 
 class WindowStore(Protocol):
     """Where windows come from and runs go (``driftloop.drift.store.DriftStore``)."""
+
+    async def first_slice(
+        self, model_name: str, model_version: int, after: datetime
+    ) -> datetime | None: ...
+
+    async def slices(
+        self, model_name: str, model_version: int, start: datetime, end: datetime
+    ) -> WindowSlices: ...
+
+    async def late_rows(self, model_name: str, model_version: int, before: datetime) -> int: ...
 
     async def window(
         self,
@@ -138,6 +221,20 @@ class WindowStore(Protocol):
         before: datetime,
         limit: int,
     ) -> pd.DataFrame: ...
+
+    async def sample(
+        self,
+        spec: FeatureSpec,
+        model_name: str,
+        model_version: int,
+        *,
+        start: datetime,
+        end: datetime,
+        rows: int,
+        limit: int,
+    ) -> pd.DataFrame: ...
+
+    async def publish_layout(self, model_name: str, model_version: int, layout: str) -> None: ...
 
     async def state(self, model_name: str) -> EpisodeState | None: ...
 
@@ -156,16 +253,23 @@ StoreReport = Callable[[str, str, ReportDocuments], Awaitable[str]]
 class MonitorOptions:
     """How windows are cut and how often the monitor looks."""
 
-    window_rows: int = 168
-    """Rows in a full window (168: a week of hourly traffic)."""
-    max_window_age: timedelta = timedelta(hours=1)
-    """A partial window (at least the policy's minimum rows) is judged once its oldest row is
-    this old."""
-    settle: timedelta = timedelta(seconds=3)
-    """Rows younger than this are left for a later window (consumer lag)."""
+    window: timedelta | None = None
+    """Span of every model's windows; None: each declaration's ``monitoring.window``."""
+    settle: timedelta = timedelta(seconds=10)
+    """How long after a window's close its rows may still be arriving (consumer lag)."""
+    max_merged_windows: int = 10
+    """A window short of the minimum rows takes in at most this many windows in all."""
+    sample_rows: int = 10_000
+    """Rows of the uniform sample the Evidently report runs on."""
     champion_refresh: timedelta = timedelta(seconds=5)
     """How long a resolved champion version is trusted before asking MLflow again."""
     report_prefix: str = "drift-reports/"
+
+    def __post_init__(self) -> None:
+        if self.window is not None:
+            check_window(self.window)
+        if self.max_merged_windows < 1 or self.sample_rows < 1:
+            raise ValueError("max_merged_windows and sample_rows must be at least 1")
 
 
 @dataclass(slots=True)
@@ -173,6 +277,8 @@ class _Champion:
     version: int
     spec: FeatureSpec
     reference: pd.DataFrame
+    baseline: PreparedBaseline
+    window: timedelta
 
 
 @dataclass(slots=True)
@@ -184,6 +290,12 @@ class _Watch:
     champion: _Champion | None = None
     resolved_at: float = -math.inf
     resolved_version: int | None = None
+    published: set[int] = field(default_factory=set)
+    """Versions whose layout was published."""
+    prepared: dict[int, tuple[FeatureSpec, pd.DataFrame, PreparedBaseline]] = field(
+        default_factory=dict
+    )
+    """The newest version's spec, reference and baseline, ready for when it is promoted."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,11 +309,12 @@ class CheckResult:
     step: EpisodeStep | None
     event: DriftDetected | None
     report_uri: str | None
+    lag_seconds: float
 
 
 @dataclass(slots=True)
 class DriftMonitor:
-    """Judges windows of the champions of ``models`` and publishes drift that holds."""
+    """Judges time windows of the champions of ``models`` and publishes drift that holds."""
 
     store: WindowStore
     champions: ChampionSource
@@ -214,17 +327,14 @@ class DriftMonitor:
     _watches: dict[str, _Watch] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.options.window_rows < self.policy.min_rows:
-            raise ValueError(
-                f"windows of {self.options.window_rows} rows are below the policy's minimum "
-                f"of {self.policy.min_rows}: no full window would ever be judged"
-            )
         self._watches = {name: _Watch(name) for name in self.models}
         for name in self.models:
             # Series that appear at 0, so increase() sees the first drifted window or event.
             for outcome in ("drifted", "clean", "refused", "failed"):
                 CHECKS.labels(name, outcome)
             EVENTS.labels(name)
+            ROWS_JUDGED.labels(name)
+            LATE_ROWS.labels(name)
 
     async def check(self, model_name: str) -> CheckResult | None:
         """Judge the model's next window when one is due; None when there is nothing to do."""
@@ -232,41 +342,52 @@ class DriftMonitor:
         champion = await self._champion(watch)
         if champion is None or watch.state is None:
             return None
-        now = self.clock()
-        frame = await self.store.window(
-            champion.spec,
-            model_name,
-            champion.version,
-            after=watch.state.last_window_end or EPOCH,
-            before=now - self.options.settle,
-            limit=self.options.window_rows,
-        )
-        if not self._due(frame, now):
+        span = await self._next_window(watch.state, model_name, champion)
+        if span is None:
             return None
+        start, end, slices = span
         started = time.perf_counter()
-        window = window_bounds(frame, PREDICTED_AT_COLUMN)
-        judged = await asyncio.to_thread(
-            _evaluate, champion, frame, self.policy, model_name, window
-        )
+        window = WindowBounds(start=start, end=end)
+        late = await self.store.late_rows(model_name, champion.version, start)
         report_uri: str | None = None
         step: EpisodeStep | None = None
         event: DriftDetected | None = None
-        if isinstance(judged, WindowRefused):
-            verdict: DriftAssessment | WindowRefused = judged
-            state = episodes.skip(watch.state, window.end)
+        sketch: WindowSketch | None = None
+        sample_rows = 0
+        refused = self._refusal(champion, slices.rows)
+        verdict: DriftAssessment | WindowRefused
+        if refused is not None:
+            verdict = refused
+            state = episodes.skip(watch.state, end)
         else:
-            evaluation, documents = judged
-            verdict = evaluation.assessment
-            keys = report_keys(
-                model_name, champion.version, window.end, prefix=self.options.report_prefix
+            marked = time.perf_counter()
+            sketch = await self._sketch(model_name, champion, window, slices)
+            marked = _stage("slices", marked)
+            sample = await self.store.sample(
+                champion.spec,
+                model_name,
+                champion.version,
+                start=start,
+                end=end,
+                rows=slices.rows,
+                limit=self.options.sample_rows,
             )
+            sample_rows = len(sample)
+            marked = _stage("sample", marked)
+            assessment, documents, agreement = await asyncio.to_thread(
+                _judge, champion, sketch, sample, self.policy, model_name, window
+            )
+            marked = _stage("judge", marked)
+            verdict = assessment
+            SAMPLE_AGREEMENT.labels(model_name).set(agreement)
+            keys = report_keys(model_name, champion.version, end, prefix=self.options.report_prefix)
             report_uri = await self.store_report(keys.json, keys.html, documents)
             step = episodes.advance(
-                watch.state, window.end, drifted=verdict.drifted, policy=self.policy
+                watch.state, end, drifted=assessment.drifted, policy=self.policy
             )
             state = step.state
             if step.drift_holds and step.episode_id is not None:
-                event = verdict.to_event(
+                event = assessment.to_event(
                     model_name=model_name,
                     model_version=champion.version,
                     window=window,
@@ -275,26 +396,118 @@ class DriftMonitor:
                 )
                 await self.publish(event)
                 EVENTS.labels(model_name).inc()
+            _stage("store", marked)
         seconds = time.perf_counter() - started
+        lag = (self.clock() - end).total_seconds()
         await self.store.record(
             WindowRecord(
                 model_name=model_name,
                 model_version=champion.version,
-                window_start=window.start,
-                window_end=window.end,
+                window_start=start,
+                window_end=end,
                 verdict=verdict,
                 step=step,
                 report_uri=report_uri,
                 event_id=None if event is None else str(event.event_id),
                 check_seconds=seconds,
+                sketch=None if sketch is None else encode(sketch),
+                lag_seconds=lag,
+                sample_rows=sample_rows,
+                late_rows=late,
             ),
             state,
         )
         watch.state = state
-        result = CheckResult(model_name, champion.version, window, verdict, step, event, report_uri)
+        result = CheckResult(
+            model_name, champion.version, window, verdict, step, event, report_uri, lag
+        )
+        ROWS_JUDGED.labels(model_name).inc(slices.rows)
+        if late:
+            LATE_ROWS.labels(model_name).inc(late)
+            log.warning(
+                "%s v%d: %d rows arrived after their window was judged (raise the settle time)",
+                model_name,
+                champion.version,
+                late,
+            )
         _export(result, state, seconds)
         _log(result)
         return result
+
+    async def _next_window(
+        self, state: EpisodeState, model_name: str, champion: _Champion
+    ) -> tuple[datetime, datetime, WindowSlices] | None:
+        """The next closed, settled window with rows (merged up to the minimum), if any."""
+        after = state.last_window_end or EPOCH
+        first = await self.store.first_slice(model_name, champion.version, after)
+        if first is None:
+            return None
+        span = champion.window
+        start = max(align(first, span), after)
+        end = align(start, span) + span
+        now = self.clock()
+        if end + self.options.settle > now:
+            return None
+        slices = await self.store.slices(model_name, champion.version, start, end)
+        merged = 1
+        while slices.rows < self.policy.min_rows and merged < self.options.max_merged_windows:
+            if end + span + self.options.settle > now:
+                return None  # the next window is still open: wait for it to merge
+            slices = slices + await self.store.slices(model_name, champion.version, end, end + span)
+            end += span
+            merged += 1
+        return start, end, slices
+
+    def _refusal(self, champion: _Champion, rows: int) -> WindowRefused | None:
+        baseline = champion.baseline.baseline
+        reason: tuple[RefusalReason, str] | None = None
+        if not baseline.features:
+            reason = (RefusalReason.MISSING_COLUMNS, "the declaration monitors no feature")
+        elif rows < self.policy.min_rows:
+            reason = (
+                RefusalReason.TOO_FEW_ROWS,
+                f"{rows} rows in {self.options.max_merged_windows} merged windows, fewer than "
+                f"the minimum {self.policy.min_rows}",
+            )
+        elif baseline.reference_rows < self.policy.min_rows:
+            reason = (
+                RefusalReason.TOO_FEW_REFERENCE_ROWS,
+                f"the reference has {baseline.reference_rows} rows, fewer than the minimum "
+                f"{self.policy.min_rows}",
+            )
+        if reason is None:
+            return None
+        return WindowRefused(
+            reason=reason[0],
+            detail=reason[1],
+            window_rows=rows,
+            reference_rows=baseline.reference_rows,
+        )
+
+    async def _sketch(
+        self, model_name: str, champion: _Champion, window: WindowBounds, slices: WindowSlices
+    ) -> WindowSketch:
+        layout = champion.baseline.baseline.layout
+        sketch = WindowSketch.empty(layout)
+        complete = slices.unsketched_rows == 0
+        if complete:
+            try:
+                for data in slices.sketches:
+                    sketch = sketch.merge(decode(layout, data))
+            except ValueError:
+                complete = False  # written in a layout since replaced: rebuild from the log
+        if complete and sketch.rows == slices.rows:
+            return sketch
+        REBUILT.labels(model_name).inc()
+        frame = await self.store.window(
+            champion.spec,
+            model_name,
+            champion.version,
+            after=window.start,
+            before=window.end,
+            limit=max(slices.rows, 1) * 2,
+        )
+        return await asyncio.to_thread(WindowSketch.of, layout, reference_arrays(frame, layout))
 
     async def run(
         self,
@@ -330,14 +543,6 @@ class DriftMonitor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), timeout=poll_seconds)
 
-    def _due(self, frame: pd.DataFrame, now: datetime) -> bool:
-        if len(frame) >= self.options.window_rows:
-            return True
-        if len(frame) < self.policy.min_rows:
-            return False
-        oldest = pd.Timestamp(frame[PREDICTED_AT_COLUMN].min()).to_pydatetime()
-        return bool(now - oldest >= self.options.max_window_age)
-
     async def _champion(self, watch: _Watch) -> _Champion | None:
         loop = asyncio.get_running_loop()
         refresh = self.options.champion_refresh.total_seconds()
@@ -351,48 +556,162 @@ class DriftMonitor:
                 watch.champion = None
                 return None
             watch.resolved_version = version
+            await self._publish_newest(watch)
         if watch.resolved_version is None:
             return None
         if watch.champion is None or watch.champion.version != watch.resolved_version:
             await self._switch(watch, watch.resolved_version)
         return watch.champion
 
-    async def _switch(self, watch: _Watch, version: int) -> None:
+    async def _publish_newest(self, watch: _Watch) -> None:
+        # A challenger is registered before its promotion: its layout published now lets the
+        # logger sketch its very first rows once the gateway swaps to it.
+        newest = await asyncio.to_thread(self.champions.newest_version, watch.model_name)
+        if newest is None or newest in watch.published:
+            return
+        await self._baseline(watch, newest)
+
+    async def _baseline(
+        self, watch: _Watch, version: int
+    ) -> tuple[FeatureSpec, pd.DataFrame, PreparedBaseline]:
+        ready = watch.prepared.get(version)
+        if ready is not None:
+            return ready
         name = watch.model_name
         spec = await asyncio.to_thread(self.champions.feature_spec, name, version)
         reference = await asyncio.to_thread(self.champions.reference, name, version)
+        baseline = await asyncio.to_thread(self.champions.baseline, name, version)
+        if baseline is None or not baseline.follows(self.policy):
+            log.info("%s v%d: calibrating thresholds on its reference", name, version)
+            baseline = await asyncio.to_thread(calibrate, spec, reference, self.policy)
+        prepared = await asyncio.to_thread(prepare, baseline, reference)
+        await self.store.publish_layout(name, version, baseline.layout.model_dump_json())
+        watch.published.add(version)
+        # Kept: the champion's and the newest version's (a challenger about to be promoted).
+        keep = {version, *(v for v in (watch.resolved_version,) if v is not None)}
+        watch.prepared = {v: ready for v, ready in watch.prepared.items() if v in keep}
+        watch.prepared[version] = (spec, reference, prepared)
+        return spec, reference, prepared
+
+    async def _switch(self, watch: _Watch, version: int) -> None:
+        name = watch.model_name
+        spec, reference, prepared = await self._baseline(watch, version)
+        window = self.options.window or spec.monitoring.window
+        check_window(window)
         state = watch.state or await self.store.state(name) or episodes.start(name, version)
         followed = episodes.follow(state, version)
         if followed is not state:
             await self.store.save_state(followed)
         watch.state = followed
-        watch.champion = _Champion(version, spec, reference)
+        watch.champion = _Champion(version, spec, reference, prepared, window)
         CHAMPION_VERSION.labels(name).set(version)
         EPISODE_OPEN.labels(name).set(int(followed.episode_id is not None))
+        thresholds = ", ".join(
+            f"{column.name} {column.thresholds[0]:.3g}" for column in prepared.baseline.columns
+        )
         log.info(
-            "%s: monitoring champion version %d against its reference of %d rows",
+            "%s: monitoring champion version %d in windows of %s against its reference of %d "
+            "rows (thresholds at %d rows: %s)",
             name,
             version,
+            window,
             len(reference),
+            prepared.baseline.sample_rows[0],
+            thresholds,
         )
 
 
-def _evaluate(
+def _judge(
     champion: _Champion,
-    frame: pd.DataFrame,
+    sketch: WindowSketch,
+    sample: pd.DataFrame,
     policy: DriftPolicy,
     model_name: str,
     window: WindowBounds,
-) -> WindowRefused | tuple[WindowEvaluation, ReportDocuments]:
-    # One worker-thread call: Evidently and the report rendering are both CPU work that must
-    # not stall the event loop (metrics endpoint, shutdown signals).
-    evaluation = evaluate_window(champion.reference, frame, champion.spec, policy)
-    if isinstance(evaluation, WindowRefused):
-        return evaluation
-    documents = render_report(
-        evaluation, model_name=model_name, model_version=champion.version, window=window
+) -> tuple[DriftAssessment, ReportDocuments, float]:
+    # One worker-thread call: distances, Evidently and the report rendering are CPU work that
+    # must not stall the event loop (metrics endpoint, shutdown signals).
+    baseline = champion.baseline.baseline
+    spec = champion.spec
+    distances = champion.baseline.distances(sketch)
+    rows = sketch.rows
+    thresholds = {name: baseline.threshold(name, rows) for name in baseline.layout.names}
+    features = tuple(
+        _feature_drift(name, spec.feature(name).kind, distances[name], thresholds[name])
+        for name in baseline.features
     )
-    return evaluation, documents
+    prediction = (
+        _feature_drift(
+            PREDICTION_COLUMN,
+            FeatureKind.NUMERIC,
+            distances[PREDICTION_COLUMN],
+            thresholds[PREDICTION_COLUMN],
+        )
+        if PREDICTION_COLUMN in distances and not math.isnan(distances[PREDICTION_COLUMN].score)
+        else None
+    )
+    share = sum(feature.drifted for feature in features) / len(features)
+    # The report's Evidently run uses the same tests and this window's thresholds, on the
+    # sample; its quality figures come from the sample's labelled rows.
+    sample_policy = policy.model_copy(
+        update={
+            "feature_thresholds": {name: thresholds[name] for name in baseline.features},
+            "prediction_threshold": thresholds.get(PREDICTION_COLUMN, policy.prediction_threshold),
+            "min_rows": 1,
+        }
+    )
+    evaluation = evaluate_window(champion.reference, sample, spec, sample_policy)
+    on_sample = evaluation if isinstance(evaluation, WindowEvaluation) else None
+    assessment = DriftAssessment(
+        window_rows=rows,
+        reference_rows=baseline.reference_rows,
+        features=features,
+        drift_share=share,
+        drift_share_threshold=policy.drift_share_threshold,
+        drifted=share >= policy.drift_share_threshold,
+        prediction=prediction,
+        labelled_rows=0 if on_sample is None else on_sample.assessment.labelled_rows,
+        quality=None if on_sample is None else on_sample.assessment.quality,
+    )
+    agreement = 1.0
+    if on_sample is not None:
+        verdicts = {feature.name: feature.drifted for feature in on_sample.assessment.features}
+        agreement = sum(verdicts.get(f.name) == f.drifted for f in features) / len(features)
+    documents = render_report(
+        WindowEvaluation(
+            assessment,
+            None if on_sample is None else on_sample.drift_snapshot,
+            None if on_sample is None else on_sample.quality_snapshot,
+        ),
+        model_name=model_name,
+        model_version=champion.version,
+        window=window,
+        baseline=baseline,
+        sample_rows=len(sample),
+    )
+    return assessment, documents, agreement
+
+
+def _feature_drift(
+    name: str, kind: FeatureKind, distance: ColumnDistance, threshold: float
+) -> FeatureDrift:
+    # A column with no value in the window (all missing) is at distance 0: nothing moved.
+    score = 0.0 if math.isnan(distance.score) else distance.score
+    return FeatureDrift(
+        name=name,
+        kind=kind,
+        stat_test=distance.stat_test,
+        threshold=threshold,
+        score=score,
+        drifted=score > threshold,
+        bound=distance.bound,
+    )
+
+
+def _stage(name: str, since: float) -> float:
+    now = time.perf_counter()
+    STAGE_SECONDS.labels(name).observe(now - since)
+    return now
 
 
 def _export(result: CheckResult, state: EpisodeState, seconds: float) -> None:
@@ -400,6 +719,8 @@ def _export(result: CheckResult, state: EpisodeState, seconds: float) -> None:
     verdict = result.verdict
     CHECK_SECONDS.observe(seconds)
     LAST_CHECK.labels(model).set(time.time())
+    LAG.labels(model).set(result.lag_seconds)
+    LAG_SECONDS.observe(result.lag_seconds)
     WINDOW_ROWS.labels(model).set(verdict.window_rows)
     EPISODE_OPEN.labels(model).set(int(state.episode_id is not None))
     if isinstance(verdict, WindowRefused):
@@ -410,6 +731,7 @@ def _export(result: CheckResult, state: EpisodeState, seconds: float) -> None:
     LABELLED_ROWS.labels(model).set(verdict.labelled_rows)
     for feature in verdict.features:
         FEATURE_SCORE.labels(model, feature.name).set(feature.score)
+        FEATURE_THRESHOLD.labels(model, feature.name).set(feature.threshold)
         FEATURE_DRIFTED.labels(model, feature.name).set(int(feature.drifted))
     if verdict.prediction is not None:
         PREDICTION_SCORE.labels(model).set(verdict.prediction.score)
@@ -426,7 +748,7 @@ def _export(result: CheckResult, state: EpisodeState, seconds: float) -> None:
 
 def _log(result: CheckResult) -> None:
     verdict = result.verdict
-    span = f"{result.window.start:%Y-%m-%d %H:%M:%S}..{result.window.end:%H:%M:%S}"
+    span = f"{result.window.start:%Y-%m-%d %H:%M:%S.%f}..{result.window.end:%H:%M:%S.%f}"
     if isinstance(verdict, WindowRefused):
         log.warning(
             "%s v%d window %s refused (%s): %s",
@@ -439,13 +761,14 @@ def _log(result: CheckResult) -> None:
         return
     step = result.step
     log.info(
-        "%s v%d window %s: %d rows, drift share %.2f%s%s%s",
+        "%s v%d window %s: %d rows, drift share %.2f%s, judged %.1fs after it closed%s%s",
         result.model_name,
         result.model_version,
         span,
         verdict.window_rows,
         verdict.drift_share,
         f" ({', '.join(verdict.drifted_features)})" if verdict.drifted_features else "",
+        result.lag_seconds,
         f"; episode {step.episode_id} opened" if step and step.opened else "",
         f"; DriftDetected published ({result.event.event_id})" if result.event else "",
     )

@@ -6,6 +6,7 @@ JSON is written last, so whoever finds it can rely on the HTML being there too.
 
 from __future__ import annotations
 
+import html
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,6 +17,7 @@ from evidently.core.metric_types import render_widgets
 from evidently.legacy.renderers.html_widgets import group_widget
 
 from driftloop.drift.assessment import WindowBounds, WindowEvaluation
+from driftloop.drift.baseline import DriftBaseline
 from driftloop.objectstore import s3_client
 from driftloop.settings import ObjectStoreSettings
 
@@ -60,17 +62,41 @@ def report_uri(bucket: str, key: str) -> str:
 
 
 def render_report(
-    evaluation: WindowEvaluation, *, model_name: str, model_version: int, window: WindowBounds
+    evaluation: WindowEvaluation,
+    *,
+    model_name: str,
+    model_version: int,
+    window: WindowBounds,
+    baseline: DriftBaseline | None = None,
+    sample_rows: int | None = None,
 ) -> ReportDocuments:
-    """The JSON document (assessment and Evidently metrics) and the HTML report of a window."""
+    """The JSON document (assessment, thresholds, Evidently metrics) and the HTML report.
+
+    The assessment is the window's verdict; the Evidently snapshots, when ``sample_rows`` is
+    given, ran on a uniform sample of that many of the window's rows (None: no sample could be
+    judged), and ``baseline`` says how the thresholds were calibrated.
+    """
     document = {
         "report_format": REPORT_FORMAT,
         "model_name": model_name,
         "model_version": model_version,
         "window": window.model_dump(mode="json"),
         "assessment": evaluation.assessment.model_dump(mode="json"),
+        "thresholds": None
+        if baseline is None
+        else {
+            "sampling": baseline.sampling,
+            "quantile": baseline.quantile,
+            "reference_rows": baseline.reference_rows,
+            "sample_rows": baseline.sample_rows,
+            "samples": baseline.samples,
+            "columns": [column.model_dump(mode="json") for column in baseline.columns],
+        },
         "evidently": {
-            "drift": _snapshot_dict(evaluation.drift_snapshot),
+            "sample_rows": sample_rows,
+            "drift": None
+            if evaluation.drift_snapshot is None
+            else _snapshot_dict(evaluation.drift_snapshot),
             "quality": None
             if evaluation.quality_snapshot is None
             else _snapshot_dict(evaluation.quality_snapshot),
@@ -107,6 +133,20 @@ def _snapshot_dict(snapshot: Any) -> Any:
 
 
 def _html(evaluation: WindowEvaluation) -> str:
+    if evaluation.drift_snapshot is None:
+        verdict = evaluation.assessment
+        rows = "".join(
+            f"<tr><td>{html.escape(f.name)}</td><td>{f.score:.4f}</td><td>{f.threshold:.4f}</td>"
+            f"<td>{'drifted' if f.drifted else 'clean'}</td></tr>"
+            for f in verdict.features
+        )
+        return (
+            "<!doctype html><meta charset=utf-8><title>drift window</title>"
+            f"<p>Drift share {verdict.drift_share:.2f} over {verdict.window_rows} rows; no "
+            "sample of the window could be compared by Evidently.</p>"
+            f"<table><tr><th>feature</th><th>score</th><th>threshold</th><th></th></tr>{rows}"
+            "</table>"
+        )
     if evaluation.quality_snapshot is None:
         return str(evaluation.drift_snapshot.get_html_str(as_iframe=False))
     drift = evaluation.drift_snapshot.to_snapshot_model()

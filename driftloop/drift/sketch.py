@@ -322,20 +322,30 @@ def _add_categorical(
     layout: ColumnLayout,
     values: NDArray[np.float64] | NDArray[np.object_] | Sequence[object],
 ) -> None:
-    codes = {category: code for code, category in enumerate(layout.categories)}
+    # Values are categories as the wire carries them, or None when missing (readers of frames
+    # normalise pandas' NaN and float-coded ints first: ``categorical_values``).
+    codes: dict[object, int] = {category: code for code, category in enumerate(layout.categories)}
+    codes[None] = -1
     other = len(layout.categories)
-    slots = np.empty(len(values), dtype=np.int64)
-    nulls = 0
+    slots = np.fromiter((codes.get(value, other) for value in values), np.int64, len(values))
+    present = slots[slots >= 0]
+    target.nulls += float(len(slots) - len(present))
+    target.counts += np.bincount(present, minlength=layout.slots)
+
+
+def categorical_values(values: Sequence[object] | NDArray[np.object_]) -> NDArray[np.object_]:
+    """Values read back from a frame as the wire carries them: NaN as None, 3.0 as 3."""
+    out = np.empty(len(values), dtype=object)
     for index, value in enumerate(values):
         if value is None or (isinstance(value, float) and value != value):  # NaN
-            slots[index] = -1
-            nulls += 1
-            continue
-        if isinstance(value, float | np.floating) and float(value).is_integer():
-            value = int(value)  # an int category read back through a float column
-        slots[index] = codes.get(value, other)
-    target.nulls += nulls
-    target.counts += np.bincount(slots[slots >= 0], minlength=layout.slots)
+            out[index] = None
+        elif isinstance(value, np.integer) or (
+            isinstance(value, float | np.floating) and float(value).is_integer()
+        ):
+            out[index] = int(value)
+        else:
+            out[index] = value
+    return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,14 +1,16 @@
-"""The drift monitor's Postgres side: windows read from the prediction log, runs and state written.
+"""The drift monitor's Postgres side: window sketches and samples read, runs and state written.
 
-A window is the next run of logged rows of one model version, in ``predicted_at`` order, after
-the end of the last window judged (tumbling, so consecutive windows never share a row and "drift
-in N consecutive windows" means N independent samples). Labels are joined as they stand when
-the window is read. Each judged window is one ``drift_runs`` row written in the same transaction
-as the model's episode state, so a restart resumes exactly after the last recorded window.
+A window is a span of prediction time of one model version. Its statistics are the merge of
+the slice sketches the feature-logger wrote with the rows (``drift_sketches``); a bounded
+uniform sample of its rows, with their labels as they stand, feeds the human report. Each
+judged window is one ``drift_runs`` row written in the same transaction as the model's episode
+state and the deletion of the window's slices (and of any that arrived late for an earlier
+one), so a restart resumes exactly after the last recorded window and judges it once.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -35,6 +37,37 @@ WHERE p.model_name = $1 AND p.model_version = $2
 ORDER BY p.predicted_at
 LIMIT $5
 """
+# Uniform without replacement: each row passes a coin of probability $5 (a little above
+# limit / rows, so nearly always at least `limit` pass), and the passers are shuffled and cut.
+_SAMPLE = """
+SELECT p.predicted_at, p.features::text AS features, p.prediction, l.label
+FROM prediction_log p LEFT JOIN labels l USING (request_id)
+WHERE p.model_name = $1 AND p.model_version = $2
+  AND p.predicted_at >= $3 AND p.predicted_at < $4 AND random() < $5
+ORDER BY random()
+LIMIT $6
+"""
+_FIRST_SLICE = """
+SELECT min(slice_start) FROM drift_sketches
+WHERE model_name = $1 AND model_version = $2 AND slice_start >= $3
+"""
+_SLICES = """
+SELECT rows, unsketched_rows, sketch FROM drift_sketches
+WHERE model_name = $1 AND model_version = $2 AND slice_start >= $3 AND slice_start < $4
+"""
+_LATE_ROWS = """
+SELECT coalesce(sum(rows), 0) FROM drift_sketches
+WHERE model_name = $1 AND model_version = $2 AND slice_start < $3
+"""
+_DROP_SLICES = """
+DELETE FROM drift_sketches WHERE model_name = $1 AND model_version = $2 AND slice_start < $3
+"""
+_PUBLISH_LAYOUT = """
+INSERT INTO drift_baselines (model_name, model_version, layout) VALUES ($1, $2, $3::jsonb)
+ON CONFLICT (model_name, model_version) DO UPDATE
+SET layout = EXCLUDED.layout, published_at = now()
+WHERE drift_baselines.layout <> EXCLUDED.layout
+"""
 _STATE = "SELECT state::text FROM drift_monitor_state WHERE model_name = $1"
 _SAVE_STATE = """
 INSERT INTO drift_monitor_state (model_name, state) VALUES ($1, $2::jsonb)
@@ -45,9 +78,9 @@ INSERT INTO drift_runs (model_name, model_version, window_start, window_end, out
                         window_rows, reference_rows, labelled_rows, drift_share,
                         drifted_features, prediction_score, feature_scores, quality,
                         refusal_reason, report_uri, episode_id, drift_holds, event_id,
-                        check_seconds)
+                        check_seconds, sketch, lag_seconds, sample_rows, late_rows)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::jsonb, $13::jsonb, $14, $15, $16,
-        $17, $18, $19)
+        $17, $18, $19, $20, $21, $22, $23)
 ON CONFLICT (model_name, model_version, window_end) DO NOTHING
 """
 _RECENT_RUNS = """
@@ -73,6 +106,30 @@ class WindowRecord:
     report_uri: str | None
     event_id: str | None
     check_seconds: float
+    sketch: bytes | None = None
+    """The window's merged sketch (``driftloop.drift.slices.encode``)."""
+    lag_seconds: float | None = None
+    """Seconds from the window's close to its verdict."""
+    sample_rows: int = 0
+    """Rows of the uniform sample the Evidently report ran on."""
+    late_rows: int = 0
+    """Rows of earlier, already judged windows that arrived since (dropped, counted here)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WindowSlices:
+    """A window's slices as stored: rows, rows logged unsketched, and the sketches."""
+
+    rows: int = 0
+    unsketched_rows: int = 0
+    sketches: tuple[bytes, ...] = ()
+
+    def __add__(self, other: WindowSlices) -> WindowSlices:
+        return WindowSlices(
+            self.rows + other.rows,
+            self.unsketched_rows + other.unsketched_rows,
+            self.sketches + other.sketches,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +189,51 @@ class DriftStore:
         rows = await self.pool.fetch(_WINDOW, model_name, model_version, after, before, limit)
         return window_frame(spec, rows)
 
+    async def sample(
+        self,
+        spec: FeatureSpec,
+        model_name: str,
+        model_version: int,
+        *,
+        start: datetime,
+        end: datetime,
+        rows: int,
+        limit: int,
+    ) -> pd.DataFrame:
+        """A uniform sample of at most ``limit`` of the window's ``rows`` rows, labels joined."""
+        share = 1.0 if rows <= limit else min(1.0, (limit + 4 * math.sqrt(limit) + 10) / rows)
+        found = await self.pool.fetch(_SAMPLE, model_name, model_version, start, end, share, limit)
+        return window_frame(spec, found)
+
+    async def first_slice(
+        self, model_name: str, model_version: int, after: datetime
+    ) -> datetime | None:
+        """Start of the first slice of the version logged at or after ``after``."""
+        moment: datetime | None = await self.pool.fetchval(
+            _FIRST_SLICE, model_name, model_version, after
+        )
+        return moment
+
+    async def slices(
+        self, model_name: str, model_version: int, start: datetime, end: datetime
+    ) -> WindowSlices:
+        """The slices of ``[start, end)``."""
+        found = await self.pool.fetch(_SLICES, model_name, model_version, start, end)
+        return WindowSlices(
+            rows=sum(row["rows"] for row in found),
+            unsketched_rows=sum(row["unsketched_rows"] for row in found),
+            sketches=tuple(bytes(row["sketch"]) for row in found if row["sketch"] is not None),
+        )
+
+    async def late_rows(self, model_name: str, model_version: int, before: datetime) -> int:
+        """Rows sketched for slices before ``before``: windows already judged, arrived late."""
+        late: int = await self.pool.fetchval(_LATE_ROWS, model_name, model_version, before)
+        return int(late)
+
+    async def publish_layout(self, model_name: str, model_version: int, layout: str) -> None:
+        """Publish a version's sketch layout (JSON) for the feature-logger."""
+        await self.pool.execute(_PUBLISH_LAYOUT, model_name, model_version, layout)
+
     async def state(self, model_name: str) -> EpisodeState | None:
         """The model's episode state as last recorded, if any."""
         document = await self.pool.fetchval(_STATE, model_name)
@@ -175,6 +277,13 @@ class DriftStore:
                 bool(record.step and record.step.drift_holds),
                 record.event_id,
                 record.check_seconds,
+                record.sketch,
+                record.lag_seconds,
+                record.sample_rows,
+                record.late_rows,
+            )
+            await connection.execute(
+                _DROP_SLICES, record.model_name, record.model_version, record.window_end
             )
             await connection.execute(_SAVE_STATE, state.model_name, state.model_dump_json())
         return bool(status.endswith(" 1"))

@@ -1,7 +1,9 @@
-"""The drift monitor's core against in-memory fakes of the log, the registry and the broker.
+"""The drift monitor's core on time windows, against in-memory fakes of the log and the registry.
 
-Evidently runs for real on the Bike Sharing data: winter rows against a winter reference stay
-clean, summer rows drift.
+The fake store keeps logged rows and sketches them as the feature-logger does: with the layout
+the monitor published for their version, or not at all when none was published when they were
+logged. Sketches, calibration and Evidently run for real on the Bike Sharing data: winter rows
+against a winter reference stay clean, summer rows drift.
 """
 
 from __future__ import annotations
@@ -10,23 +12,32 @@ import itertools
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
+import orjson
 import pandas as pd
 import pytest
 
 from driftloop import training
-from driftloop.drift.assessment import PREDICTION_COLUMN, DriftAssessment
+from driftloop.drift.assessment import PREDICTION_COLUMN, DriftAssessment, RefusalReason
+from driftloop.drift.baseline import DriftBaseline, calibrate, reference_arrays
 from driftloop.drift.episodes import EpisodeState
 from driftloop.drift.monitor import CheckResult, DriftMonitor, MonitorOptions
 from driftloop.drift.policy import DriftPolicy
 from driftloop.drift.reports import ReportDocuments
-from driftloop.drift.store import PREDICTED_AT_COLUMN, WindowRecord
+from driftloop.drift.sketch import SketchLayout, WindowSketch
+from driftloop.drift.slices import encode
+from driftloop.drift.store import PREDICTED_AT_COLUMN, WindowRecord, WindowSlices
 from schemas.events import DriftDetected
 from schemas.features import FeatureSpec, load_feature_spec
 
+pytestmark = pytest.mark.unit
+
 SPEC = load_feature_spec("bikeshare")
 MODEL = "bikeshare"
-START = datetime(2026, 11, 28, 8, 0, tzinfo=UTC)
-ROWS = 150
+START = datetime(2026, 11, 28, 8, 0, tzinfo=UTC)  # a multiple of the window since the epoch
+WINDOW = timedelta(seconds=150)
+ROWS = 150  # one row a second: a full window
+POLICY = DriftPolicy(min_rows=100)
 
 
 def logged(frame: pd.DataFrame, version: int, first: datetime) -> pd.DataFrame:
@@ -43,6 +54,54 @@ class FakeStore:
     rows: pd.DataFrame
     states: dict[str, EpisodeState] = field(default_factory=dict)
     records: list[WindowRecord] = field(default_factory=list)
+    layouts: dict[int, SketchLayout] = field(default_factory=dict)
+    unsketched: set[int] = field(default_factory=set)
+    """Versions whose rows were logged before their layout was published."""
+    dropped: dict[int, datetime] = field(default_factory=dict)
+    published: list[int] = field(default_factory=list)
+
+    def _live(self, version: int) -> pd.DataFrame:
+        rows = self.rows[self.rows["version"] == version]
+        cut = self.dropped.get(version)
+        # A judged window's slices are deleted; rows logged later for it are "late".
+        return (
+            rows
+            if cut is None
+            else rows[rows["logged_after_cut"]]
+            if "logged_after_cut" in rows
+            else rows[rows[PREDICTED_AT_COLUMN] >= cut]
+        )
+
+    def _span(self, version: int, start: datetime, end: datetime) -> pd.DataFrame:
+        rows = self._live(version)
+        moments = rows[PREDICTED_AT_COLUMN]
+        return rows[(moments >= start) & (moments < end)]
+
+    async def first_slice(
+        self, model_name: str, model_version: int, after: datetime
+    ) -> datetime | None:
+        rows = self._live(model_version)
+        later = rows[rows[PREDICTED_AT_COLUMN] >= after]
+        return None if later.empty else later[PREDICTED_AT_COLUMN].min().to_pydatetime()
+
+    async def slices(
+        self, model_name: str, model_version: int, start: datetime, end: datetime
+    ) -> WindowSlices:
+        rows = self._span(model_version, start, end)
+        if rows.empty:
+            return WindowSlices()
+        layout = self.layouts.get(model_version)
+        if layout is None or model_version in self.unsketched:
+            return WindowSlices(rows=len(rows), unsketched_rows=len(rows))
+        halves = [rows.iloc[: len(rows) // 2], rows.iloc[len(rows) // 2 :]]
+        sketches = tuple(
+            encode(WindowSketch.of(layout, reference_arrays(part, layout))) for part in halves
+        )
+        return WindowSlices(rows=len(rows), sketches=sketches)
+
+    async def late_rows(self, model_name: str, model_version: int, before: datetime) -> int:
+        rows = self._live(model_version)
+        return int((rows[PREDICTED_AT_COLUMN] < before).sum())
 
     async def window(
         self,
@@ -54,11 +113,25 @@ class FakeStore:
         before: datetime,
         limit: int,
     ) -> pd.DataFrame:
-        moments = self.rows[PREDICTED_AT_COLUMN]
-        chosen = self.rows[
-            (self.rows["version"] == model_version) & (moments >= after) & (moments < before)
-        ]
-        return chosen.sort_values(PREDICTED_AT_COLUMN).head(limit).drop(columns="version")
+        return self._span(model_version, after, before).head(limit).drop(columns="version")
+
+    async def sample(
+        self,
+        spec: FeatureSpec,
+        model_name: str,
+        model_version: int,
+        *,
+        start: datetime,
+        end: datetime,
+        rows: int,
+        limit: int,
+    ) -> pd.DataFrame:
+        span = self._span(model_version, start, end).drop(columns="version")
+        return span.sample(n=min(limit, len(span)), random_state=0)
+
+    async def publish_layout(self, model_name: str, model_version: int, layout: str) -> None:
+        self.layouts[model_version] = SketchLayout.model_validate_json(layout)
+        self.published.append(model_version)
 
     async def state(self, model_name: str) -> EpisodeState | None:
         return self.states.get(model_name)
@@ -67,8 +140,11 @@ class FakeStore:
         self.states[state.model_name] = state
 
     async def record(self, record: WindowRecord, state: EpisodeState) -> bool:
+        if any(r.window_end == record.window_end for r in self.records):
+            return False
         self.records.append(record)
         self.states[state.model_name] = state
+        self.dropped[record.model_version] = record.window_end
         return True
 
 
@@ -76,15 +152,22 @@ class FakeStore:
 class FakeChampions:
     version: int
     references: dict[int, pd.DataFrame]
+    baselines: dict[int, DriftBaseline] = field(default_factory=dict)
 
     def champion_version(self, model_name: str) -> int | None:
         return self.version
+
+    def newest_version(self, model_name: str) -> int | None:
+        return max(self.references)
 
     def reference(self, model_name: str, version: int) -> pd.DataFrame:
         return self.references[version]
 
     def feature_spec(self, model_name: str, version: int) -> FeatureSpec:
         return SPEC
+
+    def baseline(self, model_name: str, version: int) -> DriftBaseline | None:
+        return self.baselines.get(version)
 
 
 @dataclass
@@ -106,12 +189,22 @@ def seasons() -> dict[str, pd.DataFrame]:
     }
 
 
-def rig(rows: pd.DataFrame, references: dict[int, pd.DataFrame], **options: object) -> Rig:
-    store = FakeStore(rows)
+def winter_rows(seasons: dict[str, pd.DataFrame], count: int) -> pd.DataFrame:
+    return seasons["winter"].iloc[500 : 500 + count]
+
+
+def rig(
+    rows: pd.DataFrame,
+    references: dict[int, pd.DataFrame],
+    store: FakeStore | None = None,
+    **options: object,
+) -> Rig:
+    store = store or FakeStore(rows)
     champions = FakeChampions(version=1, references=references)
     published: list[DriftDetected] = []
     reports: dict[str, bytes] = {}
-    now = [START + timedelta(hours=2)]
+    last = rows[PREDICTED_AT_COLUMN].max() if len(rows) else START
+    now = [pd.Timestamp(last).to_pydatetime() + timedelta(hours=1)]
 
     async def publish(event: DriftDetected) -> None:
         published.append(event)
@@ -127,9 +220,9 @@ def rig(rows: pd.DataFrame, references: dict[int, pd.DataFrame], **options: obje
         publish=publish,
         store_report=store_report,
         models=[MODEL],
-        policy=DriftPolicy(min_rows=100),
+        policy=POLICY,
         options=replace(
-            MonitorOptions(window_rows=ROWS, champion_refresh=timedelta(0)),
+            MonitorOptions(window=WINDOW, champion_refresh=timedelta(0), sample_rows=120),
             **options,  # type: ignore[arg-type]
         ),
         clock=lambda: now[0],
@@ -151,12 +244,13 @@ def reference(frame: pd.DataFrame) -> pd.DataFrame:
 async def test_winter_stays_quiet_and_summer_opens_one_episode(
     seasons: dict[str, pd.DataFrame],
 ) -> None:
-    winter = logged(seasons["winter"].iloc[:ROWS], 1, START)
-    summer = logged(seasons["summer"].iloc[: 3 * ROWS], 1, START + timedelta(seconds=ROWS))
+    winter = logged(winter_rows(seasons, ROWS), 1, START)
+    summer = logged(seasons["summer"].iloc[: 3 * ROWS], 1, START + WINDOW)
     r = rig(pd.concat([winter, summer], ignore_index=True), {1: reference(seasons["winter"])})
 
     first = await r.monitor.check(MODEL)
     assert first is not None
+    assert (first.window.start, first.window.end) == (START, START + WINDOW)
     assert not drifted(first)
     assert r.published == []
     second = await r.monitor.check(MODEL)
@@ -168,51 +262,141 @@ async def test_winter_stays_quiet_and_summer_opens_one_episode(
     assert third.step.opened
     (event,) = r.published
     assert event.episode_id == third.step.episode_id
-    assert event.model_version == 1
     assert {"temp", "atemp"} <= set(event.drifted_features)
     assert event.report_uri in {f"s3://bucket/{key}" for key in r.reports}
     fourth = await r.monitor.check(MODEL)
     assert fourth is not None
     assert [e.episode_id for e in r.published] == [event.episode_id] * 2
-    # Windows never share a row: each starts after the previous one ended.
+    # Windows are consecutive spans of prediction time: each starts where the last ended.
     records = r.store.records
-    assert [rec.window_end <= nxt.window_start for rec, nxt in itertools.pairwise(records)] == [
-        True
-    ] * 3
+    assert all(a.window_end == b.window_start for a, b in itertools.pairwise(records))
+    assert [record.verdict.window_rows for record in records] == [ROWS] * 4
     assert await r.monitor.check(MODEL) is None  # nothing left
     assert r.store.states[MODEL].episode_id == event.episode_id
+    assert r.store.published == [1]  # the layout the logger sketches with
 
 
-async def test_a_partial_window_waits_for_its_age(seasons: dict[str, pd.DataFrame]) -> None:
-    rows = logged(seasons["winter"].iloc[:120], 1, START)
-    r = rig(rows, {1: reference(seasons["winter"])}, max_window_age=timedelta(hours=3))
-    assert await r.monitor.check(MODEL) is None  # 120 rows, 2 hours old: not due
-    r.now[0] = START + timedelta(hours=3, minutes=1)
+async def test_the_verdict_uses_thresholds_calibrated_for_the_window(
+    seasons: dict[str, pd.DataFrame],
+) -> None:
+    summer = logged(seasons["summer"].iloc[:ROWS], 1, START)
+    r = rig(summer, {1: reference(seasons["winter"])})
     result = await r.monitor.check(MODEL)
     assert result is not None
+    assert isinstance(result.verdict, DriftAssessment)
+    baseline = calibrate(SPEC, reference(seasons["winter"]), POLICY)
+    for feature in result.verdict.features:
+        assert feature.threshold == pytest.approx(baseline.threshold(feature.name, ROWS))
+        assert feature.drifted == (feature.score > feature.threshold)
+    assert result.report_uri is not None
+    report = orjson.loads(r.reports[result.report_uri.removeprefix("s3://bucket/")])
+    assert report["thresholds"]["quantile"] == 0.99
+    assert report["thresholds"]["sampling"] == "time_blocks"
+    assert report["evidently"]["sample_rows"] == 120
+    assert report["evidently"]["drift"] is not None
+
+
+async def test_a_stored_baseline_is_used_when_it_follows_the_policy(
+    seasons: dict[str, pd.DataFrame],
+) -> None:
+    summer = logged(seasons["summer"].iloc[:ROWS], 1, START)
+    ref = reference(seasons["winter"])
+    r = rig(summer, {1: ref})
+    explicit = calibrate(SPEC, ref, POLICY.model_copy(update={"feature_thresholds": {"hum": 9.0}}))
+    r.champions.baselines[1] = explicit  # calibrated under another policy: not used
+    result = await r.monitor.check(MODEL)
+    assert result is not None
+    assert isinstance(result.verdict, DriftAssessment)
+    hum = next(f for f in result.verdict.features if f.name == "hum")
+    assert hum.threshold != 9.0
+
+
+async def test_an_open_or_unsettled_window_waits(seasons: dict[str, pd.DataFrame]) -> None:
+    rows = logged(winter_rows(seasons, ROWS), 1, START)
+    r = rig(rows, {1: reference(seasons["winter"])}, settle=timedelta(seconds=30))
+    r.now[0] = START + WINDOW - timedelta(seconds=1)  # still open
+    assert await r.monitor.check(MODEL) is None
+    r.now[0] = START + WINDOW + timedelta(seconds=29)  # closed, not settled
+    assert await r.monitor.check(MODEL) is None
+    r.now[0] = START + WINDOW + timedelta(seconds=30)
+    result = await r.monitor.check(MODEL)
+    assert result is not None
+    assert result.lag_seconds == 30
+
+
+async def test_a_thin_window_merges_into_the_next(seasons: dict[str, pd.DataFrame]) -> None:
+    thin = logged(winter_rows(seasons, 60), 1, START)
+    more = logged(seasons["winter"].iloc[700:760], 1, START + WINDOW + timedelta(seconds=10))
+    r = rig(pd.concat([thin, more], ignore_index=True), {1: reference(seasons["winter"])})
+    r.now[0] = START + WINDOW + timedelta(seconds=100)  # the second window is still open
+    assert await r.monitor.check(MODEL) is None
+    r.now[0] = START + 3 * WINDOW
+    result = await r.monitor.check(MODEL)
+    assert result is not None
+    assert (result.window.start, result.window.end) == (START, START + 2 * WINDOW)
     assert result.verdict.window_rows == 120
 
 
-async def test_rows_younger_than_the_settle_time_wait(seasons: dict[str, pd.DataFrame]) -> None:
-    rows = logged(seasons["winter"].iloc[:ROWS], 1, START)
-    r = rig(rows, {1: reference(seasons["winter"])}, settle=timedelta(seconds=30))
-    r.now[0] = START + timedelta(seconds=ROWS)  # the last 30 rows are younger than 30 s
-    assert await r.monitor.check(MODEL) is None
+async def test_too_few_rows_in_all_merged_windows_is_refused_with_the_reason(
+    seasons: dict[str, pd.DataFrame],
+) -> None:
+    thin = logged(winter_rows(seasons, 30), 1, START)
+    later = logged(seasons["winter"].iloc[700 : 700 + ROWS], 1, START + 10 * WINDOW)
+    r = rig(
+        pd.concat([thin, later], ignore_index=True),
+        {1: reference(seasons["winter"])},
+        max_merged_windows=3,
+    )
+    refused = await r.monitor.check(MODEL)
+    assert refused is not None
+    assert refused.verdict.outcome == "refused"
+    assert refused.verdict.reason is RefusalReason.TOO_FEW_ROWS
+    assert refused.window.end == START + 3 * WINDOW
+    assert refused.step is None
+    assert r.reports == {}
+    assert r.store.states[MODEL].drifted_streak == 0
+    judged = await r.monitor.check(MODEL)  # the gap is skipped: the next window with rows
+    assert judged is not None
+    assert judged.window.start == START + 10 * WINDOW
+    assert judged.verdict.window_rows == ROWS
 
 
-async def test_a_refused_window_is_recorded_and_passed(seasons: dict[str, pd.DataFrame]) -> None:
-    rows = logged(seasons["winter"].iloc[:ROWS], 1, START)
-    rows["temp"] = float("nan")
-    r = rig(rows, {1: reference(seasons["winter"])})
+async def test_rows_logged_before_the_layout_are_judged_from_the_log(
+    seasons: dict[str, pd.DataFrame],
+) -> None:
+    summer = logged(seasons["summer"].iloc[:ROWS], 1, START)
+    sketched = rig(summer, {1: reference(seasons["winter"])})
+    from_log = rig(summer, {1: reference(seasons["winter"])})
+    from_log.store.unsketched.add(1)
+    a = await sketched.monitor.check(MODEL)
+    b = await from_log.monitor.check(MODEL)
+    assert a is not None
+    assert b is not None
+    assert isinstance(a.verdict, DriftAssessment)
+    assert isinstance(b.verdict, DriftAssessment)
+    assert [f.score for f in a.verdict.features] == pytest.approx(
+        [f.score for f in b.verdict.features]
+    )
+    assert b.verdict.window_rows == ROWS
+
+
+async def test_rows_arriving_after_their_window_was_judged_are_counted(
+    seasons: dict[str, pd.DataFrame],
+) -> None:
+    first = logged(winter_rows(seasons, ROWS), 1, START)
+    r = rig(first, {1: reference(seasons["winter"])})
+    judged = await r.monitor.check(MODEL)
+    assert judged is not None
+    late = logged(seasons["winter"].iloc[0:5], 1, START + timedelta(seconds=3))
+    late["logged_after_cut"] = True
+    later = logged(seasons["winter"].iloc[900 : 900 + ROWS], 1, START + WINDOW)
+    rows = pd.concat([first.assign(logged_after_cut=False), late, later], ignore_index=True)
+    rows.loc[rows[PREDICTED_AT_COLUMN] >= START + WINDOW, "logged_after_cut"] = True
+    r.store.rows = rows
     result = await r.monitor.check(MODEL)
     assert result is not None
-    assert result.verdict.outcome == "refused"
-    assert result.step is None
-    assert r.reports == {}
-    assert r.published == []
-    assert r.store.states[MODEL].last_window_end == result.window.end
-    assert r.store.states[MODEL].drifted_streak == 0
-    assert await r.monitor.check(MODEL) is None  # not read again
+    assert r.store.records[-1].late_rows == 5
+    assert result.verdict.window_rows == ROWS
 
 
 async def test_a_failed_publish_repeats_the_window(seasons: dict[str, pd.DataFrame]) -> None:
@@ -238,16 +422,33 @@ async def test_a_failed_publish_repeats_the_window(seasons: dict[str, pd.DataFra
     assert len(r.published) == 1
 
 
+async def test_a_restarted_monitor_judges_each_window_once(
+    seasons: dict[str, pd.DataFrame],
+) -> None:
+    rows = logged(seasons["summer"].iloc[: 4 * ROWS], 1, START)
+    first = rig(rows, {1: reference(seasons["winter"])})
+    await first.monitor.check(MODEL)
+    await first.monitor.check(MODEL)
+    # A new process over the same store (the state and the slices left in Postgres).
+    second = rig(rows, {1: reference(seasons["winter"])}, store=first.store)
+    while await second.monitor.check(MODEL) is not None:
+        pass
+    ends = [record.window_end for record in first.store.records]
+    assert ends == [START + k * WINDOW for k in range(1, 5)]
+    assert sum(record.verdict.window_rows for record in first.store.records) == len(rows)
+
+
 async def test_a_new_champion_switches_reference_and_episode(
     seasons: dict[str, pd.DataFrame],
 ) -> None:
     v1 = logged(seasons["summer"].iloc[: 2 * ROWS], 1, START)
-    v2 = logged(seasons["summer"].iloc[2 * ROWS : 3 * ROWS], 2, START + timedelta(minutes=10))
+    v2 = logged(seasons["summer"].iloc[2 * ROWS : 3 * ROWS], 2, START + 4 * WINDOW)
     references = {1: reference(seasons["winter"]), 2: reference(seasons["summer"])}
     r = rig(pd.concat([v1, v2], ignore_index=True), references)
     await r.monitor.check(MODEL)
     await r.monitor.check(MODEL)
     assert r.store.states[MODEL].episode_id is not None
+    assert sorted(set(r.store.published)) == [1, 2]  # the newest version's layout, ahead
     r.champions.version = 2
     result = await r.monitor.check(MODEL)
     assert result is not None
@@ -258,6 +459,7 @@ async def test_a_new_champion_switches_reference_and_episode(
     assert state.episode_id is None
 
 
-def test_windows_smaller_than_the_policy_minimum_are_refused() -> None:
-    with pytest.raises(ValueError, match="below the policy's minimum"):
-        rig(pd.DataFrame(), {}, window_rows=50)
+def test_a_window_must_be_whole_slices() -> None:
+    with pytest.raises(ValueError, match="multiple"):
+        MonitorOptions(window=timedelta(milliseconds=150))
+    assert np.isclose(MonitorOptions(window=timedelta(seconds=5.6)).window.total_seconds(), 5.6)  # type: ignore[union-attr]

@@ -1,0 +1,189 @@
+"""The drift monitor on time windows against the real stack: sketches written by the real
+feature-logger, the monitor killed mid-window, every logged row judged once."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import asyncpg
+import orjson
+import pytest
+
+from driftloop.bootstrap import bootstrap_model
+from driftloop.drift.store import DriftRun, DriftStore, open_drift_store
+from driftloop.kafka import create_topics
+from driftloop.objectstore import s3_client
+from driftloop.replay import load_replay_hours
+from driftloop.settings import (
+    KafkaSettings,
+    MlflowSettings,
+    ObjectStoreSettings,
+    PostgresSettings,
+)
+from schemas.events import PredictionEvent
+from schemas.features import load_feature_spec
+from schemas.topics import Topic
+from tests.integration.consumer_support import ConsumerProcess, eventually, free_port, produce
+
+pytestmark = pytest.mark.integration
+
+SPEC = load_feature_spec("bikeshare")
+RATE = 150  # rows a second, a little above the policy's minimum per 1-second window
+
+
+@pytest.fixture
+async def drift_store(
+    postgres_settings: PostgresSettings, unique: str
+) -> AsyncIterator[DriftStore]:
+    store = await open_drift_store(postgres_settings, unique)
+    try:
+        yield store
+    finally:
+        await store.close()
+        connection = await asyncpg.connect(postgres_settings.dsn())
+        try:
+            await connection.execute(f"DROP SCHEMA IF EXISTS {unique} CASCADE")
+        finally:
+            await connection.close()
+
+
+async def send_traffic(
+    kafka: KafkaSettings, model: str, version: int, run_id: str, seconds: float, tag: str
+) -> int:
+    """Spring hours as predictions served now, ``RATE`` a second for ``seconds``."""
+    hours = load_replay_hours(SPEC, first_day=91, last_day=140)
+    sent = 0
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while loop.time() - started < seconds:
+        batch = [
+            PredictionEvent(
+                request_id=f"{tag}-{sent + i}",
+                model_name=model,
+                model_version=version,
+                run_id=run_id,
+                features=hours[(sent + i) % len(hours)].row,
+                prediction=float(hours[(sent + i) % len(hours)].label),
+                latency_ms=1.0,
+                source="batch",
+                occurred_at=datetime.now(UTC),
+            )
+            for i in range(RATE // 10)
+        ]
+        await produce(kafka, Topic.PREDICTIONS, batch)
+        sent += len(batch)
+        await asyncio.sleep(0.1)
+    return sent
+
+
+async def test_windows_count_every_row_once_across_a_monitor_kill(
+    unique: str,
+    kafka_settings: KafkaSettings,
+    postgres_settings: PostgresSettings,
+    mlflow_settings: MlflowSettings,
+    object_store_settings: ObjectStoreSettings,
+    drift_store: DriftStore,
+    tmp_path: Path,
+) -> None:
+    kafka = kafka_settings.model_copy(update={"topic_prefix": f"{unique}."})
+    await create_topics(kafka, list(Topic))
+    model = f"windows-{unique}"
+    result = await asyncio.to_thread(
+        bootstrap_model,
+        SPEC,
+        tracking_uri=mlflow_settings.tracking_uri,
+        model_name=model,
+        num_boost_round=20,
+    )
+    version = result.model.version
+    shared = {"KAFKA_TOPIC_PREFIX": kafka.topic_prefix}
+    logger = ConsumerProcess(
+        "consumers.feature_logger",
+        {
+            **shared,
+            "FEATURE_LOGGER_GROUP": f"{unique}-logger",
+            "FEATURE_LOGGER_DB_SCHEMA": unique,
+            "FEATURE_LOGGER_PARQUET_ENABLED": "false",
+            "FEATURE_LOGGER_METRICS_PORT": str(free_port()),
+        },
+        tmp_path / "logger.log",
+    ).start()
+    monitor_environment = {
+        **shared,
+        "DRIFT_MONITOR_MODELS": model,
+        "DRIFT_MONITOR_DB_SCHEMA": unique,
+        "DRIFT_MONITOR_WINDOW_SECONDS": "1",
+        "DRIFT_MONITOR_SETTLE_SECONDS": "2",
+        "DRIFT_MONITOR_POLL_SECONDS": "0.2",
+        "DRIFT_MONITOR_CHAMPION_REFRESH_SECONDS": "1",
+        "DRIFT_MONITOR_REPORT_PREFIX": f"tests/{unique}/drift-reports/",
+        "DRIFT_MONITOR_METRICS_PORT": str(free_port()),
+    }
+    monitor = ConsumerProcess(
+        "consumers.drift_monitor", monitor_environment, tmp_path / "monitor.log"
+    )
+    try:
+        # Rows logged before the monitor published the version's layout: counted, unsketched.
+        early = await send_traffic(kafka, model, version, result.model.run_id, 2.0, "early")
+        monitor.start()
+
+        async def layout_published() -> bool:
+            found = await drift_store.pool.fetchval(
+                "SELECT count(*) FROM drift_baselines WHERE model_name = $1", model
+            )
+            return bool(found)
+
+        await eventually(layout_published, within=120, what="the version's layout published")
+        first = await send_traffic(kafka, model, version, result.model.run_id, 3.0, "first")
+
+        async def some_judged() -> bool:
+            return bool(await drift_store.recent(model, limit=1))
+
+        await eventually(some_judged, within=120, what="a first window judged")
+        monitor.kill()  # mid-stream, maybe mid-window: no goodbye
+        second = await send_traffic(kafka, model, version, result.model.run_id, 3.0, "second")
+        monitor = ConsumerProcess(
+            "consumers.drift_monitor", monitor_environment, tmp_path / "monitor.log"
+        ).start()
+        total = early + first + second
+
+        async def all_judged() -> bool:
+            runs = await drift_store.recent(model, limit=1000)
+            return sum(run.window_rows for run in runs) >= total
+
+        await eventually(all_judged, within=180, what=f"{total} rows judged")
+        runs: list[DriftRun] = sorted(
+            await drift_store.recent(model, limit=1000), key=lambda run: run.window_start
+        )
+    finally:
+        monitor.close()
+        logger.close()
+    logs = monitor.log()
+    assert sum(run.window_rows for run in runs) == total, logs
+    ends = [run.window_end for run in runs]
+    assert len(ends) == len(set(ends)), "a window was judged twice"
+    for earlier, later in itertools.pairwise(runs):
+        assert earlier.window_end <= later.window_start, (earlier, later)
+    judged = [run for run in runs if run.outcome != "refused"]
+    assert judged, [(run.outcome, run.refusal_reason) for run in runs]
+    assert all(run.report_uri for run in judged)
+    # Spring traffic against a Jan-Mar reference: the weather drifted.
+    assert any(run.outcome == "drifted" for run in judged), [r.drift_share for r in judged]
+    rebuilt = await drift_store.pool.fetchval("SELECT count(*) FROM drift_sketches")
+    assert rebuilt == 0, "the slices of judged windows are deleted with their verdict"
+    stored = await drift_store.pool.fetch(
+        "SELECT sketch IS NOT NULL AS sketched, lag_seconds FROM drift_runs "
+        "WHERE outcome <> 'refused'"
+    )
+    assert all(row["sketched"] and row["lag_seconds"] >= 2 for row in stored)
+    report_uri = judged[0].report_uri
+    assert report_uri is not None
+    bucket, key = report_uri.removeprefix("s3://").split("/", 1)
+    async with s3_client(object_store_settings) as s3:
+        document = orjson.loads(await (await s3.get_object(Bucket=bucket, Key=key))["Body"].read())
+    assert document["thresholds"]["quantile"] == 0.99
+    assert document["evidently"]["sample_rows"] == judged[0].window_rows
