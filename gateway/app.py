@@ -22,7 +22,7 @@ from gateway.contract import (
     API_KEY,
     SECURITY_SCHEMES,
     Feedback,
-    Problem,
+    ProblemDetails,
     feedback_request_body,
     predict_request_body,
     row_schemas,
@@ -42,8 +42,7 @@ from gateway.routes import router
 from gateway.service import Gateway
 from gateway.settings import GatewaySettings
 from schemas.features import load_feature_spec
-from schemas.validation import Problem as FieldProblem
-from schemas.validation import problems_of
+from schemas.validation import Problem, problems_of
 
 _REF_TEMPLATE = "#/components/schemas/{model}"
 
@@ -120,7 +119,7 @@ def create_app(
     @app.exception_handler(HTTPException)
     async def http_problem(request: Request, error: HTTPException) -> Response:
         # Starlette's 404 and 405 (with its Allow header).
-        problems = [FieldProblem("request", str(error.detail))]
+        problems = [Problem("request", str(error.detail))]
         response = await refused(request, RequestProblemError(error.status_code, problems))
         response.headers.update(error.headers or {})
         return response
@@ -135,9 +134,9 @@ def create_app(
         schemas = components.setdefault("schemas", {})
         schemas.update(row_schemas(spec))
         schemas["Feedback"] = Feedback.model_json_schema(ref_template=_REF_TEMPLATE)
-        problem = Problem.model_json_schema(ref_template=_REF_TEMPLATE)
+        problem = ProblemDetails.model_json_schema(ref_template=_REF_TEMPLATE)
         schemas.update(problem.pop("$defs", {}))
-        schemas["Problem"] = problem
+        schemas["ProblemDetails"] = problem
         components["securitySchemes"] = SECURITY_SCHEMES
         paths = document["paths"]
         paths["/predict"]["post"]["requestBody"] = predict_request_body(spec, settings.max_rows)

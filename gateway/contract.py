@@ -47,7 +47,7 @@ class ProblemItem(BaseModel):
     reason: str = Field(description="Why it was refused.")
 
 
-class Problem(BaseModel):
+class ProblemDetails(BaseModel):
     """An RFC 9457 problem: every refusal (4xx, and 503 without a model) carries one."""
 
     model_config = ConfigDict(extra="forbid")

@@ -2,8 +2,8 @@
 
 Every refusal of the gateway, wherever it is decided (the middleware's header and size checks,
 the /predict endpoint, the routes, FastAPI's request validation, Starlette's 404 and 405), is
-answered by ``problem_answer`` with a body from ``problem_body``; ``gateway.contract.Problem``
-describes it in the OpenAPI document.
+answered by ``problem_answer`` with a body from ``problem_body``;
+``gateway.contract.ProblemDetails`` describes it in the OpenAPI document.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ _REFUSALS: dict[int, str] = {
 
 def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI responses of the refusals ``statuses``: an RFC 9457 problem each."""
-    content = {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    content = {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/ProblemDetails"}}}
     return {status: {"description": _REFUSALS[status], "content": content} for status in statuses}
 
 

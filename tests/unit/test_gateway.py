@@ -23,7 +23,7 @@ from driftloop import training
 from driftloop.champion import ChampionLoadError, ChampionRef
 from driftloop.settings import KafkaSettings, MlflowSettings
 from gateway.app import create_app
-from gateway.contract import Problem, example_row
+from gateway.contract import ProblemDetails, example_row
 from gateway.settings import GatewaySettings
 from schemas.events import GroundTruth, PredictionEvent
 from schemas.features import FeatureSpec, load_feature_spec
@@ -597,7 +597,7 @@ def test_every_refusal_is_one_rfc9457_problem(make_client: Callable[..., TestCli
     }
     for origin, response in refusals.items():
         assert response.headers["content-type"] == "application/problem+json", origin
-        problem = Problem.model_validate(response.json())
+        problem = ProblemDetails.model_validate(response.json())
         assert problem.status == response.status_code, origin
         assert problem.errors, origin
         assert problem.detail.startswith(problem.errors[0].field), origin
@@ -631,7 +631,7 @@ def test_openapi_document_describes_bodies_media_types_and_security(
     assert list(paths["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
     refused = paths["/predict"]["post"]["responses"]["415"]["content"]
     assert refused == {
-        "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+        "application/problem+json": {"schema": {"$ref": "#/components/schemas/ProblemDetails"}}
     }
     schemes = document["components"]["securitySchemes"]
     assert schemes["ApiKey"] == {**schemes["ApiKey"], "type": "apiKey", "name": "X-API-Key"}
