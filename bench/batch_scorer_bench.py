@@ -59,12 +59,8 @@ class PassThrough:
         encode_result = ScoringResult.trusted_encoder(
             model_name="pass-through", model_version=1, error=None
         )
-        encode_prediction = PredictionEvent.trusted_encoder(
-            model_name="pass-through",
-            model_version=1,
-            run_id=RUN_ID,
-            latency_ms=0.0,
-            source="batch",
+        encode_prediction = PredictionEvent.encoder(
+            model_name="pass-through", model_version=1, run_id=RUN_ID, source="batch"
         )
         answered_at = utc_now()
         messages = []
@@ -91,6 +87,7 @@ class PassThrough:
                         request_id=request.request_id,
                         features=request.features,
                         prediction=0.0,
+                        latency_ms=0.0,
                     ),
                 )
             )

@@ -1,13 +1,14 @@
 """batch-scorer: scores ``scoring.requests`` in vectorised batches with the current champion.
 
-Each batch is checked and encoded by the feature declaration, scored in one
-``Booster.predict`` call by the champion ``driftloop.champion`` loads and hot-swaps (the same
-code as the gateway), and answered with a ``ScoringResult`` per request on ``scoring.results``
-(keyed by batch id) and a ``PredictionEvent`` per scored row on ``predictions`` (source
-``batch``), so batch traffic is logged and drift-checked like HTTP traffic. Offsets are
-committed only after every produced message is acknowledged: a crash replays the batch, and
-readers de-duplicate results by request id (the feature logger does so by design). Run with
-``python -m consumers.batch_scorer``; metrics on ``BATCH_SCORER_METRICS_PORT`` (9102).
+Each batch is checked, encoded and scored in one ``Booster.predict`` call by the scoring
+service the gateway's /predict uses too (``driftloop.scoring``), with the champion
+``driftloop.champion`` loads and hot-swaps, and answered with a ``ScoringResult`` per request
+on ``scoring.results`` (keyed by batch id) and a ``PredictionEvent`` per scored row on
+``predictions`` (source ``batch``), so batch traffic is logged and drift-checked like HTTP
+traffic. Offsets are committed only after every produced message is acknowledged: a crash
+replays the batch, and readers de-duplicate results by request id (the feature logger does so
+by design). Run with ``python -m consumers.batch_scorer``; metrics on
+``BATCH_SCORER_METRICS_PORT`` (9102).
 """
 
 from __future__ import annotations
@@ -15,24 +16,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Annotated, Any, Final
 
-import numpy as np
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
-from pydantic import Field, ValidationError
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from consumers.service import serve
 from driftloop import kafka
-from driftloop.champion import ChampionHolder, ModelRegistry
+from driftloop.champion import Champion, ChampionHolder, ModelRegistry
 from driftloop.consumer_loop import (
     RECORDS_OUT,
     WRITE_SECONDS,
@@ -42,6 +41,7 @@ from driftloop.consumer_loop import (
     install_stop_signals,
 )
 from driftloop.model_events import ModelEventFollower
+from driftloop.scoring import NoModelError, ScoringService
 from driftloop.settings import (
     KafkaSettings,
     MlflowSettings,
@@ -51,6 +51,7 @@ from schemas.events import TOPIC_EVENTS, PredictionEvent, ScoringRequest, Scorin
 from schemas.features import FeatureSpec, load_feature_spec
 from schemas.fields import utc_now
 from schemas.topics import Topic
+from schemas.validation import describe
 
 NAME: Final = "batch-scorer"
 PRODUCER_BATCH_BYTES: Final = 1024 * 1024
@@ -69,10 +70,6 @@ PREDICT_SECONDS = Histogram(
 MODEL_VERSION = Gauge(
     "driftloop_batch_scorer_model_version", "Registry version of the champion scoring now."
 )
-
-
-class NoChampionError(RuntimeError):
-    """No model is loaded yet: consumption pauses until the champion arrives."""
 
 
 class BatchScorerSettings(ServiceSettings):
@@ -127,7 +124,7 @@ class BatchScorerSettings(ServiceSettings):
 
 
 class BatchScorer:
-    """Scores a batch of requests in one predict call and produces results and predictions."""
+    """The Kafka transport of the scoring service: requests in, results and predictions out."""
 
     def __init__(
         self,
@@ -139,73 +136,52 @@ class BatchScorer:
         predictions_topic: str,
     ) -> None:
         self.holder = holder
-        self.spec = spec
+        self.scoring = ScoringService(spec, holder)
         self.producer = producer
         self.partitioner = kafka.KeyPartitioner(producer)
         self.results_topic = results_topic
         self.predictions_topic = predictions_topic
 
     def is_transient(self, error: BaseException) -> bool:
-        return isinstance(error, KafkaError | NoChampionError)
+        return isinstance(error, KafkaError | NoModelError)
 
     async def write(self, deliveries: Sequence[Delivery[ScoringRequest]]) -> None:
         if not deliveries:
             return
-        # One reference per batch: a hot swap in the middle never mixes two models.
-        champion = self.holder.current
-        if champion is None:
-            raise NoChampionError(f"no {self.holder.model_name} champion loaded yet")
         requests = [delivery.event for delivery in deliveries]
-        messages: list[kafka.Message] = []
-
-        def refuse(request: ScoringRequest, reason: str) -> None:
-            result = ScoringResult(
-                request_id=request.request_id,
-                batch_id=request.batch_id,
-                model_name=champion.name,
-                model_version=champion.version,
-                error=reason,
-            )
-            messages.append(
-                kafka.Message(self.results_topic, result.partition_key(), result.to_bytes())
-            )
-
-        # One call checks and encodes the whole batch: plain rows skip the per-row pydantic
-        # model (~17 us a row down to ~4), the others get validate_row's verdict and wording.
-        encoded = self.spec.encode_rows([request.features for request in requests])
-        for position, error in encoded.refused:
-            refuse(requests[position], _describe(error))
-        scored = [requests[position] for position in encoded.accepted]
-        started = time.perf_counter()
-        # LightGBM releases the GIL while it predicts: in a worker thread the prediction runs
-        # beside the loop decoding the next batch instead of stopping it.
-        scores = (
-            await asyncio.to_thread(champion.predict, encoded.matrix) if scored else np.empty(0)
-        )
-        elapsed = time.perf_counter() - started
-        PREDICT_SECONDS.observe(elapsed)
-        share_ms = elapsed * 1000 / max(len(scored), 1)
+        # One call checks, encodes and scores the whole batch with one champion: a hot swap
+        # in the middle never mixes two models.
+        scores = await self.scoring.score_in_thread([request.features for request in requests])
+        champion = scores.champion
+        PREDICT_SECONDS.observe(scores.predict_seconds)
+        share_ms = scores.predict_seconds * 1000 / max(len(scores.scored), 1)
         # The batch is answered at one moment, so its events share one timestamp (one clock
         # read and UTC conversion per batch instead of two per row).
         answered_at = utc_now()
+        messages: list[kafka.Message] = []
+        for position, problems in scores.refused:
+            reason = "invalid features: " + describe(
+                [problem.under("", whole="features") for problem in problems]
+            )
+            messages.append(self._refusal(requests[position], champion, reason))
+        for position, reason in scores.failed:
+            messages.append(self._refusal(requests[position], champion, reason))
         # Every field below comes from a validated request or the loaded champion, so the
         # messages are encoded without validating them a second time (most of a batch's CPU).
-        # The fields naming the model (and the latency share) are encoded once per batch.
+        # The fields naming the model are encoded once per batch.
         encode_result = ScoringResult.trusted_encoder(
             model_name=champion.name, model_version=champion.version, error=None
         )
-        encode_prediction = PredictionEvent.trusted_encoder(
+        encode_prediction = PredictionEvent.encoder(
             model_name=champion.name,
             model_version=champion.version,
             run_id=champion.run_id,
-            latency_ms=share_ms,
             source="batch",
         )
-        predicted = 0
-        for request, score in zip(scored, scores.tolist(), strict=True):
-            if not math.isfinite(score):
-                refuse(request, f"the model returned {score}")
-                continue
+        for position, features, score in zip(
+            scores.scored, scores.rows, scores.predictions, strict=True
+        ):
+            request = requests[position]
             messages.append(
                 kafka.Message(
                     self.results_topic,
@@ -225,12 +201,13 @@ class BatchScorer:
                     encode_prediction(
                         occurred_at=answered_at,
                         request_id=request.request_id,
-                        features=request.features,
+                        features=features,
                         prediction=score,
+                        latency_ms=share_ms,
                     ),
                 )
             )
-            predicted += 1
+        predicted = len(scores.scored)
         started = time.perf_counter()
         # The loop commits the requests' offsets only after every batch is acknowledged.
         await asyncio.gather(*await kafka.send_batched(self.producer, self.partitioner, messages))
@@ -241,21 +218,21 @@ class BatchScorer:
         SCORED.labels("invalid").inc(len(deliveries) - predicted)
         MODEL_VERSION.set(champion.version)
 
+    def _refusal(self, request: ScoringRequest, champion: Champion, reason: str) -> kafka.Message:
+        result = ScoringResult(
+            request_id=request.request_id,
+            batch_id=request.batch_id,
+            model_name=champion.name,
+            model_version=champion.version,
+            error=reason,
+        )
+        return kafka.Message(self.results_topic, result.partition_key(), result.to_bytes())
+
     async def on_assigned(self, consumer: Any, partitions: frozenset[TopicPartition]) -> None:
         """Nothing to restore: the scorer keeps no state between batches."""
 
     async def on_revoked(self, partitions: frozenset[TopicPartition]) -> None:
         """Nothing to flush: every batch is acknowledged before its commit."""
-
-
-def _describe(error: Exception) -> str:
-    if isinstance(error, ValidationError):
-        details = [
-            f"{'.'.join(str(part) for part in detail['loc']) or 'features'}: {detail['msg']}"
-            for detail in error.errors(include_url=False)[:10]
-        ]
-        return "invalid features: " + "; ".join(details)
-    return f"invalid features: {error}"
 
 
 async def run_batch_scorer(settings: BatchScorerSettings) -> None:

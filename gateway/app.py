@@ -15,17 +15,36 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp
 
 from driftloop.champion import ChampionSource
+from driftloop.scoring import NoModelError
 from driftloop.settings import load_settings
-from gateway.contract import Feedback, predict_request_body, row_schemas
+from gateway.contract import (
+    ADMIN_BEARER,
+    API_KEY,
+    SECURITY_SCHEMES,
+    Feedback,
+    ProblemDetails,
+    feedback_request_body,
+    predict_request_body,
+    row_schemas,
+)
 from gateway.metrics import GatewayMetrics
-from gateway.middleware import BodyTooLargeError, GatewayMiddleware
+from gateway.middleware import GatewayMiddleware
 from gateway.predict import PredictEndpoint
-from gateway.responses import JSONBytesResponse, problem_answer
+from gateway.problems import (
+    PROBLEM_MEDIA_TYPE,
+    BodyTooLargeError,
+    RequestProblemError,
+    ScoringFailedError,
+    problem_answer,
+)
+from gateway.responses import JSONBytesResponse
 from gateway.routes import router
-from gateway.scoring import NoModelError, RequestProblemError
 from gateway.service import Gateway
 from gateway.settings import GatewaySettings
 from schemas.features import load_feature_spec
+from schemas.validation import Problem, problems_of
+
+_REF_TEMPLATE = "#/components/schemas/{model}"
 
 
 class _GatewayApp(FastAPI):
@@ -86,29 +105,24 @@ def create_app(
 
     async def refused(request: Request, error: Exception) -> Response:
         status, body = problem_answer(error) or (500, b"")
-        return Response(body, status_code=status, media_type="application/json")
+        return Response(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE)
 
-    for refusal in (RequestProblemError, NoModelError, BodyTooLargeError):
+    for refusal in (RequestProblemError, NoModelError, BodyTooLargeError, ScoringFailedError):
         app.add_exception_handler(refusal, refused)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, error: RequestValidationError) -> JSONBytesResponse:
-        problems = [
-            {
-                "field": ".".join(str(part) for part in detail.get("loc", ())) or "request",
-                "reason": str(detail.get("msg", "invalid")),
-            }
-            for detail in error.errors()
-        ]
-        return JSONBytesResponse({"detail": problems}, status_code=422)
+    async def invalid_request(request: Request, error: RequestValidationError) -> Response:
+        # FastAPI's own request validation (no route of this app declares a parameter it
+        # validates today), worded like every other refusal.
+        return await refused(request, RequestProblemError(422, problems_of(error.errors())))
 
     @app.exception_handler(HTTPException)
-    async def http_problem(request: Request, error: HTTPException) -> JSONBytesResponse:
-        return JSONBytesResponse(
-            {"detail": [{"field": "request", "reason": str(error.detail)}]},
-            status_code=error.status_code,
-            headers=error.headers,
-        )
+    async def http_problem(request: Request, error: HTTPException) -> Response:
+        # Starlette's 404 and 405 (with its Allow header).
+        problems = [Problem("request", str(error.detail))]
+        response = await refused(request, RequestProblemError(error.status_code, problems))
+        response.headers.update(error.headers or {})
+        return response
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is not None:
@@ -116,12 +130,23 @@ def create_app(
         document = get_openapi(
             title=app.title, version=app.version, summary=app.summary, routes=app.routes
         )
-        schemas = document.setdefault("components", {}).setdefault("schemas", {})
+        components = document.setdefault("components", {})
+        schemas = components.setdefault("schemas", {})
         schemas.update(row_schemas(spec))
-        feedback = Feedback.model_json_schema(ref_template="#/components/schemas/{model}")
-        schemas["Feedback"] = feedback
-        predict = document["paths"]["/predict"]["post"]
-        predict["requestBody"] = predict_request_body(spec, settings.max_rows)
+        schemas["Feedback"] = Feedback.model_json_schema(ref_template=_REF_TEMPLATE)
+        problem = ProblemDetails.model_json_schema(ref_template=_REF_TEMPLATE)
+        schemas.update(problem.pop("$defs", {}))
+        schemas["ProblemDetails"] = problem
+        components["securitySchemes"] = SECURITY_SCHEMES
+        paths = document["paths"]
+        paths["/predict"]["post"]["requestBody"] = predict_request_body(spec, settings.max_rows)
+        paths["/feedback"]["post"]["requestBody"] = feedback_request_body(settings.max_rows)
+        paths["/admin/reload"]["post"]["security"] = [{ADMIN_BEARER: []}]
+        # The API key is asked for only when the gateway is configured with keys: the document
+        # describes this gateway, and a client of a keyless one needs none.
+        if service.requires_api_key:
+            for path in ("/predict", "/feedback"):
+                paths[path]["post"]["security"] = [{API_KEY: []}]
         app.openapi_schema = document
         return document
 

@@ -1,32 +1,68 @@
 """The HTTP contract of the gateway: response and feedback models, and the OpenAPI additions.
 
 The /predict request body is the feature declaration's row model (one row or a list of them);
-it is checked by ``gateway.scoring`` and described here in the OpenAPI document, with an
+it is checked by ``driftloop.scoring`` and described here in the OpenAPI document, with an
 example built from the declaration.
 """
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
-from typing import Any
+from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from schemas.features import Feature, FeatureKind, FeatureSpec
 from schemas.fields import FiniteFloat, ModelName, ModelVersion, RequestId, RunId, UtcDatetime
 
+# RFC 3339 section 5.6 date-time, the JSON Schema "date-time" format.
+_RFC3339_DATE_TIME: Final = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[Zz]|[+-]\d{2}:\d{2})",
+    re.ASCII,
+)
 
-class ProblemDetail(BaseModel):
+
+API_KEY: Final = "ApiKey"
+ADMIN_BEARER: Final = "AdminBearer"
+SECURITY_SCHEMES: Final[dict[str, Any]] = {
+    API_KEY: {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
+        "description": "One of GATEWAY_API_KEYS, on /predict and /feedback when any is set.",
+    },
+    ADMIN_BEARER: {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "GATEWAY_ADMIN_TOKEN, on the /admin endpoints.",
+    },
+}
+
+
+class ProblemItem(BaseModel):
     """One thing wrong with a request."""
 
     field: str = Field(description="Where: a body path such as `[3].temp`, or a header name.")
     reason: str = Field(description="Why it was refused.")
 
 
-class ProblemResponse(BaseModel):
-    """Every 4xx (and the 503 without a model) carries the list of problems."""
+class ProblemDetails(BaseModel):
+    """An RFC 9457 problem: every refusal (4xx, and 503 without a model) carries one."""
 
-    detail: list[ProblemDetail]
+    model_config = ConfigDict(extra="forbid")
+
+    type: str = Field(description="`about:blank`: the status says what kind of problem it is.")
+    title: str = Field(description="The status's reason phrase.")
+    status: int = Field(description="The HTTP status code.")
+    detail: str = Field(description="Every problem in one line.")
+    errors: list[ProblemItem] = Field(description="Every field and why it was refused.")
+
+
+class Liveness(BaseModel):
+    """The process answers."""
+
+    status: Literal["ok"]
 
 
 class RowPrediction(BaseModel):
@@ -84,8 +120,19 @@ class Feedback(BaseModel):
     request_id: RequestId = Field(description="The prediction's request id (row id of a list).")
     label: FiniteFloat = Field(description="The observed target value.")
     observed_at: UtcDatetime | None = Field(
-        default=None, description="When it was observed (ISO 8601 with zone); default now."
+        default=None, description="When it was observed (RFC 3339 date-time); default now."
     )
+
+    @field_validator("observed_at", mode="before")
+    @classmethod
+    def _a_date_time_string(cls, value: object) -> object:
+        # The contract says a date-time string: pydantic alone would also read a number (or a
+        # numeric string) as Unix time, and a date alone as midnight.
+        if value is None or isinstance(value, datetime):
+            return value
+        if not isinstance(value, str) or not _RFC3339_DATE_TIME.fullmatch(value):
+            raise ValueError("must be an RFC 3339 date-time string, e.g. 2011-05-01T13:00:00Z")
+        return value
 
 
 class FeedbackAccepted(BaseModel):
@@ -121,12 +168,7 @@ def predict_request_body(spec: FeatureSpec, max_rows: int) -> dict[str, Any]:
         "required": True,
         "content": {
             "application/json": {
-                "schema": {
-                    "oneOf": [
-                        row_ref,
-                        {"type": "array", "items": row_ref, "minItems": 1, "maxItems": max_rows},
-                    ]
-                },
+                "schema": _one_or_many(row_ref, max_rows),
                 "examples": {
                     "one row": {"value": row},
                     "missing values": {
@@ -138,6 +180,26 @@ def predict_request_body(spec: FeatureSpec, max_rows: int) -> dict[str, Any]:
             }
         },
     }
+
+
+def feedback_request_body(max_items: int) -> dict[str, Any]:
+    """OpenAPI ``requestBody`` of /feedback: one label or a list, with an example."""
+    label_ref = {"$ref": "#/components/schemas/Feedback"}
+    return {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": _one_or_many(label_ref, max_items),
+                "example": {"request_id": "3f2a9c", "label": 42.0},
+            }
+        },
+    }
+
+
+def _one_or_many(item: dict[str, Any], max_items: int) -> dict[str, Any]:
+    # The bodies of /predict and /feedback: one object, or a list of 1 to max_items of them.
+    list_of_items = {"type": "array", "items": item, "minItems": 1, "maxItems": max_items}
+    return {"oneOf": [item, list_of_items]}
 
 
 def row_schemas(spec: FeatureSpec) -> dict[str, Any]:

@@ -13,30 +13,18 @@ import time
 from collections.abc import Mapping
 from typing import Final
 
-import orjson
 from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.metrics import GatewayMetrics
+from gateway.problems import PROBLEM_MEDIA_TYPE, BodyTooLargeError, problem_body
+from schemas.validation import Problem
 
 REQUEST_ID_HEADER: Final = "x-request-id"
 # A client's request id becomes a Kafka key and the prediction log's key; the gateway appends
 # ":<row>" for list requests, so it leaves room under the 128 characters of a RequestId.
 REQUEST_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 UNMATCHED_ROUTE: Final = "unmatched"
-
-
-class BodyTooLargeError(Exception):
-    """The request body passed the size limit while it was being read."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"request body larger than {limit} bytes")
-        self.limit = limit
-
-
-def problem_body(field: str, reason: str) -> bytes:
-    """The JSON error body every 4xx of the gateway uses."""
-    return orjson.dumps({"detail": [{"field": field, "reason": reason}]})
 
 
 class GatewayMiddleware:
@@ -140,13 +128,13 @@ class GatewayMiddleware:
 
 
 async def _reject(send: Send, status: int, field: str, reason: str) -> None:
-    body = problem_body(field, reason)
+    body = problem_body(status, [Problem(field, reason)])
     await send(
         {
             "type": "http.response.start",
             "status": status,
             "headers": [
-                (b"content-type", b"application/json"),
+                (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
                 (b"content-length", str(len(body)).encode()),
             ],
         }

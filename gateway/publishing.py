@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict
 from driftloop import kafka
 from driftloop.settings import KafkaSettings
 from driftloop.spool import Spool, SpoolRecord
-from schemas.events import Event, PredictionEvent, PredictionSource
+from schemas.events import Event, PredictionEncoder, PredictionEvent, PredictionSource
 from schemas.fields import FeatureValue
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ class Answer(NamedTuple):
 class PredictionRecords:
     """Prediction events from one source as Kafka records: keyed by request id, one topic.
 
-    The fields naming the model are encoded once per model version (``trusted_encoder``);
+    The fields naming the model are encoded once per model version (``PredictionEvent.encoder``);
     the rows were checked by the feature declaration and the model's output is a float, so
     nothing is validated again (the unit tests decode what it writes, strictly).
     """
@@ -157,7 +157,7 @@ class PredictionRecords:
     def __init__(self, topic: str, source: PredictionSource) -> None:
         self.topic = topic
         self.source = source
-        self._encoders: dict[ModelKey, Callable[..., bytes]] = {}
+        self._encoders: dict[ModelKey, PredictionEncoder] = {}
 
     def record(
         self,
@@ -179,8 +179,8 @@ class PredictionRecords:
         )
         return SpoolRecord(self.topic, request_id.encode(), value)
 
-    def _encoder(self, model: ModelKey) -> Callable[..., bytes]:
-        encoder = self._encoders[model] = PredictionEvent.trusted_encoder(
+    def _encoder(self, model: ModelKey) -> PredictionEncoder:
+        encoder = self._encoders[model] = PredictionEvent.encoder(
             model_name=model.name,
             model_version=model.version,
             run_id=model.run_id,

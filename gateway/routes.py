@@ -4,43 +4,50 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from driftloop.champion import Champion
+from driftloop.scoring import NoModelError
+from gateway.bodies import read_feedback
 from gateway.contract import (
     BatchPredictionResponse,
     CurrentModel,
     FeedbackAccepted,
+    Liveness,
     PredictionResponse,
-    ProblemResponse,
     Readiness,
 )
 from gateway.predict import answer
+from gateway.problems import PROBLEM_MEDIA_TYPE
 from gateway.responses import JSONBytesResponse
-from gateway.scoring import NoModelError, read_feedback
 from gateway.service import Gateway
 from schemas.events import GroundTruth
 from schemas.fields import utc_now
 
 router = APIRouter()
 
-_PROBLEMS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ProblemResponse, "description": description}
-    for status, description in {
-        400: "Not JSON, or an invalid X-Request-ID.",
-        401: "API key (or bearer token) missing or unknown.",
-        413: "Body larger than the limit, or too many rows.",
-        422: "Rows or labels that do not match the declaration: every field and reason.",
-    }.items()
+_REFUSALS: dict[int, str] = {
+    400: "Not JSON, or an invalid X-Request-ID.",
+    401: "API key (or bearer token) missing or unknown.",
+    403: "Wrong admin token.",
+    409: "Publishing is off on this gateway.",
+    413: "Body larger than the limit (GATEWAY_MAX_BODY_BYTES).",
+    415: "The body is not JSON (Content-Type): the problem names the type sent.",
+    422: "Rows or labels that do not match the declaration, or too many of them: every "
+    "field and reason.",
+    500: "The model gave no finite prediction for a valid row.",
+    503: "No model loaded yet.",
 }
-_API_KEY: dict[str, Any] = {
-    "name": "X-API-Key",
-    "in": "header",
-    "required": False,
-    "description": "One of GATEWAY_API_KEYS, when the gateway is configured with any.",
-    "schema": {"type": "string"},
-}
+
+
+def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI responses of the refusals ``statuses``: an RFC 9457 problem each."""
+    content = {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/ProblemDetails"}}}
+    return {status: {"description": _REFUSALS[status], "content": content} for status in statuses}
+
+
 _REQUEST_ID: dict[str, Any] = {
     "name": "X-Request-ID",
     "in": "header",
@@ -48,9 +55,6 @@ _REQUEST_ID: dict[str, Any] = {
     "description": "Id of the request (letters, digits, '.', '_', '-'; at most 100); generated "
     "when absent. A list request's rows get `<id>:<index>`.",
     "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"},
-}
-_NO_MODEL: dict[int | str, dict[str, Any]] = {
-    503: {"model": ProblemResponse, "description": "No model loaded yet."}
 }
 
 
@@ -74,9 +78,9 @@ def _current_model(service: Gateway, champion: Champion) -> dict[str, Any]:
     "/predict",
     summary="Score one row or a list of rows with the champion model",
     response_model=PredictionResponse | BatchPredictionResponse,
-    responses={**_PROBLEMS, **_NO_MODEL},
+    responses=_problems(400, 401, 413, 415, 422, 500, 503),
     tags=["predictions"],
-    openapi_extra={"parameters": [_API_KEY, _REQUEST_ID]},
+    openapi_extra={"parameters": [_REQUEST_ID]},
 )
 async def predict(request: Request) -> Response:
     """Score one row (object) or a list of rows; every row is published as a PredictionEvent.
@@ -87,8 +91,10 @@ async def predict(request: Request) -> Response:
     service = gateway(request)
     service.check_api_key(request.headers.get("x-api-key"))
     state = request.scope["state"]
-    body = answer(service, await request.body(), state["request_id"], state["started"])
-    return Response(body, media_type="application/json")
+    body = await request.body()
+    content_type = request.headers.get("content-type")
+    payload = answer(service, body, content_type, state["request_id"], state["started"])
+    return Response(payload, media_type="application/json")
 
 
 @router.post(
@@ -96,35 +102,18 @@ async def predict(request: Request) -> Response:
     summary="Send the true values of earlier predictions",
     status_code=202,
     response_model=FeedbackAccepted,
-    responses=_PROBLEMS,
+    responses=_problems(400, 401, 409, 413, 415, 422),
     tags=["predictions"],
-    openapi_extra={
-        "parameters": [_API_KEY],
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {
-                    "schema": {
-                        "oneOf": [
-                            {"$ref": "#/components/schemas/Feedback"},
-                            {
-                                "type": "array",
-                                "items": {"$ref": "#/components/schemas/Feedback"},
-                                "minItems": 1,
-                            },
-                        ]
-                    },
-                    "example": {"request_id": "3f2a9c", "label": 42.0},
-                }
-            },
-        },
-    },
 )
 async def feedback(request: Request) -> Response:
     """Publish each label as a GroundTruth event to the labels topic."""
     service = gateway(request)
     service.check_api_key(request.headers.get("x-api-key"))
-    labels = read_feedback(await request.body(), max_items=service.settings.max_rows)
+    labels = read_feedback(
+        await request.body(),
+        request.headers.get("content-type"),
+        max_items=service.settings.max_rows,
+    )
     now = utc_now()
     for label in labels:
         service.publish_label(
@@ -141,7 +130,7 @@ async def feedback(request: Request) -> Response:
     "/models/current",
     summary="The model serving now",
     response_model=CurrentModel,
-    responses=_NO_MODEL,
+    responses=_problems(400, 503),
     tags=["models"],
 )
 async def current_model(request: Request) -> Response:
@@ -157,22 +146,26 @@ async def current_model(request: Request) -> Response:
     "/admin/reload",
     summary="Reload the champion from the registry now",
     response_model=CurrentModel,
-    responses={**_PROBLEMS, 403: {"model": ProblemResponse}, **_NO_MODEL},
+    responses=_problems(400, 401, 403, 413, 503),
     tags=["admin"],
 )
-async def reload_model(
-    request: Request, authorization: str | None = Header(default=None)
-) -> Response:
+async def reload_model(request: Request) -> Response:
     """Resolve the alias and load its version if it is not the one serving (bearer token)."""
     service = gateway(request)
-    service.check_admin(authorization)
+    service.check_admin(request.headers.get("authorization"))
     champion = await service.holder.refresh("admin")
     if champion is None:
         raise NoModelError(f"no model could be loaded for {service.model_name}")
     return JSONBytesResponse(_current_model(service, champion))
 
 
-@router.get("/health/live", summary="The process answers", tags=["operations"])
+@router.get(
+    "/health/live",
+    summary="The process answers",
+    response_model=Liveness,
+    responses=_problems(400),
+    tags=["operations"],
+)
 async def live() -> Response:
     """Always 200 while the event loop runs."""
     return JSONBytesResponse({"status": "ok"})
@@ -182,7 +175,10 @@ async def live() -> Response:
     "/health/ready",
     summary="Ready to serve predictions",
     response_model=Readiness,
-    responses={503: {"model": Readiness, "description": "No model loaded yet."}},
+    responses={
+        503: {"model": Readiness, "description": "No model loaded yet."},
+        **_problems(400),
+    },
     tags=["operations"],
 )
 async def ready(request: Request) -> Response:
@@ -202,7 +198,13 @@ async def ready(request: Request) -> Response:
     return JSONBytesResponse(body, status_code=200 if champion else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics", tags=["operations"])
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=PlainTextResponse,
+    responses=_problems(400),
+    tags=["operations"],
+)
 async def metrics(request: Request) -> Response:
     """Metrics in the Prometheus text format."""
     output = generate_latest(gateway(request).metrics.registry)

@@ -6,11 +6,15 @@ import asyncio
 import contextlib
 import hmac
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer
+from prometheus_client import Counter, Histogram
 
 from driftloop.champion import (
+    Champion,
     ChampionHolder,
     ChampionSource,
     LoadEvent,
@@ -18,17 +22,29 @@ from driftloop.champion import (
     ModelRegistry,
 )
 from driftloop.model_events import FollowerState, ModelEventFollower
+from driftloop.scoring import ScoringService
 from driftloop.spool import Spool
 from gateway.metrics import GatewayMetrics
-from gateway.publishing import EventPublisher, PredictionRecords, Publisher
+from gateway.problems import RequestProblemError
+from gateway.publishing import Answer, EventPublisher, ModelKey, PredictionRecords, Publisher
 from gateway.relay import RelayConfig, RelayPublisher
-from gateway.scoring import Problem, RequestProblemError, Scorer
 from gateway.settings import GatewaySettings
 from schemas.events import Event
 from schemas.features import FeatureSpec
+from schemas.fields import FeatureValue
 from schemas.topics import Topic
+from schemas.validation import Problem
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _ChampionOutputs:
+    """What the gateway writes for one model version: its metric children, its name in events."""
+
+    predictions: Counter
+    values: Histogram
+    model: ModelKey
 
 
 class Gateway:
@@ -63,13 +79,8 @@ class Gateway:
         self.publisher: Publisher | None = None
         self.follower: ModelEventFollower | None = None
         self.labels_topic = settings.kafka.topic(Topic.LABELS)
-        self.scorer = Scorer(
-            spec,
-            self.holder,
-            None,
-            metrics,
-            max_rows=settings.max_rows,
-        )
+        self.scoring = ScoringService(spec, self.holder)
+        self._champion_outputs: dict[tuple[str, int], _ChampionOutputs] = {}
         self._api_keys = tuple(key.get_secret_value().encode() for key in settings.api_keys)
         self._admin_token = settings.admin_token.get_secret_value().encode()
         self._tasks: list[asyncio.Task[None]] = []
@@ -78,7 +89,6 @@ class Gateway:
         """Open the spool, connect Kafka, load the model and start the background tasks."""
         if self.settings.publish:
             self.publisher = self._publisher()
-            self.scorer.publisher = self.publisher
             self.metrics.publisher_status = self.publisher.status
             await self.publisher.start(connect_within_seconds=self.settings.kafka_timeout_seconds)
         await self.holder.start()
@@ -128,6 +138,38 @@ class Gateway:
             predictions=PredictionRecords(settings.kafka.topic(Topic.PREDICTIONS), "http"),
             producer_factory=self._producer_factory,
         )
+
+    def record(
+        self,
+        champion: Champion,
+        rows: Sequence[Mapping[str, FeatureValue]],
+        row_ids: Sequence[str],
+        predictions: Sequence[float],
+        latency_ms: float,
+    ) -> None:
+        """Count an answer's predictions and queue one PredictionEvent per row."""
+        outputs = self._outputs(champion)
+        outputs.predictions.inc(len(predictions))
+        for prediction in predictions:
+            outputs.values.observe(prediction)
+        if self.publisher is not None:
+            self.publisher.publish_predictions(
+                Answer(
+                    outputs.model, time.time_ns() // 1000, latency_ms, row_ids, rows, predictions
+                )
+            )
+
+    def _outputs(self, champion: Champion) -> _ChampionOutputs:
+        # Resolved once per model version: labels() takes a lock and hashes the labels.
+        key = (champion.name, champion.version)
+        outputs = self._champion_outputs.get(key)
+        if outputs is None:
+            outputs = self._champion_outputs[key] = _ChampionOutputs(
+                self.metrics.predictions.labels(champion.name, str(champion.version)),
+                self.metrics.prediction_values.labels(champion.name),
+                ModelKey(champion.name, champion.version, champion.run_id),
+            )
+        return outputs
 
     def publish_label(self, event: Event) -> None:
         """Queue a ground-truth event for the labels topic."""

@@ -14,7 +14,18 @@ from datetime import datetime
 from enum import StrEnum
 from random import getrandbits
 from types import MappingProxyType
-from typing import Annotated, Any, ClassVar, Final, Literal, Self, TypeAlias, TypeVar
+from typing import (
+    Annotated,
+    Any,
+    ClassVar,
+    Final,
+    Literal,
+    Protocol,
+    Self,
+    TypeAlias,
+    TypeVar,
+    cast,
+)
 from uuid import UUID, uuid4
 
 import orjson
@@ -50,6 +61,7 @@ from schemas.fields import (
     utc_now,
 )
 from schemas.topics import Topic
+from schemas.validation import describe, problems_of
 
 ENVELOPE_FIELDS: Final = ("event_type", "schema_version", "event_id", "occurred_at")
 _ENVELOPE: Final = frozenset(ENVELOPE_FIELDS)
@@ -282,14 +294,8 @@ def _check_schema_version(payload: Mapping[str, Any], supported: Iterable[int]) 
 
 
 def _describe(error: ValidationError) -> str:
-    details = [
-        f"{'.'.join(str(part) for part in detail['loc']) or '<event>'}: {detail['msg']}"
-        for detail in error.errors(include_url=False)[:_MAX_REPORTED_ERRORS]
-    ]
-    hidden = error.error_count() - len(details)
-    if hidden:
-        details.append(f"and {hidden} more")
-    return f"invalid {error.title}: {'; '.join(details)}"
+    problems = problems_of(error.errors(include_url=False), whole="<event>")
+    return f"invalid {error.title}: {describe(problems, _MAX_REPORTED_ERRORS)}"
 
 
 class PredictionEvent(Event):
@@ -318,6 +324,38 @@ class PredictionEvent(Event):
     def partition_key(self) -> bytes:
         """Keyed by request id, like its label."""
         return self.request_id.encode()
+
+    @classmethod
+    def encoder(
+        cls, *, model_name: str, model_version: int, run_id: str, source: PredictionSource
+    ) -> PredictionEncoder:
+        """The encoder of the events one model version answers from one source.
+
+        Every producer of predictions (the gateway's publisher, the batch scorer) writes its
+        events with it: the fields naming the model are encoded once, each row's from values
+        already checked by the feature declaration (``trusted_encoder``, nothing validated).
+        """
+        return cast(
+            "PredictionEncoder",
+            cls.trusted_encoder(
+                model_name=model_name, model_version=model_version, run_id=run_id, source=source
+            ),
+        )
+
+
+class PredictionEncoder(Protocol):
+    """Writes one ``PredictionEvent`` of a fixed model and source (``PredictionEvent.encoder``)."""
+
+    def __call__(
+        self,
+        *,
+        occurred_at: datetime | None = None,
+        request_id: str,
+        features: Mapping[str, FeatureValue] | orjson.Fragment,
+        prediction: float,
+        latency_ms: float,
+    ) -> bytes:
+        """The message value of the prediction of one row."""
 
 
 class ScoringRequest(Event):

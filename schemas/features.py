@@ -22,6 +22,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictInt,
@@ -53,6 +54,20 @@ Category = StrictInt | StrictStr
 _EXACT_INTEGER: Final = 2**53
 _INT64_MIN: Final = -(2**63)
 _INT64_MAX: Final = 2**63 - 1
+
+
+def _whole_float_as_int(value: object) -> object:
+    # JSON Schema's "integer" is any number without a fractional part, 14.0 included: the
+    # contract the OpenAPI document publishes accepts it, so the row model reads it as 14.
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return value
+
+
+# A strict int (no bool, no numeric string) that also takes a whole JSON number such as 14.0;
+# the constraints sit on the int itself, so the JSON Schema keeps them.
+def _whole_int(**constraints: Any) -> Any:
+    return Annotated[int, Field(strict=True, **constraints), BeforeValidator(_whole_float_as_int)]
 
 
 class FeatureKind(StrEnum):
@@ -136,7 +151,7 @@ class Feature(_Declaration):
         base: Any
         if self.kind is FeatureKind.CATEGORICAL:
             base = Annotated[
-                StrictInt if self.dtype == "int" else StrictStr,
+                _whole_int() if self.dtype == "int" else StrictStr,
                 AfterValidator(self._check_category),
                 Field(json_schema_extra={"enum": list(self.categories or ())}),
             ]
@@ -146,7 +161,7 @@ class Feature(_Declaration):
             # is refused here, with the field, instead of failing after it was scored.
             lowest = _INT64_MIN if self.minimum is None else max(self.minimum, _INT64_MIN)
             highest = _INT64_MAX if self.maximum is None else min(self.maximum, _INT64_MAX)
-            base = Annotated[int, Field(strict=True, ge=lowest, le=highest)]
+            base = _whole_int(ge=lowest, le=highest)
         else:
             base = Annotated[
                 float,
@@ -404,6 +419,7 @@ class FeatureSpec(_Declaration):
         values: list[float] = []
         accepted: list[int] = []
         refused: list[tuple[int, ValueError | TypeError]] = []
+        checked: dict[int, dict[str, FeatureValue]] = {}
         for index, row in enumerate(rows):
             if type(row) is dict and row.keys() <= declared:
                 plain = [encode(row.get(name)) for name, encode in encoders]
@@ -412,14 +428,16 @@ class FeatureSpec(_Declaration):
                     values.extend(cast("list[float]", plain))
                     continue
             try:
-                vector = self.encode_row(self.validate_row(row))
+                validated = self.validate_row(row)
+                vector = self.encode_row(validated)
             except (ValueError, TypeError) as error:  # ValidationError is a ValueError
                 refused.append((index, error))
                 continue
             accepted.append(index)
+            checked[index] = validated
             values.extend(vector)
         matrix = np.array(values, dtype=np.float64).reshape(len(accepted), len(encoders))
-        return EncodedRows(matrix=matrix, accepted=accepted, refused=refused)
+        return EncodedRows(matrix=matrix, accepted=accepted, refused=refused, checked=checked)
 
     @cached_property
     def _fast_encoders(self) -> tuple[tuple[str, Callable[[object], float | None]], ...]:
@@ -447,6 +465,9 @@ class EncodedRows:
     """Positions, in the rows given, of the accepted rows (ascending)."""
     refused: list[tuple[int, ValueError | TypeError]]
     """Position of each refused row with the error ``validate_row``/``encode_row`` raised."""
+    checked: dict[int, dict[str, FeatureValue]]
+    """The rows accepted by ``validate_row`` (not plain), as it gave them, by position; a plain
+    row is accepted as it is."""
 
 
 def declared_feature_specs() -> list[str]:

@@ -18,12 +18,12 @@ import httpx
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from driftloop import kafka
-from driftloop.settings import KafkaSettings
+from driftloop.settings import KafkaSettings, MlflowSettings
 from driftloop.stack import readiness
 from driftloop.stack.settings import StackSettings
 from driftloop.training import RegisteredModel, read_dataset, train_champion
 from schemas.events import Event
-from schemas.features import load_feature_spec
+from schemas.features import FeatureSpec, load_feature_spec
 from schemas.topics import Topic
 
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -258,3 +258,22 @@ async def metric(port: int | str, name: str, **labels: str) -> float | None:
         if line.startswith(prefix):
             return float(line.removeprefix(prefix))
     return None
+
+
+async def ensure_champion(
+    spec: FeatureSpec, model: str, mlflow_settings: MlflowSettings, kafka_settings: KafkaSettings
+) -> None:
+    """The stack's model needs a champion; a fresh stack gets the bootstrap one, announced."""
+    from driftloop.bootstrap import ChampionExistsError, bootstrap_model, current_champion
+    from driftloop.bootstrap_cli import announce_promotion
+
+    tracking_uri = mlflow_settings.tracking_uri
+    if await asyncio.to_thread(current_champion, tracking_uri, model) is not None:
+        return
+    try:
+        result = await asyncio.to_thread(
+            bootstrap_model, spec, tracking_uri=tracking_uri, model_name=model
+        )
+    except ChampionExistsError:
+        return  # registered meanwhile by someone else
+    await announce_promotion(result, kafka_settings)

@@ -37,6 +37,7 @@ from gateway.settings import GatewaySettings
 from schemas.events import ScoringRequest
 from schemas.features import FeatureSpec, load_feature_spec
 from schemas.topics import Topic
+from tests.integration.consumer_support import ensure_champion
 
 ROOT = Path(__file__).resolve().parents[2]
 RULE_FILES = sorted((ROOT / "prometheus" / "rules").glob("*.yml"))
@@ -160,25 +161,6 @@ async def gateway_client(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
         headers["X-API-Key"] = stack.gateway.api_keys[0].get_secret_value()
     async with httpx.AsyncClient(base_url=stack.gateway_url, headers=headers, timeout=30) as client:
         yield client
-
-
-async def ensure_champion(
-    spec: FeatureSpec, model: str, mlflow_settings: MlflowSettings, kafka_settings: KafkaSettings
-) -> None:
-    """The stack's model needs a champion; a fresh stack gets the bootstrap one, announced."""
-    from driftloop.bootstrap import ChampionExistsError, bootstrap_model, current_champion
-    from driftloop.bootstrap_cli import announce_promotion
-
-    tracking_uri = mlflow_settings.tracking_uri
-    if await asyncio.to_thread(current_champion, tracking_uri, model) is not None:
-        return
-    try:
-        result = await asyncio.to_thread(
-            bootstrap_model, spec, tracking_uri=tracking_uri, model_name=model
-        )
-    except ChampionExistsError:
-        return  # registered meanwhile by someone else
-    await announce_promotion(result, kafka_settings)
 
 
 async def predict_with_labels(client: httpx.AsyncClient, hours: list[ReplayHour], run: str) -> None:

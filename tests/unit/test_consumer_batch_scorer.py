@@ -13,9 +13,10 @@ import pytest
 from pydantic import ValidationError
 
 from consumers.batch_cli import rows_from_records
-from consumers.batch_scorer import BatchScorer, NoChampionError, _describe
+from consumers.batch_scorer import BatchScorer
 from consumers.dlq_cli import StoredLetter, select
 from driftloop.consumer_loop import Delivery
+from driftloop.scoring import NoModelError
 from schemas.events import (
     DeadLetter,
     FailureKind,
@@ -25,6 +26,7 @@ from schemas.events import (
 )
 from schemas.features import load_feature_spec
 from schemas.fields import FeatureValue
+from schemas.validation import describe, problems_of
 
 SPEC = load_feature_spec("bikeshare")
 ROW: dict[str, FeatureValue] = {
@@ -46,6 +48,7 @@ class FakeChampion:
 
 class FakeHolder:
     model_name = "bikeshare"
+    alias = "champion"
 
     def __init__(self, champion: FakeChampion | None) -> None:
         self.current = champion
@@ -129,7 +132,7 @@ async def test_refusals_are_worded_from_validate_row_and_scores_keep_request_ord
         {"mnth": "january"},
         {"season": None},
         {"humidity": 0.5},
-        {"hr": 8.0},
+        {"hr": 8.5},
     ]
     deliveries = [request(0)]
     for index, changes in enumerate(spoilt, start=1):
@@ -140,7 +143,8 @@ async def test_refusals_are_worded_from_validate_row_and_scores_keep_request_ord
     for index, changes in enumerate(spoilt, start=1):
         with pytest.raises(ValidationError) as refused:
             SPEC.validate_row({**ROW, **changes})
-        assert errors[f"r-{index}"] == _describe(refused.value)
+        problems = problems_of(refused.value.errors(include_url=False), whole="features")
+        assert errors[f"r-{index}"] == f"invalid features: {describe(problems)}"
     scored = [result for result in results if result.prediction is not None]
     # FakeChampion scores the n-th row of the matrix n + 0.5: rows keep the requests' order.
     assert [result.request_id for result in scored] == ["r-0"] + [
@@ -153,9 +157,9 @@ async def test_refusals_are_worded_from_validate_row_and_scores_keep_request_ord
 
 async def test_without_a_champion_the_batch_waits() -> None:
     batch_scorer, producer = scorer(None)
-    with pytest.raises(NoChampionError):
+    with pytest.raises(NoModelError):
         await batch_scorer.write([request(0)])
-    assert batch_scorer.is_transient(NoChampionError("x"))
+    assert batch_scorer.is_transient(NoModelError("x"))
     assert producer.sent == []
 
 

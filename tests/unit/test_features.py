@@ -236,7 +236,7 @@ def test_nullable_features_may_be_missing_or_null(bikeshare: FeatureSpec) -> Non
         ({"season": None}, "season\n  Input should be a valid integer"),
         ({"humidity": 0.5}, "humidity\n  Extra inputs are not permitted"),
         ({"hr": "13"}, "hr\n  Input should be a valid integer"),
-        ({"hr": 13.0}, "hr\n  Input should be a valid integer"),
+        ({"hr": 13.5}, "hr\n  Input should be a valid integer"),
         ({"hr": 24}, "less than or equal to 23"),
         ({"holiday": True}, "holiday\n  Input should be a valid integer"),
         ({"holiday": 2}, "2 is not one of the categories [0, 1]"),

@@ -23,7 +23,7 @@ from driftloop import training
 from driftloop.champion import ChampionLoadError, ChampionRef
 from driftloop.settings import KafkaSettings, MlflowSettings
 from gateway.app import create_app
-from gateway.contract import example_row
+from gateway.contract import ProblemDetails, example_row
 from gateway.settings import GatewaySettings
 from schemas.events import GroundTruth, PredictionEvent
 from schemas.features import FeatureSpec, load_feature_spec
@@ -273,7 +273,7 @@ BAD_BODIES: list[tuple[str, bytes, int, str]] = [
     ("empty list", b"[]", 422, "body"),
     ("list of non-objects", b"[1, 2]", 422, "[0]"),
     ("bad row in a list", orjson.dumps([ROW, {**ROW, "temp": "warm"}]), 422, "[1].temp"),
-    ("too many rows", orjson.dumps([ROW] * 6), 413, "body"),
+    ("too many rows", orjson.dumps([ROW] * 6), 422, "body"),
 ]  # fmt: skip
 
 
@@ -290,7 +290,7 @@ def test_bad_input_gets_a_4xx_naming_the_field(
     response = client.post("/predict", content=body, headers={"content-type": "application/json"})
 
     assert response.status_code == status, response.text
-    problems = response.json()["detail"]
+    problems = response.json()["errors"]
     assert field in [problem["field"] for problem in problems]
     assert all(problem["reason"] for problem in problems)
 
@@ -303,7 +303,7 @@ def test_oversized_body_is_refused_before_it_is_read(
     response = client.post("/predict", content=b"[" + b" " * 4096 + b"]")
 
     assert response.status_code == 413
-    assert response.json()["detail"][0]["field"] == "body"
+    assert response.json()["errors"][0]["field"] == "body"
 
 
 def test_oversized_streamed_body_is_refused(make_client: Callable[..., TestClient]) -> None:
@@ -322,7 +322,7 @@ def test_invalid_request_id_header_is_refused(client: TestClient) -> None:
     response = client.post("/predict", json=ROW, headers={"X-Request-ID": "no spaces/please"})
 
     assert response.status_code == 400
-    assert response.json()["detail"][0]["field"] == "X-Request-ID"
+    assert response.json()["errors"][0]["field"] == "X-Request-ID"
 
 
 def test_without_a_model_predict_answers_503_with_the_reason(
@@ -335,7 +335,8 @@ def test_without_a_model_predict_answers_503_with_the_reason(
     ready = client.get("/health/ready")
 
     assert response.status_code == 503
-    assert "no model loaded" in response.json()["detail"][0]["reason"]
+    assert response.headers["content-type"] == "application/problem+json"
+    assert "no model loaded" in response.json()["errors"][0]["reason"]
     assert ready.status_code == 503
     assert ready.json()["ready"] is False
     assert client.get("/health/live").status_code == 200
@@ -376,7 +377,7 @@ def test_api_keys_protect_predict_when_configured(make_client: Callable[..., Tes
     right = client.post("/predict", json=ROW, headers={"X-API-Key": "second-key"})
 
     assert (missing.status_code, wrong.status_code, right.status_code) == (401, 401, 200)
-    assert missing.json()["detail"][0]["field"] == "X-API-Key"
+    assert missing.json()["errors"][0]["field"] == "X-API-Key"
 
 
 def test_feedback_publishes_ground_truth(client: TestClient, producer: FakeProducer) -> None:
@@ -411,15 +412,22 @@ def test_feedback_publishes_ground_truth(client: TestClient, producer: FakeProdu
             "observed_at",
         ),
         ({"request_id": "req-1", "label": 1.0, "extra": 1}, "extra"),
+        # A date-time is a string (the schema's format): not Unix time, as a number or text.
+        ({"request_id": "req-1", "label": 1.0, "observed_at": "1767322800"}, "observed_at"),
+        (
+            [
+                {"request_id": "req-1", "label": 1.0},
+                {"request_id": "req-2", "label": 1.0, "observed_at": 1767322800},
+            ],
+            "[1].observed_at",
+        ),
     ],
 )
-def test_bad_feedback_is_refused_with_the_field(
-    client: TestClient, body: dict[str, Any], field: str
-) -> None:
+def test_bad_feedback_is_refused_with_the_field(client: TestClient, body: Any, field: str) -> None:
     response = client.post("/feedback", json=body)
 
     assert response.status_code == 422, response.text
-    assert field in [problem["field"] for problem in response.json()["detail"]]
+    assert field in [problem["field"] for problem in response.json()["errors"]]
 
 
 def test_kafka_outage_spools_and_replays_in_order(
@@ -544,3 +552,92 @@ def test_openapi_documents_the_declared_rows_with_valid_examples(
     for example in body["examples"].values():
         response = client.post("/predict", json=example["value"])
         assert response.status_code == 200, (example, response.text)
+
+
+@pytest.mark.parametrize("path", ["/predict", "/feedback"])
+def test_a_body_that_is_not_json_gets_415_naming_its_content_type(
+    client: TestClient, path: str
+) -> None:
+    form = client.post(path, data={"season": "1"})
+    unsaid = client.post(path, content=orjson.dumps(ROW))
+
+    assert form.status_code == 415, form.text
+    assert form.headers["content-type"] == "application/problem+json"
+    assert "application/x-www-form-urlencoded" in form.json()["detail"]
+    assert [problem["field"] for problem in form.json()["errors"]] == ["Content-Type"]
+    assert unsaid.status_code == 415, unsaid.text
+    assert "no Content-Type" in unsaid.json()["detail"]
+    with_charset = {"content-type": "application/json; charset=utf-8"}
+    assert client.post("/predict", content=orjson.dumps(ROW), headers=with_charset).is_success
+
+
+def test_whole_numbers_for_int_features_are_read_as_ints(
+    client: TestClient, producer: FakeProducer
+) -> None:
+    response = client.post("/predict", json={**ROW, "hr": 14.0}, headers={"X-Request-ID": "whole"})
+
+    assert response.status_code == 200, response.text
+    wait_for(lambda: len(producer.sent) == 1)
+    event = PredictionEvent.from_bytes(producer.sent[0][2])
+    assert event.features["hr"] == 14
+    assert type(event.features["hr"]) is int
+    assert client.post("/predict", json={**ROW, "hr": 14.5}).status_code == 422
+
+
+def test_every_refusal_is_one_rfc9457_problem(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(max_body_bytes=2048)
+    refusals = {
+        "header (middleware)": client.post("/predict", json=ROW, headers={"X-Request-ID": "a b"}),
+        "size (middleware)": client.post("/predict", content=b"[" + b" " * 4096 + b"]"),
+        "rows (/predict)": client.post("/predict", json={**ROW, "hr": 99}),
+        "labels (route)": client.post("/feedback", json={"request_id": "r"}),
+        "admin (route)": client.post("/admin/reload"),
+        "unknown path (router)": client.get("/nowhere"),
+        "unknown method (router)": client.delete("/predict"),
+    }
+    for origin, response in refusals.items():
+        assert response.headers["content-type"] == "application/problem+json", origin
+        problem = ProblemDetails.model_validate(response.json())
+        assert problem.status == response.status_code, origin
+        assert problem.errors, origin
+        assert problem.detail.startswith(problem.errors[0].field), origin
+    assert refusals["unknown method (router)"].status_code == 405
+    assert "POST" in refusals["unknown method (router)"].headers["allow"]
+
+
+def test_openapi_document_describes_bodies_media_types_and_security(
+    make_client: Callable[..., TestClient],
+) -> None:
+    document = make_client(api_keys="k1").get("/openapi.json").json()
+    paths = document["paths"]
+
+    def ok_schema(path: str, method: str) -> dict[str, Any]:
+        responses = paths[path][method]["responses"]
+        success = next(status for status in responses if status.startswith("2"))
+        return dict(responses[success]["content"]["application/json"]["schema"])
+
+    assert ok_schema("/predict", "post") == {
+        "anyOf": [
+            {"$ref": "#/components/schemas/PredictionResponse"},
+            {"$ref": "#/components/schemas/BatchPredictionResponse"},
+        ],
+        "title": "Response Predict Predict Post",
+    }
+    assert ok_schema("/feedback", "post") == {"$ref": "#/components/schemas/FeedbackAccepted"}
+    assert ok_schema("/models/current", "get") == {"$ref": "#/components/schemas/CurrentModel"}
+    assert ok_schema("/admin/reload", "post") == {"$ref": "#/components/schemas/CurrentModel"}
+    assert ok_schema("/health/live", "get") == {"$ref": "#/components/schemas/Liveness"}
+    assert ok_schema("/health/ready", "get") == {"$ref": "#/components/schemas/Readiness"}
+    assert list(paths["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
+    refused = paths["/predict"]["post"]["responses"]["415"]["content"]
+    assert refused == {
+        "application/problem+json": {"schema": {"$ref": "#/components/schemas/ProblemDetails"}}
+    }
+    schemes = document["components"]["securitySchemes"]
+    assert schemes["ApiKey"] == {**schemes["ApiKey"], "type": "apiKey", "name": "X-API-Key"}
+    assert schemes["AdminBearer"] == {**schemes["AdminBearer"], "type": "http", "scheme": "bearer"}
+    assert paths["/predict"]["post"]["security"] == [{"ApiKey": []}]
+    assert paths["/feedback"]["post"]["security"] == [{"ApiKey": []}]
+    assert paths["/admin/reload"]["post"]["security"] == [{"AdminBearer": []}]
+    keyless = make_client().get("/openapi.json").json()["paths"]
+    assert "security" not in keyless["/predict"]["post"]
