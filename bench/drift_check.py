@@ -52,6 +52,7 @@ from driftloop.drift.assessment import (
     quality_definition,
     quality_metrics,
 )
+from driftloop.drift.baseline import calibrate
 from driftloop.drift.policy import DriftPolicy
 from driftloop.drift.reports import render_report
 from schemas.features import FeatureKind, FeatureSpec, load_feature_spec
@@ -143,6 +144,9 @@ def main() -> None:
     window = resample(seed[seed["mnth"].isin(WINDOW_MONTHS)], spec, arguments.rows, rng, shift=1.5)
     window.loc[window.index[1::2], spec.target.name] = np.nan  # feedback for half the hours
     policy = DriftPolicy()
+    # Thresholds calibrated on the reference once, outside the timing, as the monitor does
+    # when it takes a version on.
+    thresholds = calibrate(spec, reference, policy).thresholds(len(window))
 
     # The frames "Evidently alone" receives, prepared outside the timing.
     compared = drift_columns(spec, PREDICTION_COLUMN)
@@ -152,13 +156,15 @@ def main() -> None:
     auto_frames = (window[features].copy(), reference[features].copy())
 
     def check(path: Path) -> WindowEvaluation:
-        result = evaluate_window(reference, read_window(path, spec), spec, policy)
+        result = evaluate_window(
+            reference, read_window(path, spec), spec, policy, thresholds=thresholds
+        )
         assert isinstance(result, WindowEvaluation)
         return result
 
     def evidently_alone() -> None:
         definition = drift_definition(spec, PREDICTION_COLUMN)
-        drift_report(spec, policy, PREDICTION_COLUMN).run(
+        drift_report(spec, policy, PREDICTION_COLUMN, thresholds).run(
             Dataset.from_pandas(drift_frames[0], data_definition=definition),
             Dataset.from_pandas(drift_frames[1], data_definition=definition),
         )
@@ -184,7 +190,9 @@ def main() -> None:
         parquet_bytes = path.stat().st_size
         load_seconds, _ = timed(lambda: read_window(path, spec))
         # Warm-up outside the timing: Evidently's first report pays for lazy imports.
-        evaluate_window(reference.head(2_000), window.head(2_000), spec, policy)
+        evaluate_window(
+            reference.head(2_000), window.head(2_000), spec, policy, thresholds=thresholds
+        )
         evaluation: WindowEvaluation | None = None
         for _ in range(arguments.rounds):
             seconds, result = timed(lambda: check(path))

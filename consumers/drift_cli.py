@@ -1,8 +1,9 @@
 """``driftloop drift check``: judge a long window (days, weeks) of a model version on demand.
 
 Reads the window from the feature-logger's Parquet files (``driftloop.drift.parquet_windows``)
-and the version's reference from MLflow, runs the same assessment as the drift-monitor with
-its policy (``DRIFT_MONITOR_POLICY``), prints the verdict and stores the JSON and HTML report
+and the version's reference and drift baseline from MLflow, runs Evidently on every row of the
+window with the thresholds calibrated for its size under the monitor's policy
+(``DRIFT_MONITOR_POLICY``), prints the verdict and stores the JSON and HTML report
 under ``drift-reports/long/``. It publishes nothing: episodes and retraining belong to the
 monitor's own windows. The drift modules are imported inside the command: they pull in
 Evidently, MLflow and pandas, which every other ``driftloop`` command would otherwise wait for.
@@ -11,6 +12,7 @@ Evidently, MLflow and pandas, which every other ``driftloop`` command would othe
 from __future__ import annotations
 
 import asyncio
+import functools
 from datetime import UTC, datetime, timedelta
 
 import typer
@@ -37,6 +39,7 @@ async def _check(model: str, version: int | None, start: datetime, end: datetime
     from consumers.drift_monitor import DriftMonitorSettings
     from driftloop.database import create_pool
     from driftloop.drift.assessment import WindowBounds, WindowRefused, evaluate_window
+    from driftloop.drift.baseline import calibrate
     from driftloop.drift.champions import RegistryChampions
     from driftloop.drift.parquet_windows import load_parquet_window
     from driftloop.drift.reports import put_report, render_report, report_keys
@@ -50,6 +53,9 @@ async def _check(model: str, version: int | None, start: datetime, end: datetime
         return False
     spec = await asyncio.to_thread(champions.feature_spec, model, chosen)
     reference = await asyncio.to_thread(champions.reference, model, chosen)
+    baseline = await asyncio.to_thread(champions.baseline, model, chosen)
+    if baseline is None or not baseline.follows(settings.policy):
+        baseline = await asyncio.to_thread(calibrate, spec, reference, settings.policy)
     pool = await create_pool(
         settings.postgres, schema=settings.db_schema, max_size=2, give_up_after_seconds=10
     )
@@ -64,7 +70,14 @@ async def _check(model: str, version: int | None, start: datetime, end: datetime
                 f"{len(reference)} rows"
             )
             evaluation = await asyncio.to_thread(
-                evaluate_window, reference, frame, spec, settings.policy
+                functools.partial(
+                    evaluate_window,
+                    reference,
+                    frame,
+                    spec,
+                    settings.policy,
+                    thresholds=baseline.thresholds(len(frame)),
+                )
             )
             if isinstance(evaluation, WindowRefused):
                 console.print(
@@ -73,7 +86,15 @@ async def _check(model: str, version: int | None, start: datetime, end: datetime
                 return False
             window = WindowBounds(start=start, end=end)
             documents = await asyncio.to_thread(
-                render_report, evaluation, model_name=model, model_version=chosen, window=window
+                functools.partial(
+                    render_report,
+                    evaluation,
+                    model_name=model,
+                    model_version=chosen,
+                    window=window,
+                    baseline=baseline,
+                    sample_rows=len(frame),
+                )
             )
             keys = report_keys(model, chosen, end, prefix=LONG_REPORT_PREFIX)
             uri = await put_report(s3, settings.s3.data_bucket, keys, documents)

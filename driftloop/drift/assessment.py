@@ -8,7 +8,7 @@ the same columns with the same tests whatever its size. A window too small to ju
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -30,6 +30,7 @@ from evidently.metrics import (
 from evidently.presets import DataDriftPreset
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from driftloop.drift.baseline import calibrate
 from driftloop.drift.policy import DriftPolicy
 from schemas.events import DriftDetected
 from schemas.features import FeatureKind, FeatureSpec, Task
@@ -188,12 +189,20 @@ def evaluate_window(
     spec: FeatureSpec,
     policy: DriftPolicy,
     *,
+    thresholds: Mapping[str, float] | None = None,
     prediction_column: str = PREDICTION_COLUMN,
 ) -> WindowEvaluation | WindowRefused:
-    """Run Evidently on a window against the reference; keep the snapshots for the reports."""
+    """Run Evidently on a window against the reference; keep the snapshots for the reports.
+
+    ``thresholds`` (per monitored feature and the predictions) default to the reference's own,
+    calibrated for the window's row count (``driftloop.drift.baseline``): callers that judge
+    many windows of one reference calibrate once and pass them.
+    """
     refused = _refusal(reference, current, spec, policy)
     if refused is not None:
         return refused
+    if thresholds is None:
+        thresholds = calibrate(spec, reference, policy).thresholds(len(current))
     monitored = spec.monitored_features
     has_predictions = all(
         prediction_column in frame.columns and bool(frame[prediction_column].notna().any())
@@ -202,7 +211,7 @@ def evaluate_window(
     predictions = prediction_column if has_predictions else None
     compared = drift_columns(spec, predictions)
     definition = drift_definition(spec, predictions)
-    snapshot = drift_report(spec, policy, predictions).run(
+    snapshot = drift_report(spec, policy, predictions, thresholds).run(
         Dataset.from_pandas(_model_columns(current, spec, compared), data_definition=definition),
         Dataset.from_pandas(_model_columns(reference, spec, compared), data_definition=definition),
     )
@@ -212,7 +221,7 @@ def evaluate_window(
             name,
             spec.feature(name).kind,
             policy.stat_test(spec.feature(name).kind),
-            policy.threshold(name, spec.feature(name).kind),
+            thresholds[name],
         )
         for name in monitored
     )
@@ -222,7 +231,7 @@ def evaluate_window(
             prediction_column,
             FeatureKind.NUMERIC,
             policy.prediction_stat_test,
-            policy.prediction_threshold,
+            thresholds[prediction_column],
         )
         if has_predictions
         else None
@@ -252,11 +261,17 @@ def assess_window(
     spec: FeatureSpec,
     policy: DriftPolicy,
     *,
+    thresholds: Mapping[str, float] | None = None,
     prediction_column: str = PREDICTION_COLUMN,
 ) -> WindowVerdict:
     """Judge a window against the reference: a ``DriftAssessment`` or a ``WindowRefused``."""
     evaluation = evaluate_window(
-        reference, current, spec, policy, prediction_column=prediction_column
+        reference,
+        current,
+        spec,
+        policy,
+        thresholds=thresholds,
+        prediction_column=prediction_column,
     )
     return evaluation if isinstance(evaluation, WindowRefused) else evaluation.assessment
 
@@ -324,7 +339,12 @@ def drift_definition(spec: FeatureSpec, prediction_column: str | None) -> Any:
     )
 
 
-def drift_report(spec: FeatureSpec, policy: DriftPolicy, prediction_column: str | None) -> Any:
+def drift_report(
+    spec: FeatureSpec,
+    policy: DriftPolicy,
+    prediction_column: str | None,
+    thresholds: Mapping[str, float],
+) -> Any:
     """The Evidently report of data drift (and prediction drift) the policy asks for."""
     monitored = spec.monitored_features
     metrics: list[Any] = [
@@ -334,9 +354,7 @@ def drift_report(spec: FeatureSpec, policy: DriftPolicy, prediction_column: str 
             per_column_method={
                 name: policy.stat_test(spec.feature(name).kind) for name in monitored
             },
-            per_column_threshold={
-                name: policy.threshold(name, spec.feature(name).kind) for name in monitored
-            },
+            per_column_threshold={name: thresholds[name] for name in monitored},
         )
     ]
     if prediction_column:
@@ -344,7 +362,7 @@ def drift_report(spec: FeatureSpec, policy: DriftPolicy, prediction_column: str 
             ValueDrift(
                 column=prediction_column,
                 method=policy.prediction_stat_test,
-                threshold=policy.prediction_threshold,
+                threshold=thresholds[prediction_column],
             )
         )
     # Tests carry Evidently's drifted/not-drifted verdict of every column.

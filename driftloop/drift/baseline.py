@@ -2,9 +2,10 @@
 
 No threshold is a constant tuned to one dataset. For each monitored column (and the
 predictions) the threshold is a quantile (``DriftPolicy.threshold_quantile``, 0.99 by default)
-of the column's *null distribution*: its distance from the whole reference over many
-window-sized samples of the reference itself, computed with the same sketch estimator the
-monitor applies to live windows.
+of the column's *null distribution*: its distance over many window-sized samples of the
+reference itself, each against the rest of the reference (a live window is independent of
+the reference; a sample measured against a whole that contains it would sit too close),
+computed with the same sketch estimator the monitor applies to live windows.
 
 - A reference with a time order (its declaration names the columns that order the data) is
   sampled in time-contiguous blocks: weather, seasons and habits make neighbouring rows alike,
@@ -42,6 +43,8 @@ from driftloop.drift.sketch import (
     categorical_values,
     distance_of,
     reference_columns,
+    score_of,
+    slots_of,
 )
 from schemas.features import FeatureKind, FeatureSpec
 
@@ -53,6 +56,7 @@ Sampling = Literal["time_blocks", "resampling"]
 
 _MAX_SAMPLES: Final = 400
 """Samples drawn per size: enough for a 0.99 quantile, bounded for large references."""
+_MAX_SAMPLE_FACTOR: Final = 64
 _SEED: Final = 20_111  # fixed: calibrating the same reference twice gives the same thresholds
 
 
@@ -109,6 +113,10 @@ class DriftBaseline(BaseModel):
         if rows >= sizes[-1]:
             return thresholds[-1]
         return float(np.interp(math.log(rows), np.log(sizes), thresholds))
+
+    def thresholds(self, rows: int) -> dict[str, float]:
+        """Every column's threshold for a window of ``rows`` rows."""
+        return {column.name: self.threshold(column.name, rows) for column in self.columns}
 
     @property
     def features(self) -> tuple[str, ...]:
@@ -228,18 +236,35 @@ def calibrate(
     rng = np.random.default_rng(_SEED)
     nulls: dict[str, list[list[float]]] = {name: [] for name in layout.names}
     samples = 0
+    # Each row's bin, once: a sample's counts and sums are then two bincounts per column.
+    binned = {column.name: slots_of(column, arrays[column.name]) for column in layout.columns}
     for size in sizes:
         draws = _samples(total, size, ordered=ordered, rng=rng)
         samples = len(draws)
         per_column: dict[str, list[float]] = {name: [] for name in layout.names}
         for rows in draws:
-            sketch = WindowSketch.of(
-                layout, {name: values[rows] for name, values in arrays.items()}
-            )
-            for name in layout.names:
-                found = distance_of(prepared[name], sketch.columns[name], tests[name])
-                if not math.isnan(found.score):
-                    per_column[name].append(found.score)
+            for column in layout.columns:
+                slots, values, ranks = binned[column.name]
+                chosen = slots[rows]
+                present = chosen >= 0
+                counts = np.bincount(chosen[present], minlength=column.slots).astype(np.float64)
+                sums = (
+                    np.bincount(
+                        chosen[present], weights=values[rows][present], minlength=column.slots
+                    ).astype(np.float64)
+                    if column.kind == "numeric"
+                    else counts
+                )
+                # Against the rest of the reference, as a live window is independent of it.
+                score = score_of(
+                    prepared[column.name],
+                    counts,
+                    sums,
+                    tests[column.name],
+                    excluded=ranks[rows][present],
+                )
+                if not math.isnan(score):
+                    per_column[column.name].append(score)
         for name in layout.names:
             nulls[name].append(per_column[name])
     columns = []
@@ -274,11 +299,17 @@ def calibrate(
 
 
 def sample_sizes(reference_rows: int, min_rows: int) -> list[int]:
-    """Sample sizes to calibrate: ``min_rows`` doubling, up to half the reference."""
+    """Sample sizes to calibrate: ``min_rows`` doubling, up to half the reference or 64 times
+    ``min_rows``, whichever is smaller.
+
+    Past a few thousand rows a sample's distance is set by the reference's own structure (its
+    weeks, its seasons), no longer by sampling noise, and larger windows take the largest
+    size's threshold; the cap keeps calibrating a million-row reference to seconds.
+    """
     if reference_rows < min_rows:
         return [max(reference_rows, 1)]
     sizes = [min_rows]
-    while sizes[-1] * 2 <= reference_rows // 2:
+    while sizes[-1] * 2 <= min(reference_rows // 2, _MAX_SAMPLE_FACTOR * min_rows):
         sizes.append(sizes[-1] * 2)
     return sizes
 

@@ -652,15 +652,11 @@ def _judge(
     )
     share = sum(feature.drifted for feature in features) / len(features)
     # The report's Evidently run uses the same tests and this window's thresholds, on the
-    # sample; its quality figures come from the sample's labelled rows.
-    sample_policy = policy.model_copy(
-        update={
-            "feature_thresholds": {name: thresholds[name] for name in baseline.features},
-            "prediction_threshold": thresholds.get(PREDICTION_COLUMN, policy.prediction_threshold),
-            "min_rows": 1,
-        }
+    # sample (judged whatever its size); its quality figures come from its labelled rows.
+    sample_policy = policy.model_copy(update={"min_rows": 1})
+    evaluation = evaluate_window(
+        champion.reference, sample, spec, sample_policy, thresholds=thresholds
     )
-    evaluation = evaluate_window(champion.reference, sample, spec, sample_policy)
     on_sample = evaluation if isinstance(evaluation, WindowEvaluation) else None
     assessment = DriftAssessment(
         window_rows=rows,

@@ -1,4 +1,8 @@
-"""The drift policy: which statistical tests decide drift, and when a window is judged at all."""
+"""The drift policy: which statistical tests decide drift, and when a window is judged at all.
+
+No threshold here is a number: each version's thresholds are calibrated on its own reference
+(``driftloop.drift.baseline``), at the policy's quantile, unless the policy names one.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +11,19 @@ from typing import Annotated, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from driftloop.drift.sketch import CATEGORICAL_TESTS as SKETCH_CATEGORICAL_TESTS
+from driftloop.drift.sketch import NUMERIC_TESTS as SKETCH_NUMERIC_TESTS
 from schemas.features import FeatureKind
 
 Threshold = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Share = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 Count = Annotated[int, Field(ge=1)]
 
-# Only Evidently tests whose score is a distance (drift when score >= threshold): their scores
-# are comparable across window sizes, which p-values are not (a p-value falls with the sample
-# size, so a long window would drift on a negligible shift).
-CATEGORICAL_TESTS = frozenset({"jensenshannon", "hellinger", "kl_div", "psi"})
-NUMERIC_TESTS = CATEGORICAL_TESTS | {"wasserstein", "ed"}
+# Only tests whose score is a distance, which window sketches compute
+# (``driftloop.drift.sketch``) and whose thresholds are calibrated per window size: p-values
+# fall with the sample size, so a long window would drift on a negligible shift.
+CATEGORICAL_TESTS = SKETCH_CATEGORICAL_TESTS
+NUMERIC_TESTS = SKETCH_NUMERIC_TESTS
 
 
 class DriftPolicy(BaseModel):
@@ -28,21 +34,14 @@ class DriftPolicy(BaseModel):
     drift_share_threshold: Share = 0.4
     """A window drifts when at least this share of the monitored features drifted."""
     numeric_stat_test: str = "wasserstein"
-    """Evidently stat test of numeric features (normed Wasserstein: distance in reference stds)."""
-    numeric_threshold: Threshold = 1.0
-    """Threshold of the numeric test. Measured on the Bike Sharing data against a Jan-Mar
-    reference: half-month windows of Jan-Mar reach 0.73 on temp (hourly weather is strongly
-    autocorrelated), April onwards 1.3-4.6; Evidently's default 0.1 flags every winter window."""
+    """Stat test of numeric features (normed Wasserstein: distance in reference stds)."""
     categorical_stat_test: str = "jensenshannon"
-    """Evidently stat test of categorical features."""
-    categorical_threshold: Threshold = 0.1
-    """Threshold of the categorical test (Jensen-Shannon distance; Evidently's default)."""
-    feature_thresholds: Mapping[str, Threshold] = Field(default_factory=dict)
-    """Per-feature thresholds that override the numeric/categorical ones."""
+    """Stat test of categorical features."""
     prediction_stat_test: str = "wasserstein"
-    """Evidently stat test of the predictions (a numeric column)."""
-    prediction_threshold: Threshold = 1.0
-    """Threshold of the prediction test."""
+    """Stat test of the predictions (a numeric column)."""
+    feature_thresholds: Mapping[str, Threshold] = Field(default_factory=dict)
+    """Explicit thresholds of some columns (features, or ``prediction``), replacing the ones
+    calibrated on each version's reference (``driftloop.drift.baseline``)."""
     min_rows: Count = 150
     """Fewest rows a window (and the reference) must have to be judged; smaller ones are refused
     (150: a week of hourly traffic, 168 rows, is judged; a day is not)."""
@@ -79,9 +78,3 @@ class DriftPolicy(BaseModel):
         if prediction:
             return self.prediction_stat_test
         return self.stat_test(kind)
-
-    def threshold(self, feature: str, kind: FeatureKind) -> float:
-        """The threshold of one feature: its override, else its kind's."""
-        if feature in self.feature_thresholds:
-            return self.feature_thresholds[feature]
-        return self.numeric_threshold if kind is FeatureKind.NUMERIC else self.categorical_threshold

@@ -38,7 +38,6 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy.spatial import distance
-from scipy.stats import wasserstein_distance
 
 from schemas.features import FeatureKind
 
@@ -370,6 +369,73 @@ class ReferenceColumn:
     """Numeric: the present reference values, sorted."""
     counts: NDArray[np.float64]
     """Counts per slot (bins or categories) of the present reference values."""
+    prefix: NDArray[np.float64] = field(default_factory=lambda: _NONE)
+    """Numeric: ``prefix[i]`` is the sum of the ``i`` smallest values."""
+
+    def wasserstein(self, atoms: NDArray[np.float64], weights: NDArray[np.float64]) -> float:
+        """First Wasserstein distance between the reference and weighted ``atoms``.
+
+        In one dimension it is the L1 distance between the quantile functions. The atoms'
+        quantile function is a step per atom, and the reference's integral against a constant
+        over any quantile range comes from prefix sums, so the cost is O(atoms x log(rows)),
+        whatever the reference's size: calibrating on a million reference rows stays cheap.
+        Equal to ``scipy.stats.wasserstein_distance`` (tested).
+        """
+        order = np.argsort(atoms, kind="stable")
+        atoms, weights = atoms[order], weights[order]
+        ends = np.cumsum(weights) / weights.sum()
+        ends[-1] = 1.0
+        starts = np.concatenate(([0.0], ends[:-1]))
+        return float(np.sum(self._integral(ends, atoms) - self._integral(starts, atoms)))
+
+    def wasserstein_excluding(
+        self,
+        excluded: NDArray[np.int64],
+        atoms: NDArray[np.float64],
+        weights: NDArray[np.float64],
+    ) -> float:
+        """First Wasserstein distance between weighted ``atoms`` and the reference without the
+        values at sorted positions ``excluded``: a sample against the rest of the reference.
+
+        Both distribution functions are steps, so the integral of their difference is exact
+        on the merged breakpoints; O(rows) a call.
+        """
+        values = self.values
+        size = len(values)
+        kept = size - len(excluded)
+        if kept <= 0:
+            return float("nan")
+        taken = np.zeros(size)
+        taken[excluded] = 1.0
+        taken_before = np.concatenate(([0.0], np.cumsum(taken)))  # taken among the first k
+        order = np.argsort(atoms, kind="stable")
+        atoms, weights = atoms[order], weights[order]
+        cumulative = np.concatenate(([0.0], np.cumsum(weights) / weights.sum()))
+        grid = np.union1d(values, atoms)
+        below = np.searchsorted(values, grid, side="right")  # reference values <= x
+        rest = (below - taken_before[below]) / kept
+        sample = cumulative[np.searchsorted(atoms, grid, side="right")]
+        return float(np.sum(np.abs(rest[:-1] - sample[:-1]) * np.diff(grid)))
+
+    def _integral(
+        self, upto: NDArray[np.float64], level: NDArray[np.float64]
+    ) -> NDArray[np.float64]:
+        """For each pair: the integral over quantiles [0, upto] of |Q_reference - level|."""
+        values, prefix = self.values, self.prefix
+        size = len(values)
+        position = upto * size
+        whole = np.minimum(np.floor(position).astype(np.int64), size)
+        part = position - whole
+        below = np.minimum(np.searchsorted(values, level, side="left"), whole)
+        total = (
+            level * below
+            - prefix[below]
+            + (prefix[whole] - prefix[below])
+            - level * (whole - below)
+        )
+        last = np.abs(values[np.minimum(whole, size - 1)] - level)
+        total = total + np.where(whole < size, part * last, 0.0)
+        return np.asarray(total / size, dtype=np.float64)
 
 
 def reference_columns(
@@ -380,11 +446,14 @@ def reference_columns(
     sketch = WindowSketch.of(layout, reference)
     prepared = {}
     for column in layout.columns:
-        values = np.empty(0)
+        values = prefix = _NONE
         if column.kind == "numeric":
             numbers = np.asarray(reference[column.name], dtype=np.float64)
             values = np.sort(numbers[~np.isnan(numbers)])
-        prepared[column.name] = ReferenceColumn(column, values, sketch.columns[column.name].counts)
+            prefix = np.concatenate(([0.0], np.cumsum(values)))
+        prepared[column.name] = ReferenceColumn(
+            column, values, sketch.columns[column.name].counts, prefix
+        )
     return prepared
 
 
@@ -392,25 +461,65 @@ def distance_of(reference: ReferenceColumn, window: ColumnSketch, stat_test: str
     """The column's distance between the reference and a window's sketch."""
     layout = reference.layout
     rows = int(window.rows)
-    if rows == 0 or reference.counts.sum() == 0:
-        return ColumnDistance(layout.name, stat_test, float("nan"), 0.0, rows)
+    score = score_of(reference, window.counts, window.sums, stat_test)
+    bound = 0.0
+    if stat_test == "wasserstein" and rows:
+        filled = window.counts > 0
+        spread = float(np.sum(window.counts[filled] * (window.highs[filled] - window.lows[filled])))
+        bound = spread / rows / layout.norm
+    return ColumnDistance(layout.name, stat_test, score, bound, rows)
+
+
+def score_of(
+    reference: ReferenceColumn,
+    counts: NDArray[np.float64],
+    sums: NDArray[np.float64],
+    stat_test: str,
+    *,
+    excluded: NDArray[np.int64] | None = None,
+) -> float:
+    """The distance of a window given by its counts (and, numeric, sums) per slot; NaN when
+    either side has no value. ``excluded``: the window's own rows, as sorted positions of the
+    reference, are left out of it (calibration's sample against the rest of the reference)."""
+    layout = reference.layout
+    base = reference.counts if excluded is None else reference.counts - counts
+    if counts.sum() == 0 or base.sum() == 0:
+        return float("nan")
     if stat_test == "wasserstein":
         if layout.kind != "numeric":
             raise ValueError(f"wasserstein needs a numeric column, {layout.name} is categorical")
-        filled = window.counts > 0
-        centres = window.sums[filled] / window.counts[filled]
-        score = wasserstein_distance(reference.values, centres, None, window.counts[filled])
-        spread = float(np.sum(window.counts[filled] * (window.highs[filled] - window.lows[filled])))
-        return ColumnDistance(
-            layout.name, stat_test, float(score) / layout.norm, spread / rows / layout.norm, rows
-        )
+        filled = counts > 0
+        centres = sums[filled] / counts[filled]
+        if excluded is None:
+            return reference.wasserstein(centres, counts[filled]) / layout.norm
+        return reference.wasserstein_excluding(excluded, centres, counts[filled]) / layout.norm
     if stat_test == "jensenshannon":
-        score = float(distance.jensenshannon(reference.counts, window.counts))
-    elif stat_test == "psi":
-        score = _psi(reference.counts, window.counts)
-    else:
-        raise ValueError(f"unknown stat test {stat_test!r}")
-    return ColumnDistance(layout.name, stat_test, score, 0.0, rows)
+        return float(distance.jensenshannon(base, counts))
+    if stat_test == "psi":
+        return _psi(base, counts)
+    raise ValueError(f"unknown stat test {stat_test!r}")
+
+
+def slots_of(
+    layout: ColumnLayout, values: NDArray[np.float64] | NDArray[np.object_]
+) -> tuple[NDArray[np.int64], NDArray[np.float64], NDArray[np.int64]]:
+    """Each row's slot (-1 when missing), its value and, numeric, its position among the
+    present values sorted (as ``ReferenceColumn.values``): what calibration works out once."""
+    if layout.kind == "numeric":
+        numbers = np.asarray(values, dtype=np.float64)
+        slots = np.searchsorted(np.asarray(layout.edges), numbers, side="right").astype(np.int64)
+        missing = np.isnan(numbers)
+        slots[missing] = -1
+        ranks = np.full(len(numbers), -1, dtype=np.int64)
+        present = np.flatnonzero(~missing)
+        order = np.argsort(numbers[present], kind="stable")
+        ranks[present[order]] = np.arange(len(present))
+        return slots, np.nan_to_num(numbers), ranks
+    codes: dict[object, int] = {category: code for code, category in enumerate(layout.categories)}
+    codes[None] = -1
+    other = len(layout.categories)
+    slots = np.fromiter((codes.get(value, other) for value in values), np.int64, len(values))
+    return slots, np.zeros(len(values)), np.full(len(values), -1, dtype=np.int64)
 
 
 def _psi(reference: NDArray[np.float64], current: NDArray[np.float64]) -> float:

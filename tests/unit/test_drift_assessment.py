@@ -21,6 +21,7 @@ from driftloop.drift.assessment import (
     evaluate_window,
     window_bounds,
 )
+from driftloop.drift.baseline import calibrate
 from driftloop.drift.policy import DriftPolicy
 from schemas.events import DriftDetected
 from schemas.features import FeatureKind, FeatureSpec, Task, load_feature_spec
@@ -90,17 +91,19 @@ def test_january_against_january_does_not_drift(january_split: DriftAssessment) 
 
 
 def test_columns_and_tests_come_from_the_declaration(
-    summer: WindowEvaluation, spec: FeatureSpec
+    summer: WindowEvaluation, spec: FeatureSpec, winter: pd.DataFrame, july: pd.DataFrame
 ) -> None:
     policy = DriftPolicy()
     features = summer.assessment.features
+    # Thresholds are the reference's own, calibrated for the window's row count.
+    baseline = calibrate(spec, winter, policy)
 
     assert tuple(feature.name for feature in features) == spec.monitored_features
     for feature in features:
         kind = spec.feature(feature.name).kind
         assert feature.kind is kind
         assert feature.stat_test == policy.stat_test(kind)
-        assert feature.threshold == policy.threshold(feature.name, kind)
+        assert feature.threshold == pytest.approx(baseline.threshold(feature.name, len(july)))
     assert "hr" not in {feature.name for feature in features}  # declared, not monitored
     categorical = next(feature for feature in features if feature.name == "weathersit")
     assert categorical.kind is FeatureKind.CATEGORICAL

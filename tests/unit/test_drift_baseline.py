@@ -206,10 +206,10 @@ def test_random_windows_of_unordered_data_open_no_episode() -> None:
     assert drifted_windows == 0
 
 
-def test_sample_sizes_double_up_to_half_the_reference() -> None:
+def test_sample_sizes_double_up_to_half_the_reference_or_a_cap() -> None:
     assert sample_sizes(2000, 150) == [150, 300, 600]
     assert sample_sizes(100, 150) == [100]
-    assert sample_sizes(1_000_000, 150)[-1] == 307_200
+    assert sample_sizes(1_000_000, 150)[-1] == 9_600
 
 
 def test_a_reference_too_small_to_sample_calibrates_nothing(spec: FeatureSpec) -> None:

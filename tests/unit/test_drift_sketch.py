@@ -16,6 +16,7 @@ from evidently.legacy.calculations.stattests.wasserstein_distance_norm import (
 from evidently.legacy.core import ColumnType
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy.stats import wasserstein_distance
 
 from driftloop.drift.baseline import reference_arrays, sketch_layout
 from driftloop.drift.sketch import (
@@ -24,6 +25,7 @@ from driftloop.drift.sketch import (
     WindowSketch,
     distance_of,
     reference_columns,
+    slots_of,
     vector_size,
 )
 from schemas.features import FeatureKind, FeatureSpec, load_feature_spec
@@ -208,3 +210,58 @@ def test_a_discrete_feature_is_sketched_exactly(layout: SketchLayout, later: pd.
     inner = filled.copy()
     inner[[0, -1]] = False
     np.testing.assert_array_equal(temp.lows[inner], temp.highs[inner])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.floats(-1e4, 1e4, allow_nan=False), min_size=1, max_size=300),
+    st.lists(
+        st.tuples(st.floats(-2e4, 2e4, allow_nan=False), st.floats(0.01, 50)),
+        min_size=1,
+        max_size=60,
+    ),
+)
+def test_the_prefix_sum_wasserstein_is_scipys(
+    reference: list[float], atoms: list[tuple[float, float]]
+) -> None:
+    kinds = {"x": FeatureKind.NUMERIC}
+    ref = {"x": np.array(reference)}
+    prepared = reference_columns(SketchLayout.from_reference(ref, kinds), ref)["x"]
+    values = np.array([value for value, _ in atoms])
+    weights = np.array([weight for _, weight in atoms])
+    expected = wasserstein_distance(np.array(reference), values, None, weights)
+    found = prepared.wasserstein(values, weights)
+    assert found == pytest.approx(expected, rel=1e-9, abs=1e-6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.floats(-1e4, 1e4, allow_nan=False), min_size=2, max_size=300),
+    st.data(),
+)
+def test_a_sample_against_the_rest_of_the_reference_is_scipys(
+    reference: list[float], data: st.DataObject
+) -> None:
+    kinds = {"x": FeatureKind.NUMERIC}
+    values = np.array(reference)
+    ref = {"x": values}
+    layout = SketchLayout.from_reference(ref, kinds, bins=8)
+    prepared = reference_columns(layout, ref)["x"]
+    rows = np.array(
+        sorted(
+            data.draw(
+                st.sets(st.integers(0, len(values) - 1), min_size=1, max_size=len(values) - 1)
+            )
+        ),
+        dtype=np.int64,
+    )
+    slots, numbers, ranks = slots_of(layout.column("x"), values)
+    counts = np.bincount(slots[rows], minlength=layout.column("x").slots).astype(float)
+    sums = np.bincount(slots[rows], weights=numbers[rows], minlength=layout.column("x").slots)
+    filled = counts > 0
+    rest = np.delete(values, rows)
+    expected = wasserstein_distance(rest, sums[filled] / counts[filled], None, counts[filled])
+    found = prepared.wasserstein_excluding(
+        ranks[rows], sums[filled] / counts[filled], counts[filled]
+    )
+    assert found == pytest.approx(expected, rel=1e-9, abs=1e-6)
