@@ -236,6 +236,8 @@ class WindowStore(Protocol):
 
     async def publish_layout(self, model_name: str, model_version: int, layout: str) -> None: ...
 
+    async def forget_other_versions(self, model_name: str, model_version: int) -> int: ...
+
     async def state(self, model_name: str) -> EpisodeState | None: ...
 
     async def save_state(self, state: EpisodeState) -> None: ...
@@ -604,6 +606,10 @@ class DriftMonitor:
             await self.store.save_state(followed)
         watch.state = followed
         watch.champion = _Champion(version, spec, reference, prepared, window)
+        # Rows the previous champion served after the switch are no longer judged.
+        dropped = await self.store.forget_other_versions(name, version)
+        if dropped:
+            log.info("%s: dropped %d slices of versions no longer monitored", name, dropped)
         CHAMPION_VERSION.labels(name).set(version)
         EPISODE_OPEN.labels(name).set(int(followed.episode_id is not None))
         thresholds = ", ".join(

@@ -62,6 +62,9 @@ WHERE model_name = $1 AND model_version = $2 AND slice_start < $3
 _DROP_SLICES = """
 DELETE FROM drift_sketches WHERE model_name = $1 AND model_version = $2 AND slice_start < $3
 """
+_FORGET_OTHER_VERSIONS = """
+DELETE FROM drift_sketches WHERE model_name = $1 AND model_version <> $2
+"""
 _PUBLISH_LAYOUT = """
 INSERT INTO drift_baselines (model_name, model_version, layout) VALUES ($1, $2, $3::jsonb)
 ON CONFLICT (model_name, model_version) DO UPDATE
@@ -229,6 +232,11 @@ class DriftStore:
         """Rows sketched for slices before ``before``: windows already judged, arrived late."""
         late: int = await self.pool.fetchval(_LATE_ROWS, model_name, model_version, before)
         return int(late)
+
+    async def forget_other_versions(self, model_name: str, model_version: int) -> int:
+        """Drop the slices of every version but ``model_version`` (no longer monitored)."""
+        status = await self.pool.execute(_FORGET_OTHER_VERSIONS, model_name, model_version)
+        return int(status.rsplit(" ", 1)[-1])
 
     async def publish_layout(self, model_name: str, model_version: int, layout: str) -> None:
         """Publish a version's sketch layout (JSON) for the feature-logger."""

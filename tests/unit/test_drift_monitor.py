@@ -59,6 +59,7 @@ class FakeStore:
     """Versions whose rows were logged before their layout was published."""
     dropped: dict[int, datetime] = field(default_factory=dict)
     published: list[int] = field(default_factory=list)
+    forgotten: list[int] = field(default_factory=list)
 
     def _live(self, version: int) -> pd.DataFrame:
         rows = self.rows[self.rows["version"] == version]
@@ -132,6 +133,10 @@ class FakeStore:
     async def publish_layout(self, model_name: str, model_version: int, layout: str) -> None:
         self.layouts[model_version] = SketchLayout.model_validate_json(layout)
         self.published.append(model_version)
+
+    async def forget_other_versions(self, model_name: str, model_version: int) -> int:
+        self.forgotten.append(model_version)
+        return 0
 
     async def state(self, model_name: str) -> EpisodeState | None:
         return self.states.get(model_name)
@@ -457,6 +462,7 @@ async def test_a_new_champion_switches_reference_and_episode(
     state = r.store.states[MODEL]
     assert state.model_version == 2
     assert state.episode_id is None
+    assert r.store.forgotten == [1, 2]  # each switch drops the slices of other versions
 
 
 def test_a_window_must_be_whole_slices() -> None:
