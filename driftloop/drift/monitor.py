@@ -36,7 +36,9 @@ import asyncio
 import contextlib
 import logging
 import math
+import sys
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -155,6 +157,11 @@ STAGE_SECONDS = Histogram(
     "store (report upload and DriftDetected publish).",
     ["stage"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32),
+)
+REPORT_FAILURES = Counter(
+    "driftloop_drift_report_failures_total",
+    "Windows whose Evidently report on the sample failed (judged and recorded without it).",
+    ["model"],
 )
 CHECK_SECONDS = Histogram(
     "driftloop_drift_check_duration_seconds",
@@ -337,6 +344,7 @@ class DriftMonitor:
             EVENTS.labels(name)
             ROWS_JUDGED.labels(name)
             LATE_ROWS.labels(name)
+            REPORT_FAILURES.labels(name)
 
     async def check(self, model_name: str) -> CheckResult | None:
         """Judge the model's next window when one is due; None when there is nothing to do."""
@@ -660,10 +668,25 @@ def _judge(
     # The report's Evidently run uses the same tests and this window's thresholds, on the
     # sample (judged whatever its size); its quality figures come from its labelled rows.
     sample_policy = policy.model_copy(update={"min_rows": 1})
-    evaluation = evaluate_window(
-        champion.reference, sample, spec, sample_policy, thresholds=thresholds
-    )
-    on_sample = evaluation if isinstance(evaluation, WindowEvaluation) else None
+    on_sample: WindowEvaluation | None = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # overflow on extreme values
+            evaluation = evaluate_window(
+                champion.reference, sample, spec, sample_policy, thresholds=thresholds
+            )
+        on_sample = evaluation if isinstance(evaluation, WindowEvaluation) else None
+    except Exception:
+        # The report is for people; the verdict stands without it.
+        # Evidently fails on some valid rows (values near 1e308 overflow its histograms): the
+        # window is still judged from its sketch, and the report says it has no sample part.
+        REPORT_FAILURES.labels(model_name).inc()
+        log.warning(
+            "%s v%d: Evidently failed on the window's sample; recorded without it",
+            model_name,
+            champion.version,
+            exc_info=True,
+        )
     assessment = DriftAssessment(
         window_rows=rows,
         reference_rows=baseline.reference_rows,
@@ -697,8 +720,9 @@ def _judge(
 def _feature_drift(
     name: str, kind: FeatureKind, distance: ColumnDistance, threshold: float
 ) -> FeatureDrift:
-    # A column with no value in the window (all missing) is at distance 0: nothing moved.
-    score = 0.0 if math.isnan(distance.score) else distance.score
+    # A column with no value in the window (all missing) is at distance 0: nothing moved; a
+    # distance past the float range (values near 1e308) is the largest float, for JSON.
+    score = 0.0 if math.isnan(distance.score) else min(distance.score, sys.float_info.max)
     return FeatureDrift(
         name=name,
         kind=kind,

@@ -379,14 +379,27 @@ class ReferenceColumn:
         quantile function is a step per atom, and the reference's integral against a constant
         over any quantile range comes from prefix sums, so the cost is O(atoms x log(rows)),
         whatever the reference's size: calibrating on a million reference rows stays cheap.
-        Equal to ``scipy.stats.wasserstein_distance`` (tested).
+        Equal to ``scipy.stats.wasserstein_distance`` (tested). Values near the float range's
+        edge (valid for an unbounded feature) are worked out scaled down, then scaled back.
         """
         order = np.argsort(atoms, kind="stable")
         atoms, weights = atoms[order], weights[order]
         ends = np.cumsum(weights) / weights.sum()
         ends[-1] = 1.0
         starts = np.concatenate(([0.0], ends[:-1]))
-        return float(np.sum(self._integral(ends, atoms) - self._integral(starts, atoms)))
+        scale = _scale(self.values, atoms)
+        if scale == 1.0:
+            values, prefix = self.values, self.prefix
+        else:
+            values = self.values / scale
+            prefix = np.concatenate(([0.0], np.cumsum(values)))
+            atoms = atoms / scale
+        total = np.sum(
+            _quantile_integral(values, prefix, ends, atoms)
+            - _quantile_integral(values, prefix, starts, atoms)
+        )
+        with np.errstate(over="ignore"):
+            return float(total * scale)
 
     def wasserstein_excluding(
         self,
@@ -415,27 +428,39 @@ class ReferenceColumn:
         below = np.searchsorted(values, grid, side="right")  # reference values <= x
         rest = (below - taken_before[below]) / kept
         sample = cumulative[np.searchsorted(atoms, grid, side="right")]
-        return float(np.sum(np.abs(rest[:-1] - sample[:-1]) * np.diff(grid)))
+        scale = _scale(grid)
+        total = np.sum(np.abs(rest[:-1] - sample[:-1]) * np.diff(grid / scale))
+        with np.errstate(over="ignore"):
+            return float(total * scale)
 
-    def _integral(
-        self, upto: NDArray[np.float64], level: NDArray[np.float64]
-    ) -> NDArray[np.float64]:
-        """For each pair: the integral over quantiles [0, upto] of |Q_reference - level|."""
-        values, prefix = self.values, self.prefix
-        size = len(values)
-        position = upto * size
-        whole = np.minimum(np.floor(position).astype(np.int64), size)
-        part = position - whole
-        below = np.minimum(np.searchsorted(values, level, side="left"), whole)
-        total = (
-            level * below
-            - prefix[below]
-            + (prefix[whole] - prefix[below])
-            - level * (whole - below)
-        )
-        last = np.abs(values[np.minimum(whole, size - 1)] - level)
-        total = total + np.where(whole < size, part * last, 0.0)
-        return np.asarray(total / size, dtype=np.float64)
+
+_SAFE: Final = 1e100
+"""Beyond this magnitude, products and sums of values may overflow: distances are scaled."""
+
+
+def _scale(*arrays: NDArray[np.float64]) -> float:
+    largest = max((float(np.max(np.abs(a))) for a in arrays if len(a)), default=0.0)
+    return largest if largest > _SAFE else 1.0
+
+
+def _quantile_integral(
+    values: NDArray[np.float64],
+    prefix: NDArray[np.float64],
+    upto: NDArray[np.float64],
+    level: NDArray[np.float64],
+) -> NDArray[np.float64]:
+    """For each pair: the integral over quantiles [0, upto] of |Q(values) - level|."""
+    size = len(values)
+    position = upto * size
+    whole = np.minimum(np.floor(position).astype(np.int64), size)
+    part = position - whole
+    below = np.minimum(np.searchsorted(values, level, side="left"), whole)
+    total = (
+        level * below - prefix[below] + (prefix[whole] - prefix[below]) - level * (whole - below)
+    )
+    last = np.abs(values[np.minimum(whole, size - 1)] - level)
+    total = total + np.where(whole < size, part * last, 0.0)
+    return np.asarray(total / size, dtype=np.float64)
 
 
 def reference_columns(
@@ -461,13 +486,34 @@ def distance_of(reference: ReferenceColumn, window: ColumnSketch, stat_test: str
     """The column's distance between the reference and a window's sketch."""
     layout = reference.layout
     rows = int(window.rows)
-    score = score_of(reference, window.counts, window.sums, stat_test)
+    score = score_of(
+        reference, window.counts, window.sums, stat_test, lows=window.lows, highs=window.highs
+    )
     bound = 0.0
     if stat_test == "wasserstein" and rows:
         filled = window.counts > 0
         spread = float(np.sum(window.counts[filled] * (window.highs[filled] - window.lows[filled])))
         bound = spread / rows / layout.norm
     return ColumnDistance(layout.name, stat_test, score, bound, rows)
+
+
+def _centres(
+    sums: NDArray[np.float64],
+    counts: NDArray[np.float64],
+    lows: NDArray[np.float64] | None,
+    highs: NDArray[np.float64] | None,
+    filled: NDArray[np.bool_],
+) -> NDArray[np.float64]:
+    """Each filled bin's mean. Valid values near 1e308 overflow a bin's sum to infinity: the
+    mean is then kept inside the bin's own extremes (its error stays within the bound)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        centres = sums / counts
+        if lows is None or highs is None or not len(lows):
+            return np.asarray(np.nan_to_num(centres), dtype=np.float64)
+        low, high = lows[filled], highs[filled]
+        middle = low / 2 + high / 2
+        centres = np.where(np.isfinite(centres), centres, middle)
+        return np.asarray(np.clip(centres, low, high), dtype=np.float64)
 
 
 def score_of(
@@ -477,6 +523,8 @@ def score_of(
     stat_test: str,
     *,
     excluded: NDArray[np.int64] | None = None,
+    lows: NDArray[np.float64] | None = None,
+    highs: NDArray[np.float64] | None = None,
 ) -> float:
     """The distance of a window given by its counts (and, numeric, sums) per slot; NaN when
     either side has no value. ``excluded``: the window's own rows, as sorted positions of the
@@ -489,7 +537,7 @@ def score_of(
         if layout.kind != "numeric":
             raise ValueError(f"wasserstein needs a numeric column, {layout.name} is categorical")
         filled = counts > 0
-        centres = sums[filled] / counts[filled]
+        centres = _centres(sums[filled], counts[filled], lows, highs, filled)
         if excluded is None:
             return reference.wasserstein(centres, counts[filled]) / layout.norm
         return reference.wasserstein_excluding(excluded, centres, counts[filled]) / layout.norm

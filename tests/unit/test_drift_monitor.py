@@ -469,3 +469,22 @@ def test_a_window_must_be_whole_slices() -> None:
     with pytest.raises(ValueError, match="multiple"):
         MonitorOptions(window=timedelta(milliseconds=150))
     assert np.isclose(MonitorOptions(window=timedelta(seconds=5.6)).window.total_seconds(), 5.6)  # type: ignore[union-attr]
+
+
+async def test_valid_extreme_values_are_judged_even_when_evidently_fails(
+    seasons: dict[str, pd.DataFrame],
+) -> None:
+    """Unbounded features accept values near 1e308: sums overflow, Evidently's histograms fail."""
+    rows = logged(winter_rows(seasons, ROWS), 1, START)
+    rows.loc[rows.index[:40], "temp"] = 1.7e308
+    rows.loc[rows.index[40:60], "windspeed"] = -1.7e308
+    r = rig(rows, {1: reference(seasons["winter"])})
+    result = await r.monitor.check(MODEL)
+    assert result is not None
+    assert isinstance(result.verdict, DriftAssessment)
+    scores = {feature.name: feature for feature in result.verdict.features}
+    assert scores["temp"].drifted
+    assert scores["temp"].score > 1e6
+    assert r.store.records[-1].window_end == START + WINDOW
+    report = orjson.loads(r.reports[result.report_uri.removeprefix("s3://bucket/")])  # type: ignore[union-attr]
+    assert report["assessment"]["drift_share"] == result.verdict.drift_share
