@@ -15,6 +15,7 @@ A pytest test rather than a CI script: it runs inside ``make test`` while the st
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -175,10 +176,15 @@ def test_dag_folder_imports_from_site_packages(installed_wheel: InstalledWheel) 
 def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
     started: list[subprocess.Popen[bytes]] = []
     yield started
-    for process in started:
+    _stop(started)
+
+
+def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM each (they drain and commit), SIGKILL what is still there after a minute."""
+    for process in processes:
         if process.poll() is None:
             process.terminate()
-    for process in started:
+    for process in processes:
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -193,7 +199,7 @@ async def test_first_model_then_a_prediction_is_logged(
     postgres_settings: PostgresSettings,
     unique: str,
 ) -> None:
-    # Own topics and model name: the stack's own services never see this traffic.
+    # Own topics, schema and model name: the stack's own services never see this traffic.
     topics = kafka_settings.model_copy(update={"topic_prefix": f"{unique}."})
     await kafka.create_topics(topics, [Topic.PREDICTIONS, Topic.LABELS, Topic.MODEL_EVENTS])
     model_name = f"wheel-{unique}"
@@ -204,6 +210,8 @@ async def test_first_model_then_a_prediction_is_logged(
         "GATEWAY_PORT": str(gateway_port),
         "GATEWAY_MODEL_NAME": model_name,
         "FEATURE_LOGGER_GROUP": f"feature-logger-{unique}",
+        # Its own schema: migrated by this wheel's code, whatever the shared one is at.
+        "FEATURE_LOGGER_DB_SCHEMA": unique,
         "FEATURE_LOGGER_METRICS_PORT": str(free_port()),
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
@@ -245,12 +253,15 @@ async def test_first_model_then_a_prediction_is_logged(
         async def logged() -> bool:
             assert all(p.poll() is None for p in processes), _tails(logs)
             found = await connection.fetchval(
-                "SELECT model_name FROM prediction_log WHERE request_id = $1", request_id
+                f"SELECT model_name FROM {unique}.prediction_log WHERE request_id = $1",  # noqa: S608
+                request_id,
             )
             return bool(found == model_name)
 
         await eventually(logged, within=120, what="the prediction in prediction_log")
     finally:
+        await asyncio.to_thread(_stop, processes)
+        await connection.execute(f"DROP SCHEMA IF EXISTS {unique} CASCADE")
         await connection.close()
 
 
