@@ -111,14 +111,15 @@ class LeaderLock:
 
     async def acquire(self) -> None:
         """Wait until this process holds the lock."""
+        LEADER.labels(self.name).set(0)
         waiting = False
         while not await self.try_acquire():
             if not waiting:
                 log.info("another replica holds %s; waiting to take over", self.name)
                 waiting = True
             await asyncio.sleep(self.retry_seconds)
-        LEADER.labels(self.name).set(1)
         log.info("holding %s (advisory lock %d): this replica works", self.name, self.key)
+        LEADER.labels(self.name).set(1)
 
     async def lost(self) -> None:
         """Return when the lock is lost: its session ended or did not answer in time."""

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
+from pathlib import Path
 
 import asyncpg
 import pytest
 
+from driftloop import kafka
 from driftloop.leader import LeaderLock, LeadershipLostError, run_as_leader
-from driftloop.settings import PostgresSettings
-from tests.integration.consumer_support import eventually
+from driftloop.settings import KafkaSettings, PostgresSettings
+from schemas.topics import Topic
+from tests.integration.consumer_support import ConsumerProcess, eventually, free_port, metric
 
 pytestmark = pytest.mark.integration
 
@@ -19,6 +23,10 @@ HOLDERS_SQL = """
 SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE l.locktype = 'advisory' AND l.granted AND a.application_name = $1
 """
+
+
+async def _equals(value: Awaitable[float | None], expected: float) -> bool:
+    return await value == expected
 
 
 def _lock(settings: PostgresSettings, name: str) -> LeaderLock:
@@ -113,3 +121,76 @@ async def test_standby_takes_over_when_the_holder_session_dies(
     finally:
         await standby.release()
         await admin.close()
+
+
+async def test_two_retrain_triggers_one_works_and_the_standby_takes_over(
+    kafka_settings: KafkaSettings,
+    postgres_settings: PostgresSettings,
+    unique: str,
+    tmp_path: Path,
+) -> None:
+    """The wiring in consumers.service: two real service processes on one schema."""
+    topics = kafka_settings.model_copy(update={"topic_prefix": f"{unique}."})
+    await kafka.create_topics(topics, [Topic.DRIFT_EVENTS])
+    lock = f"consumers.retrain_trigger/{unique}"
+    environment = {
+        "KAFKA_TOPIC_PREFIX": topics.topic_prefix,
+        "RETRAIN_TRIGGER_GROUP": f"{unique}-retrain-trigger",
+        "RETRAIN_TRIGGER_DB_SCHEMA": unique,
+        "RETRAIN_TRIGGER_MODELS": f"model-{unique}",
+    }
+    ports = [free_port(), free_port()]
+    replicas = [
+        ConsumerProcess(
+            "consumers.retrain_trigger",
+            {**environment, "RETRAIN_TRIGGER_METRICS_PORT": str(port)},
+            tmp_path / f"replica-{index}.log",
+        ).start()
+        for index, port in enumerate(ports)
+    ]
+    try:
+
+        async def leaders() -> list[float | None]:
+            return [await metric(port, "driftloop_leader", lock=lock) for port in ports]
+
+        async def one_leads() -> bool:
+            assert all(replica.alive() for replica in replicas), [r.log() for r in replicas]
+            return sorted(await leaders(), key=str) == [0.0, 1.0]
+
+        await eventually(one_leads, within=120, what="one leader and one standby")
+        # It stays that way: the standby keeps waiting while the leader lives.
+        await asyncio.sleep(2)
+        assert sorted(await leaders(), key=str) == [0.0, 1.0]
+        holder = (await leaders()).index(1.0)
+        standby = 1 - holder
+        # Only the holder consumes: the standby has not even built its Kafka consumer.
+        ready = "driftloop_consumer_ready"
+        await eventually(
+            lambda: _equals(metric(ports[holder], ready, consumer="retrain-trigger"), 1.0),
+            within=60,
+            what="the leader to consume",
+        )
+        assert await metric(ports[standby], ready, consumer="retrain-trigger") is None
+
+        replicas[holder].kill()  # SIGKILL: Postgres ends its session, and the lock with it
+
+        async def standby_leads() -> bool:
+            return await metric(ports[standby], "driftloop_leader", lock=lock) == 1.0
+
+        await eventually(standby_leads, within=60, what="the standby to take over")
+        await eventually(
+            lambda: _equals(metric(ports[standby], ready, consumer="retrain-trigger"), 1.0),
+            within=60,
+            what="the new leader to consume",
+        )
+        log = replicas[standby].log()
+        assert log.index("waiting to take over") < log.index(f"holding {lock}")
+        assert replicas[standby].terminate() == 0, replicas[standby].log()
+    finally:
+        for replica in replicas:
+            replica.close()
+        connection = await asyncpg.connect(postgres_settings.dsn())
+        try:
+            await connection.execute(f"DROP SCHEMA IF EXISTS {unique} CASCADE")
+        finally:
+            await connection.close()
