@@ -385,6 +385,7 @@ def test_dockerignore_keeps_state_and_secrets_out() -> None:
         if line.strip() and not line.startswith("#")
     }
     assert {".env", ".venv/", ".stack/", ".git/", ".pytest_cache/", ".mypy_cache/"} <= ignored
+    assert {".tools/", "dist/"} <= ignored  # helm's binary alone is ~100 MB
 
 
 def _compose_command() -> list[str] | None:
