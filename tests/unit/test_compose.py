@@ -145,6 +145,15 @@ def test_gateway_is_healthy_only_when_ready(services: dict[str, dict[str, Any]])
     assert "/metrics" not in probe
 
 
+@pytest.mark.parametrize("name", ["feature-logger", "batch-scorer", "retrain-trigger"])
+def test_kafka_consumers_are_healthy_only_when_consuming(
+    services: dict[str, dict[str, Any]], name: str
+) -> None:
+    """Their /metrics answers before they join their group; the ready gauge does not."""
+    probe = services[name]["healthcheck"]["test"][-1]
+    assert f'driftloop_consumer_ready{{consumer="{name}"}} 1.0' in probe
+
+
 def test_first_model_is_registered_before_the_gateway_starts(
     services: dict[str, dict[str, Any]],
 ) -> None:
