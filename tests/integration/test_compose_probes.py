@@ -3,8 +3,8 @@ stack's running services (same ports): each passes against a service that is rea
 
 from __future__ import annotations
 
+import asyncio
 import re
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from driftloop.stack.settings import StackSettings
+from tests.integration.consumer_support import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +34,7 @@ def _port(settings: StackSettings, service: str) -> int:
 @pytest.mark.parametrize(
     "service", ["gateway", "feature-logger", "batch-scorer", "drift-monitor", "retrain-trigger"]
 )
-def test_compose_healthcheck_passes_against_the_ready_service(
+async def test_compose_healthcheck_passes_against_the_ready_service(
     stack_settings: StackSettings, service: str
 ) -> None:
     services: dict[str, Any] = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
@@ -41,7 +42,13 @@ def test_compose_healthcheck_passes_against_the_ready_service(
     assert (kind, python, flag) == ("CMD", "python", "-c")
     # Compose and the native stack use the same ports by default; follow the stack's settings.
     code = re.sub(r"127\.0\.0\.1:\d+/", f"127.0.0.1:{_port(stack_settings, service)}/", code)
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False
-    )
-    assert result.returncode == 0, result.stderr
+
+    async def healthy() -> bool:
+        probe = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", code, stderr=asyncio.subprocess.DEVNULL
+        )
+        return await asyncio.wait_for(probe.wait(), timeout=30) == 0
+
+    # Polled: an earlier test may have stopped the broker, and a consumer is not ready again
+    # until it has rejoined its group.
+    await eventually(healthy, within=120, what=f"{service}'s compose healthcheck to pass")
