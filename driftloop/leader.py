@@ -38,6 +38,18 @@ LEADER = Gauge(
 )
 
 
+# Postgres ends a session when its client's process dies (the kernel closes the socket), but a
+# host that vanishes sends nothing: with Linux's defaults the server would keep the session,
+# and the lock, for over two hours. Keepalives on this one session end it after about 25 s
+# (10 s idle + 3 probes 5 s apart), and unacknowledged writes after 30 s.
+SESSION_KEEPALIVES: dict[str, str] = {
+    "tcp_keepalives_idle": "10",
+    "tcp_keepalives_interval": "5",
+    "tcp_keepalives_count": "3",
+    "tcp_user_timeout": "30000",
+}
+
+
 class LeadershipLostError(RuntimeError):
     """The session holding the lock ended or stopped answering; another replica may lead now."""
 
@@ -85,7 +97,10 @@ class LeaderLock:
                 user=settings.user,
                 password=settings.password.get_secret_value(),
                 database=settings.db,
-                server_settings={"application_name": f"driftloop-leader:{self.name}"[:63]},
+                server_settings={
+                    "application_name": f"driftloop-leader:{self.name}"[:63],
+                    **SESSION_KEEPALIVES,
+                },
             )
 
         return await connect_with_retry(

@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from driftloop import kafka
-from driftloop.leader import LeaderLock, LeadershipLostError, run_as_leader
+from driftloop.leader import SESSION_KEEPALIVES, LeaderLock, LeadershipLostError, run_as_leader
 from driftloop.settings import KafkaSettings, PostgresSettings
 from schemas.topics import Topic
 from tests.integration.consumer_support import ConsumerProcess, eventually, free_port, metric
@@ -89,6 +89,11 @@ async def test_standby_takes_over_when_the_holder_session_dies(
 
     holding = asyncio.create_task(run_as_leader(holder, holder_work))
     await asyncio.wait_for(holder_working.wait(), timeout=30)
+    # The server would notice a vanished host through these keepalives on the lock's session.
+    session = holder._connection
+    assert session is not None
+    for setting, value in SESSION_KEEPALIVES.items():
+        assert await session.fetchval(f"SHOW {setting}") == value, setting
     assert not await standby.try_acquire()
     waiting = asyncio.create_task(standby.acquire())
     await asyncio.sleep(0.3)
