@@ -13,7 +13,15 @@ PYTEST_ARGS ?=
 # mlflow and airflow from source again on import.
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: help bootstrap env up down status demo test test-unit test-integration lint format schemas bench
+# helm for the chart's checks, built once from the Go module proxy into .tools/ (a new version
+# gets a folder of its own, so changing HELM_VERSION reinstalls). Tests find it through HELM.
+HELM_VERSION ?= v4.3.2
+GO ?= $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
+export HELM := $(CURDIR)/.tools/helm-$(HELM_VERSION)/helm
+CHART := deploy/helm/driftloop
+CHART_CI_VALUES := $(CHART)/ci/three-replicas-values.yaml
+
+.PHONY: help bootstrap tools env up down status demo test test-unit test-integration lint chart format schemas bench
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  %-18s %s\n", $$1, $$2}'
@@ -22,6 +30,11 @@ bootstrap: ## install uv when missing and the locked Python environment
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv>=0.5"
 	$(UV) sync --frozen
 	$(RUN) python -m compileall -q -j 0 driftloop gateway consumers schemas dags
+
+tools: $(HELM) ## helm (go install from the Go module proxy; once per HELM_VERSION)
+
+$(HELM):
+	GOBIN=$(dir $(HELM)) $(GO) install helm.sh/helm/v4/cmd/helm@$(HELM_VERSION)
 
 env: ## create .env from .env.example when it does not exist
 	@test -f .env || { cp .env.example .env; echo "created .env from .env.example (development secrets)"; }
@@ -43,7 +56,7 @@ DEMO_HOURS_PER_SECOND ?= 30
 demo: up ## the main job: stack up, first champion, 2011 replayed, drift -> retrain -> promotion -> swap
 	$(RUN) driftloop demo run --hours-per-second $(DEMO_HOURS_PER_SECOND)
 
-test: bootstrap env ## unit + integration tests against a stack started from scratch, then stopped
+test: bootstrap tools env ## unit + integration tests against a stack started from scratch, then stopped
 	@started_here=0; \
 	if ! $(RUN) driftloop stack status >/dev/null 2>&1; then started_here=1; fi; \
 	$(RUN) driftloop stack up; \
@@ -51,16 +64,21 @@ test: bootstrap env ## unit + integration tests against a stack started from scr
 	if [ $$started_here = 1 ]; then $(RUN) driftloop stack down; fi; \
 	exit $$status
 
-test-unit: bootstrap ## unit tests only (nothing running)
+test-unit: bootstrap tools ## unit tests only (nothing running)
 	$(RUN) pytest -m unit $(PYTEST_ARGS)
 
 test-integration: up ## integration tests against the running stack
 	$(RUN) pytest -m integration $(PYTEST_ARGS)
 
-lint: bootstrap ## ruff, formatting and mypy strict
+lint: bootstrap chart ## ruff, formatting, mypy strict and the Helm chart
 	$(RUN) ruff check .
 	$(RUN) ruff format --check .
 	$(RUN) mypy
+
+chart: bootstrap tools ## helm lint; helm template (3 replicas of everything) through kubernetes-validate
+	$(HELM) lint --strict $(CHART) -f $(CHART_CI_VALUES)
+	$(HELM) template driftloop $(CHART) -f $(CHART_CI_VALUES) > .tools/driftloop-3-replicas.yaml
+	$(RUN) kubernetes-validate --strict --quiet .tools/driftloop-3-replicas.yaml
 
 format: bootstrap ## apply ruff's fixes and formatting
 	$(RUN) ruff check --fix .

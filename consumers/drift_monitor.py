@@ -32,6 +32,7 @@ from driftloop.drift.monitor import DriftMonitor, MonitorOptions
 from driftloop.drift.policy import DriftPolicy
 from driftloop.drift.reports import REPORT_PREFIX, ReportDocuments, ReportKeys, put_report
 from driftloop.drift.store import open_drift_store
+from driftloop.leader import LeaderLock
 from driftloop.migrations import SCHEMA_NAME
 from driftloop.objectstore import s3_client
 from driftloop.settings import (
@@ -242,6 +243,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         DriftMonitorSettings,
         run_drift_monitor,
         status=print_status,
+        # One working replica per schema; the others wait (driftloop.leader).
+        leader=lambda settings: LeaderLock(
+            settings.postgres, f"consumers.drift_monitor/{settings.db_schema}"
+        ),
         before_run=_quiet_service_log,
         argv=argv,
     )

@@ -46,6 +46,7 @@ from driftloop.consumer_loop import (
     install_stop_signals,
 )
 from driftloop.database import UNAVAILABLE_ERRORS
+from driftloop.leader import LeaderLock
 from driftloop.migrations import SCHEMA_NAME
 from driftloop.retrain_ledger import (
     Decision,
@@ -495,6 +496,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         RetrainTriggerSettings,
         run_retrain_trigger,
         status=print_status,
+        # One working replica per schema; the others wait (driftloop.leader).
+        leader=lambda settings: LeaderLock(
+            settings.postgres, f"consumers.retrain_trigger/{settings.db_schema}"
+        ),
         argv=argv,
     )
 

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import uvloop
 from prometheus_client import start_http_server
 
+from driftloop.leader import LeaderLock, LeadershipLostError, run_as_leader
 from driftloop.runtime import tune_garbage_collector
 from driftloop.settings import ServiceSettings, SettingsError, load_settings
 
@@ -33,9 +34,15 @@ def serve(
     *,
     status: Callable[[S, int], Coroutine[Any, Any, None]] | None = None,
     before_run: Callable[[], None] | None = None,
+    leader: Callable[[S], LeaderLock] | None = None,
     argv: Sequence[str] | None = None,
 ) -> None:
-    """Parse the command line, load the settings, then run the service or print its status."""
+    """Parse the command line, load the settings, then run the service or print its status.
+
+    With ``leader``, ``run`` starts only once this replica holds that lock (a singleton
+    service at N replicas); losing it stops the service with exit code 3, to be restarted
+    as a standby.
+    """
     parser = argparse.ArgumentParser(prog=f"python -m {module}")
     commands = ("run", "status") if status is not None else ("run",)
     parser.add_argument("command", nargs="?", choices=commands, default="run")
@@ -58,4 +65,12 @@ def serve(
         before_run()
     start_http_server(settings.metrics_port)
     tune_garbage_collector()
-    uvloop.run(run(settings))
+    if leader is None:
+        uvloop.run(run(settings))
+        return
+    lock = leader(settings)
+    try:
+        uvloop.run(run_as_leader(lock, lambda: run(settings)))
+    except LeadershipLostError as error:
+        log.error("%s", error)  # noqa: TRY400 - the restart is the remedy, not the traceback
+        sys.exit(3)

@@ -17,18 +17,17 @@ from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
 from typing import Any, Final
 
 import asyncpg
 import httpx
 import pandas as pd
 
+from driftloop.seed_data import seed_data_path
 from driftloop.settings import PostgresSettings
 from schemas.features import FeatureSpec
 from schemas.fields import FeatureValue
 
-REPOSITORY_ROOT: Final = Path(__file__).resolve().parent.parent
 YEAR: Final = 2011
 YEAR_START: Final = datetime(YEAR, 1, 1, tzinfo=UTC)
 ONE_HOUR: Final = timedelta(hours=1)
@@ -144,7 +143,7 @@ def load_replay_hours(spec: FeatureSpec, *, first_day: int, last_day: int) -> li
         raise ValueError(f"feature declaration {spec.name} ships no dataset")
     # Read here rather than with driftloop.training.read_dataset: that module imports MLflow
     # and LightGBM, which the replay does not need (and which take seconds to import).
-    frame = pd.read_csv(REPOSITORY_ROOT / spec.dataset.path)
+    frame = pd.read_csv(seed_data_path(spec.dataset.path))
     return replay_hours(spec, frame, first_day=first_day, last_day=last_day)
 
 

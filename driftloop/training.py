@@ -38,9 +38,9 @@ from mlflow.types import ColSpec, DataType, Schema
 
 from driftloop.drift.baseline import BASELINE_ARTIFACT, DriftBaseline, calibrate
 from driftloop.drift.policy import DriftPolicy
+from driftloop.seed_data import seed_data_path
 from schemas.features import FeatureKind, FeatureSpec, Task
 
-REPOSITORY_ROOT: Final = Path(__file__).resolve().parent.parent
 CHAMPION_ALIAS: Final = "champion"
 # Name of the declaration file inside the model's artifacts (read by driftloop.champion).
 FEATURE_SPEC_FILE: Final = "feature_spec.yaml"
@@ -85,12 +85,13 @@ class RegisteredModel:
 
 
 def read_dataset(
-    spec: FeatureSpec, *, months: Collection[str] | None = None, root: Path = REPOSITORY_ROOT
+    spec: FeatureSpec, *, months: Collection[str] | None = None, root: Path | None = None
 ) -> pd.DataFrame:
     """The declaration's seed data in time order, optionally only some months (``mnth``)."""
     if spec.dataset is None:
         raise ValueError(f"feature declaration {spec.name} ships no dataset")
-    frame = pd.read_csv(root / spec.dataset.path)
+    path = root / spec.dataset.path if root is not None else seed_data_path(spec.dataset.path)
+    frame = pd.read_csv(path)
     if months is not None:
         frame = frame[frame["mnth"].isin(list(months))]
     ordered = frame.sort_values(list(spec.dataset.order_by), kind="stable")

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
+import tomllib
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +37,7 @@ DATABASES_SCRIPT = ROOT / "docker" / "postgres" / "create-databases.sh"
 
 # How each platform service starts (the leading arguments of its command).
 PLATFORM_COMMANDS = {
-    "gateway": ["uvicorn", "gateway.app:app"],
+    "gateway": ["python", "-m", "gateway"],
     "feature-logger": ["python", "-m", "consumers.feature_logger"],
     "batch-scorer": ["python", "-m", "consumers.batch_scorer"],
     "drift-monitor": ["python", "-m", "consumers.drift_monitor"],
@@ -47,7 +51,9 @@ AIRFLOW_COMMANDS = {
     "airflow-triggerer": ["triggerer"],
 }
 INFRA_SERVICES = {"redpanda", "postgres", "minio", "mlflow", "prometheus", "grafana"}
-INIT_JOBS = {"redpanda-init", "minio-init", "airflow-init"}
+INIT_JOBS = {"redpanda-init", "minio-init", "airflow-init", "model-bootstrap"}
+# One-shot jobs run from the project image, and their commands.
+PROJECT_JOBS = {"model-bootstrap": ["driftloop", "model", "bootstrap"]}
 
 # Every secret the stack needs; each must be set in .env before compose starts anything.
 SECRETS = {
@@ -126,9 +132,50 @@ def test_platform_service_runs_its_module_from_the_project_image(
 
 def test_gateway_listens_on_its_scrape_port(services: dict[str, dict[str, Any]]) -> None:
     gateway = services["gateway"]
-    command = gateway["command"]
-    assert command[command.index("--port") + 1] == "8000"
+    environment = _environment(gateway)
+    assert environment["GATEWAY_HOST"] == "0.0.0.0"  # noqa: S104 - inside its container
+    assert environment["GATEWAY_PORT"] == "8000"
     assert "127.0.0.1:8000:8000" in gateway["ports"]
+
+
+def test_gateway_is_healthy_only_when_ready(services: dict[str, dict[str, Any]]) -> None:
+    """/metrics answers while /predict fails with 503; /health/ready does not."""
+    probe = " ".join(services["gateway"]["healthcheck"]["test"])
+    assert "http://127.0.0.1:8000/health/ready" in probe
+    assert "/metrics" not in probe
+
+
+@pytest.mark.parametrize("name", ["feature-logger", "batch-scorer", "retrain-trigger"])
+def test_kafka_consumers_are_healthy_only_when_consuming(
+    services: dict[str, dict[str, Any]], name: str
+) -> None:
+    """Their /metrics answers before they join their group; the ready gauge does not."""
+    probe = services[name]["healthcheck"]["test"][-1]
+    assert f'driftloop_consumer_ready{{consumer="{name}"}} 1.0' in probe
+
+
+def test_first_model_is_registered_before_the_gateway_starts(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    for name, command in PROJECT_JOBS.items():
+        assert services[name]["command"] == command
+        assert services[name]["image"] == services["gateway"]["image"]
+    assert services["gateway"]["depends_on"]["model-bootstrap"] == {
+        "condition": "service_completed_successfully"
+    }
+    needs = services["model-bootstrap"]["depends_on"]
+    assert needs["mlflow"] == {"condition": "service_healthy"}
+    assert needs["redpanda-init"] == {"condition": "service_completed_successfully"}
+
+
+@pytest.mark.parametrize(
+    "name", sorted(set(PLATFORM_COMMANDS) | set(AIRFLOW_COMMANDS) | set(PROJECT_JOBS))
+)
+def test_project_containers_get_every_setting_of_env_file(
+    services: dict[str, dict[str, Any]], name: str
+) -> None:
+    """env_file hands the containers all of .env; ``environment:`` only overrides."""
+    assert services[name]["env_file"] == [{"path": ".env", "required": True}], name
 
 
 def test_project_image_is_one_image(services: dict[str, dict[str, Any]]) -> None:
@@ -335,8 +382,6 @@ def test_dockerfile_builds_the_locked_environment_as_non_root() -> None:
         assert not base.endswith(":latest"), base
     assert "uv sync --frozen --no-dev" in dockerfile
     assert "libgomp1" in dockerfile
-    for directory in ("driftloop", "gateway", "consumers", "schemas", "dags", "data"):
-        assert re.search(rf"^COPY {directory}/ {directory}/$", dockerfile, re.M), directory
     user = re.findall(r"^USER (\S+)", dockerfile, re.M)
     assert user, "the image must switch to a service user"
     assert user[-1] not in {"root", "0"}
@@ -349,6 +394,7 @@ def test_dockerignore_keeps_state_and_secrets_out() -> None:
         if line.strip() and not line.startswith("#")
     }
     assert {".env", ".venv/", ".stack/", ".git/", ".pytest_cache/", ".mypy_cache/"} <= ignored
+    assert {".tools/", "dist/"} <= ignored  # helm's binary alone is ~100 MB
 
 
 def _compose_command() -> list[str] | None:
@@ -401,3 +447,121 @@ def test_docker_compose_refuses_to_start_without_secrets(tmp_path: Path) -> None
     )
     assert result.returncode != 0
     assert "in .env" in result.stderr
+
+
+# --- The image's wheel -------------------------------------------------------------------------
+# The Dockerfile's builder stage COPYs sources, then `uv sync --no-editable` builds the project's
+# wheel from them into the venv the runtime stage runs. Below, the same wheel is built from
+# exactly those COPY lines, and every module a compose command starts must import from it alone.
+
+COPY_LINE = re.compile(r"^COPY (?!--)(?P<sources>.+) (?P<target>\S+)$", re.M)
+IMPORT_FROM_WHEEL = """
+import importlib, json, pathlib, sys
+root, checkout = pathlib.Path(sys.argv[1]).resolve(), pathlib.Path(sys.argv[2]).resolve()
+# The editable install of the checkout would answer for a module missing from the wheel.
+sys.path = [str(root)] + [p for p in sys.path if p and pathlib.Path(p).resolve() != checkout]
+found = {name: importlib.import_module(name).__file__ for name in sys.argv[3:]}
+print(json.dumps(found))
+"""
+
+
+def _builder_copies() -> list[tuple[str, str]]:
+    stage = DOCKERFILE.read_text().split(" AS builder", 1)[1].split("\nFROM ", 1)[0]
+    return [
+        (source, match["target"])
+        for match in COPY_LINE.finditer(stage)
+        for source in match["sources"].split()
+    ]
+
+
+@pytest.fixture(scope="module")
+def image_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project wheel built from the builder stage's COPY lines only, unpacked."""
+    uv = shutil.which("uv")
+    assert uv is not None, "uv is not on PATH"
+    context = tmp_path_factory.mktemp("image-context")
+    for source, target in _builder_copies():
+        destination = context / target if target.endswith("/") or target == "./" else context
+        if source.endswith("/"):
+            shutil.copytree(ROOT / source, context / target, ignore=_ignored)
+        else:
+            shutil.copy(ROOT / source, destination)
+    dist = context / "dist"
+    env = {key: value for key, value in os.environ.items() if key != "VIRTUAL_ENV"}
+    build = subprocess.run(
+        [uv, "build", "--wheel", "--out-dir", str(dist)],
+        cwd=context,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert build.returncode == 0, build.stderr
+    (wheel,) = dist.glob("driftloop-*.whl")
+    unpacked = context / "unpacked"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(unpacked)
+    return unpacked
+
+
+def _ignored(directory: str, names: list[str]) -> set[str]:
+    return {name for name in names if name in {"__pycache__", ".mypy_cache"}}
+
+
+def _command_modules(services: dict[str, dict[str, Any]]) -> set[str]:
+    modules = {"driftloop.cli"}  # the `driftloop` console script
+    for service in services.values():
+        if "build" not in service or not isinstance(service.get("command"), list):
+            continue
+        command = service["command"]
+        if command[:2] == ["python", "-m"]:
+            modules.add(command[2])
+    return modules
+
+
+def test_builder_stage_copies_every_wheel_source() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    wheel = project["tool"]["hatch"]["build"]["targets"]["wheel"]
+    copied = {source.rstrip("/") for source, _ in _builder_copies()}
+    needed = set(wheel["packages"]) | set(wheel.get("force-include", {}))
+    assert needed <= copied, sorted(needed - copied)
+
+
+def test_image_wheel_holds_every_module_compose_starts(
+    services: dict[str, dict[str, Any]], image_wheel: Path, tmp_path: Path
+) -> None:
+    modules = sorted(
+        _command_modules(services) | {"dags.retrain_model", "dags.platform_healthcheck"}
+    )
+    assert {"gateway", "consumers.feature_logger", "consumers.drift_monitor"} <= set(modules)
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORT_FROM_WHEEL, str(image_wheel), str(ROOT), *modules],
+        cwd=tmp_path,
+        env={**os.environ, "AIRFLOW_HOME": str(tmp_path / "airflow")},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    outside = {name: path for name, path in found.items() if not path.startswith(str(image_wheel))}
+    assert not outside, outside
+
+
+def test_image_wheel_carries_contracts_and_seed_data(image_wheel: Path) -> None:
+    for relative in (
+        "schemas/models/bikeshare.yaml",
+        "schemas/jsonschema/PredictionEvent.v1.json",
+        "driftloop/migrations/0001_prediction_log.sql",
+        "driftloop/data/bikeshare/Bikeshare.csv",
+        "driftloop/data/bikeshare/ATTRIBUTION.md",
+    ):
+        assert (image_wheel / relative).is_file(), relative
+    assert not (image_wheel / "bench").exists(), "benchmarks run from a checkout, not the image"
+    entry_points = next(image_wheel.glob("driftloop-*.dist-info/entry_points.txt")).read_text()
+    assert "driftloop = driftloop.cli:app" in entry_points
+
+
+def test_image_dag_folder_is_the_wheel_one() -> None:
+    dockerfile = DOCKERFILE.read_text()
+    assert "AIRFLOW__CORE__DAGS_FOLDER=/app/.venv/lib/python3.11/site-packages/dags" in dockerfile

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from driftloop import replay
+from driftloop.seed_data import seed_data_path
 from schemas.features import FeatureSpec, load_feature_spec
 
 
@@ -22,7 +23,7 @@ def spec() -> FeatureSpec:
 @pytest.fixture(scope="module")
 def frame(spec: FeatureSpec) -> pd.DataFrame:
     assert spec.dataset is not None
-    return pd.read_csv(replay.REPOSITORY_ROOT / spec.dataset.path)
+    return pd.read_csv(seed_data_path(spec.dataset.path))
 
 
 def test_day_of_year() -> None:
