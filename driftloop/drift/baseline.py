@@ -24,6 +24,7 @@ calibrated one. The baseline is stored with the version as an MLflow artifact
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
@@ -326,9 +327,11 @@ def _samples(
 
 
 def _quantile(values: Sequence[float], q: float) -> float:
+    # Thresholds stay finite, as JSON (and Postgres' jsonb) hold them: a column the reference
+    # never fills, or whose distances overflow, gets the largest float, so it never drifts.
     if not values:
-        return math.inf  # the column never has a value in the reference: it cannot drift
-    return float(np.quantile(np.asarray(values), q))
+        return sys.float_info.max
+    return min(float(np.quantile(np.asarray(values), q)), sys.float_info.max)
 
 
 def _monotone(thresholds: Sequence[float]) -> tuple[float, ...]:

@@ -9,16 +9,20 @@ it reads, against thresholds calibrated on that reference.
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
 import mlflow.artifacts
 import pandas as pd
 from mlflow.tracking import MlflowClient
+from pydantic import ValidationError
 
 from driftloop.drift.baseline import DriftBaseline
 from driftloop.training import FEATURE_SPEC_FILE, current_champion, load_baseline, load_reference
 from schemas.features import FeatureSpec, load_feature_spec
+
+log = logging.getLogger(__name__)
 
 
 class RegistryChampions:
@@ -37,8 +41,18 @@ class RegistryChampions:
         return load_reference(self.tracking_uri, model_name, version)
 
     def baseline(self, model_name: str, version: int) -> DriftBaseline | None:
-        """The drift baseline logged with the version, None when it has none."""
-        return load_baseline(self.tracking_uri, model_name, version)
+        """The drift baseline logged with the version, None when it has none or it cannot be
+        read (the monitor then calibrates on the reference itself)."""
+        try:
+            return load_baseline(self.tracking_uri, model_name, version)
+        except ValidationError:
+            log.warning(
+                "%s v%d: its stored drift baseline is unreadable; calibrating again",
+                model_name,
+                version,
+                exc_info=True,
+            )
+            return None
 
     def newest_version(self, model_name: str) -> int | None:
         """The highest registered version (a challenger about to be promoted), if any."""

@@ -30,6 +30,7 @@ Distances are computed from a sketch against the reference:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal, Self
@@ -122,7 +123,7 @@ class SketchLayout(_Layout):
                         name=name,
                         kind="numeric",
                         edges=_quantile_edges(numbers, bins),
-                        norm=max(float(np.std(numbers)), _MIN_NORM) if numbers.size else 1.0,
+                        norm=_norm(numbers),
                     )
                 )
             else:
@@ -136,6 +137,17 @@ class SketchLayout(_Layout):
                     ColumnLayout(name=name, kind="categorical", categories=tuple(listed))
                 )
         return cls(columns=tuple(columns))
+
+
+def _norm(values: NDArray[np.float64]) -> float:
+    """Evidently's norm, the standard deviation (at least 0.001), kept finite: the std of
+    values near 1e308 (valid for an unbounded feature) overflows unless worked out scaled."""
+    if not values.size:
+        return 1.0
+    scale = max(float(np.max(np.abs(values))), 1.0)
+    with np.errstate(over="ignore"):
+        spread = float(np.std(values / scale)) * scale
+    return min(max(spread, _MIN_NORM), sys.float_info.max)
 
 
 def _quantile_edges(values: NDArray[np.float64], bins: int) -> tuple[float, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -216,4 +217,20 @@ def test_a_reference_too_small_to_sample_calibrates_nothing(spec: FeatureSpec) -
     empty = pd.DataFrame(columns=[*spec.feature_names, "prediction"])
     baseline = calibrate(spec, empty, POLICY, time_ordered=False)
     assert baseline.reference_rows == 0
-    assert all(t == float("inf") for c in baseline.columns for t in c.thresholds)
+    assert all(t == sys.float_info.max for c in baseline.columns for t in c.thresholds)
+    assert DriftBaseline.model_validate_json(baseline.to_json()) == baseline
+
+
+def test_a_reference_with_values_near_the_float_range_stays_json(
+    spec: FeatureSpec, winter: pd.DataFrame
+) -> None:
+    """Retraining can take in valid rows with unbounded features near 1e308."""
+    extreme = winter.copy()
+    extreme.loc[extreme.index[:30], "atemp"] = 1.7e308
+    extreme.loc[extreme.index[30:40], "windspeed"] = -1.7e308
+    baseline = calibrate(spec, extreme, POLICY)
+    assert 0 < baseline.layout.column("atemp").norm < float("inf")
+    assert all(0 < t < float("inf") for column in baseline.columns for t in column.thresholds)
+    back = DriftBaseline.model_validate_json(baseline.to_json())
+    assert back == baseline
+    assert "Infinity" not in baseline.to_json().decode()
