@@ -237,10 +237,9 @@ def evaluate_window(
         else None
     )
     share = sum(feature.drifted for feature in features) / len(features)
-    labelled = _labelled(current, spec, prediction_column)
-    quality, quality_snapshot = (None, None)
-    if len(labelled) >= policy.min_labelled_rows:
-        quality, quality_snapshot = _quality(labelled, spec, prediction_column)
+    quality, quality_snapshot, labelled = labelled_quality(
+        current, spec, policy, prediction_column=prediction_column
+    )
     assessment = DriftAssessment(
         window_rows=len(current),
         reference_rows=len(reference),
@@ -249,10 +248,26 @@ def evaluate_window(
         drift_share_threshold=policy.drift_share_threshold,
         drifted=share >= policy.drift_share_threshold,
         prediction=prediction,
-        labelled_rows=len(labelled),
+        labelled_rows=labelled,
         quality=quality,
     )
     return WindowEvaluation(assessment, snapshot, quality_snapshot)
+
+
+def labelled_quality(
+    current: pd.DataFrame,
+    spec: FeatureSpec,
+    policy: DriftPolicy,
+    *,
+    prediction_column: str = PREDICTION_COLUMN,
+) -> tuple[QualityAssessment | None, Any | None, int]:
+    """Quality on the window's labelled rows (None below the policy's minimum), its Evidently
+    snapshot, and how many rows were labelled."""
+    labelled = _labelled(current, spec, prediction_column)
+    if len(labelled) < policy.min_labelled_rows:
+        return None, None, len(labelled)
+    quality, snapshot = _quality(labelled, spec, prediction_column)
+    return quality, snapshot, len(labelled)
 
 
 def assess_window(

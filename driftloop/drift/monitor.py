@@ -57,6 +57,7 @@ from driftloop.drift.assessment import (
     WindowEvaluation,
     WindowRefused,
     evaluate_window,
+    labelled_quality,
 )
 from driftloop.drift.baseline import (
     DriftBaseline,
@@ -667,19 +668,25 @@ def _judge(
     share = sum(feature.drifted for feature in features) / len(features)
     # The report's Evidently run uses the same tests and this window's thresholds, on the
     # sample (judged whatever its size); its quality figures come from its labelled rows.
+    # Rows with values beyond Evidently's reach (valid for an unbounded feature, near 1e308:
+    # its histograms overflow) stay in the verdict, counted by the sketch, but out of this.
+    report_rows = _within_reach(sample, baseline)
     sample_policy = policy.model_copy(update={"min_rows": 1})
     on_sample: WindowEvaluation | None = None
+    quality, quality_snapshot, labelled = None, None, 0
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # overflow on extreme values
+            warnings.simplefilter("ignore", RuntimeWarning)
             evaluation = evaluate_window(
-                champion.reference, sample, spec, sample_policy, thresholds=thresholds
+                champion.reference, report_rows, spec, sample_policy, thresholds=thresholds
             )
-        on_sample = evaluation if isinstance(evaluation, WindowEvaluation) else None
+        if isinstance(evaluation, WindowEvaluation):
+            on_sample = evaluation
+            quality, labelled = evaluation.assessment.quality, evaluation.assessment.labelled_rows
+            quality_snapshot = evaluation.quality_snapshot
     except Exception:
-        # The report is for people; the verdict stands without it.
-        # Evidently fails on some valid rows (values near 1e308 overflow its histograms): the
-        # window is still judged from its sketch, and the report says it has no sample part.
+        # The report is for people; the verdict stands without its Evidently part, and the
+        # quality figures are computed alone.
         REPORT_FAILURES.labels(model_name).inc()
         log.warning(
             "%s v%d: Evidently failed on the window's sample; recorded without it",
@@ -687,6 +694,7 @@ def _judge(
             champion.version,
             exc_info=True,
         )
+        quality, quality_snapshot, labelled = labelled_quality(report_rows, spec, policy)
     assessment = DriftAssessment(
         window_rows=rows,
         reference_rows=baseline.reference_rows,
@@ -695,8 +703,8 @@ def _judge(
         drift_share_threshold=policy.drift_share_threshold,
         drifted=share >= policy.drift_share_threshold,
         prediction=prediction,
-        labelled_rows=0 if on_sample is None else on_sample.assessment.labelled_rows,
-        quality=None if on_sample is None else on_sample.assessment.quality,
+        labelled_rows=labelled,
+        quality=quality,
     )
     agreement = 1.0
     if on_sample is not None:
@@ -706,15 +714,29 @@ def _judge(
         WindowEvaluation(
             assessment,
             None if on_sample is None else on_sample.drift_snapshot,
-            None if on_sample is None else on_sample.quality_snapshot,
+            quality_snapshot,
         ),
         model_name=model_name,
         model_version=champion.version,
         window=window,
         baseline=baseline,
-        sample_rows=len(sample),
+        sample_rows=len(report_rows),
+        left_out_rows=len(sample) - len(report_rows),
     )
     return assessment, documents, agreement
+
+
+_REACH: Final = 1e100
+"""Magnitude past which Evidently's histograms and moments overflow."""
+
+
+def _within_reach(sample: pd.DataFrame, baseline: DriftBaseline) -> pd.DataFrame:
+    keep = pd.Series(True, index=sample.index)
+    for column in baseline.layout.columns:
+        if column.kind == "numeric" and column.name in sample.columns:
+            values = pd.to_numeric(sample[column.name], errors="coerce")
+            keep &= ~(values.abs() > _REACH)
+    return sample[keep]
 
 
 def _feature_drift(

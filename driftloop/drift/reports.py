@@ -69,12 +69,14 @@ def render_report(
     window: WindowBounds,
     baseline: DriftBaseline | None = None,
     sample_rows: int | None = None,
+    left_out_rows: int = 0,
 ) -> ReportDocuments:
     """The JSON document (assessment, thresholds, Evidently metrics) and the HTML report.
 
     The assessment is the window's verdict; the Evidently snapshots, when ``sample_rows`` is
     given, ran on a uniform sample of that many of the window's rows (None: no sample could be
-    judged), and ``baseline`` says how the thresholds were calibrated.
+    judged), less ``left_out_rows`` with values beyond Evidently's reach (judged by the sketch
+    all the same), and ``baseline`` says how the thresholds were calibrated.
     """
     document = {
         "report_format": REPORT_FORMAT,
@@ -94,6 +96,7 @@ def render_report(
         },
         "evidently": {
             "sample_rows": sample_rows,
+            "left_out_rows": left_out_rows,
             "drift": None
             if evaluation.drift_snapshot is None
             else _snapshot_dict(evaluation.drift_snapshot),

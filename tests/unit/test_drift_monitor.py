@@ -471,10 +471,10 @@ def test_a_window_must_be_whole_slices() -> None:
     assert np.isclose(MonitorOptions(window=timedelta(seconds=5.6)).window.total_seconds(), 5.6)  # type: ignore[union-attr]
 
 
-async def test_valid_extreme_values_are_judged_even_when_evidently_fails(
+async def test_valid_extreme_values_are_judged_and_left_out_of_the_evidently_sample(
     seasons: dict[str, pd.DataFrame],
 ) -> None:
-    """Unbounded features accept values near 1e308: sums overflow, Evidently's histograms fail."""
+    """Unbounded features accept values near 1e308: sums overflow, Evidently's histograms too."""
     rows = logged(winter_rows(seasons, ROWS), 1, START)
     rows.loc[rows.index[:40], "temp"] = 1.7e308
     rows.loc[rows.index[40:60], "windspeed"] = -1.7e308
@@ -486,5 +486,11 @@ async def test_valid_extreme_values_are_judged_even_when_evidently_fails(
     assert scores["temp"].drifted
     assert scores["temp"].score > 1e6
     assert r.store.records[-1].window_end == START + WINDOW
-    report = orjson.loads(r.reports[result.report_uri.removeprefix("s3://bucket/")])  # type: ignore[union-attr]
+    assert result.report_uri is not None
+    report = orjson.loads(r.reports[result.report_uri.removeprefix("s3://bucket/")])
     assert report["assessment"]["drift_share"] == result.verdict.drift_share
+    left_out = report["evidently"]["left_out_rows"]
+    assert 0 < left_out <= 60
+    assert report["evidently"]["sample_rows"] == 120 - left_out
+    assert report["evidently"]["drift"] is not None  # Evidently ran on the rest
+    assert result.verdict.quality is not None  # labels came with the rows
