@@ -8,8 +8,9 @@ sizes asked) are judged against a Jan-Mar reference two ways, in interleaved rou
      ``WindowSketch``, in batches of 5,000 as a consumer would, and merged: the per-row part;
    - ``judge``: every column's distance from the reference and its calibrated threshold:
      the per-window part, which does not grow with the rows;
-2. ``evidently``: ``evaluate_window`` on the same window as a frame (the monitor's judgement
-   today: Evidently's drift and prediction-drift reports on every row).
+2. ``evidently``: ``evaluate_window`` on the same window as a frame, with the same calibrated
+   thresholds (the monitor's judgement before: Evidently's drift, prediction-drift and
+   quality reports on every row).
 
 Prints, per window size, the best and median seconds of each, the sketch path's cost per row
 and the ratio evidently / sketch, and checks that both paths give the same verdict per column
@@ -23,6 +24,7 @@ uses it.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 import warnings
@@ -121,7 +123,13 @@ def main() -> None:
             builds.append(seconds)
             seconds, verdicts = timed(judge, prepared, sketch)
             judges.append(seconds)
-            seconds, evaluation = timed(evaluate_window, winter, window, spec, policy)
+            seconds, evaluation = timed(
+                functools.partial(evaluate_window, thresholds=baseline.thresholds(size)),
+                winter,
+                window,
+                spec,
+                policy,
+            )
             exacts.append(seconds)
         sketch_best = min(builds) + min(judges)
         print(
