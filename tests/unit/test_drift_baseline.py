@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -23,31 +22,12 @@ from driftloop.drift.baseline import (
 )
 from driftloop.drift.policy import DriftPolicy
 from driftloop.drift.sketch import WindowSketch
-from schemas.features import FeatureSpec, load_feature_spec
+from schemas.features import FeatureSpec
 
 pytestmark = pytest.mark.unit
 
-REPOSITORY = Path(__file__).resolve().parents[2]
-WINTER = ("Jan", "Feb", "March")
 WEEK = 168
 POLICY = DriftPolicy()
-
-
-@pytest.fixture(scope="module")
-def spec() -> FeatureSpec:
-    return load_feature_spec("bikeshare")
-
-
-@pytest.fixture(scope="module")
-def seed() -> pd.DataFrame:
-    frame = pd.read_csv(REPOSITORY / "data/bikeshare/Bikeshare.csv")
-    noise = np.random.default_rng(7).normal(1.0, 0.1, len(frame))
-    return frame.assign(prediction=frame["bikers"] * noise)
-
-
-@pytest.fixture(scope="module")
-def winter(seed: pd.DataFrame) -> pd.DataFrame:
-    return seed[seed["mnth"].isin(WINTER)].reset_index(drop=True)
 
 
 @pytest.fixture(scope="module")
@@ -148,9 +128,9 @@ def test_weekly_windows_of_the_training_months_open_no_episode(
 
 
 def test_the_spring_drift_is_caught_within_two_weeks(
-    prepared: PreparedBaseline, seed: pd.DataFrame
+    prepared: PreparedBaseline, later: pd.DataFrame
 ) -> None:
-    april_on = seed[~seed["mnth"].isin(WINTER)].reset_index(drop=True)
+    april_on = later
     first_two = [verdict(prepared, window) for window in list(weeks(april_on))[:2]]
     assert any(drifted for drifted, _ in first_two)
     drifted_features = next(features for drifted, features in first_two if drifted)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -28,35 +27,11 @@ from driftloop.drift.sketch import (
     slots_of,
     vector_size,
 )
-from schemas.features import FeatureKind, FeatureSpec, load_feature_spec
+from schemas.features import FeatureKind, FeatureSpec
 
 pytestmark = pytest.mark.unit
 
-REPOSITORY = Path(__file__).resolve().parents[2]
-WINTER = ("Jan", "Feb", "March")
 WEEK = 168
-
-
-@pytest.fixture(scope="module")
-def spec() -> FeatureSpec:
-    return load_feature_spec("bikeshare")
-
-
-@pytest.fixture(scope="module")
-def seed() -> pd.DataFrame:
-    frame = pd.read_csv(REPOSITORY / "data/bikeshare/Bikeshare.csv")
-    noise = np.random.default_rng(7).normal(1.0, 0.1, len(frame))
-    return frame.assign(prediction=frame["bikers"] * noise)
-
-
-@pytest.fixture(scope="module")
-def winter(seed: pd.DataFrame) -> pd.DataFrame:
-    return seed[seed["mnth"].isin(WINTER)].reset_index(drop=True)
-
-
-@pytest.fixture(scope="module")
-def later(seed: pd.DataFrame) -> pd.DataFrame:
-    return seed[~seed["mnth"].isin(WINTER)].reset_index(drop=True)
 
 
 @pytest.fixture(scope="module")
