@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
+from driftloop.replay import wait_for_champion
 from driftloop.settings import (
     AirflowApiSettings,
     KafkaSettings,
@@ -18,6 +19,9 @@ from driftloop.settings import (
     load_settings,
 )
 from driftloop.stack.settings import StackSettings
+from gateway.settings import GatewaySettings
+from schemas.features import load_feature_spec
+from tests.integration.consumer_support import ensure_champion
 
 
 @pytest.fixture(scope="session")
@@ -71,3 +75,24 @@ async def airflow_client(airflow_settings: AirflowApiSettings) -> AsyncIterator[
         assert response.status_code in {200, 201}, response.text
         client.headers["Authorization"] = f"Bearer {response.json()['access_token']}"
         yield client
+
+
+@pytest.fixture
+async def served_champion(
+    stack_settings: StackSettings,
+    mlflow_settings: MlflowSettings,
+    kafka_settings: KafkaSettings,
+) -> str:
+    """The stack gateway's model, with a champion it serves (a fresh stack has none): its name.
+
+    Without one, /predict answers 503 and /health/ready says not ready, as they should.
+    """
+    gateway = load_settings(GatewaySettings)
+    spec = load_feature_spec(gateway.feature_spec)
+    model = gateway.model_name or spec.registered_model_name
+    await ensure_champion(spec, model, mlflow_settings, kafka_settings)
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{stack_settings.gateway_port}", timeout=10
+    ) as client:
+        await wait_for_champion(client, timeout_seconds=120)
+    return model

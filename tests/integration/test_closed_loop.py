@@ -287,9 +287,15 @@ async def test_winter_against_the_winter_model_raises_no_drift(
     await eventually(all_judged, within=180, what=f"{stats.predictions} rows judged")
     runs = await rig.runs()
     assert sum(run.window_rows for run in runs) == stats.predictions
-    assert {run.outcome for run in runs} <= {"clean", "drifted"}, runs
+    # The replay's last rows, too few for a window and with no traffic after them to merge
+    # with, may be refused with the reason; every other window is judged.
+    refused = [run for run in runs if run.outcome == "refused"]
+    assert all(run.refusal_reason == "too_few_rows" for run in refused), refused
+    assert len(refused) <= 1, refused
+    if refused:
+        assert refused[0].window_end == max(run.window_end for run in runs), "not the tail"
     assert not any(run.drift_holds for run in runs), [(r.drift_share, r.episode_id) for r in runs]
-    assert all(run.report_uri for run in runs)
+    assert all(run.report_uri for run in runs if run.outcome != "refused")
     # Quality is computed on the labelled rows: labels came back through /feedback.
     assert any(run.quality and "rmse" in run.quality for run in runs)
     assert await metric(rig.drift_port, "driftloop_drift_events_total", model=rig.model) in {

@@ -35,8 +35,9 @@ def _port(settings: StackSettings, service: str) -> int:
     "service", ["gateway", "feature-logger", "batch-scorer", "drift-monitor", "retrain-trigger"]
 )
 async def test_compose_healthcheck_passes_against_the_ready_service(
-    stack_settings: StackSettings, service: str
+    stack_settings: StackSettings, service: str, served_champion: str
 ) -> None:
+    # A gateway is ready only with a model to serve: the fixture makes sure the stack has one.
     services: dict[str, Any] = yaml.safe_load(COMPOSE_FILE.read_text())["services"]
     kind, python, flag, code = services[service]["healthcheck"]["test"]
     assert (kind, python, flag) == ("CMD", "python", "-c")
