@@ -9,16 +9,22 @@ loss may take the last commits with it, the price of not waiting for an fsync pe
 without the batch append and ranged acknowledgement used here.
 
 A spool is used from one thread (the gateway's event loop): its calls are short, batched
-transactions, so they do not need a thread of their own.
+transactions, so they do not need a thread of their own. It has one writer: opening it takes
+an exclusive lock on ``<spool>.lock`` for the spool's life, and a second process (a second
+gateway given the same path) is refused with ``SpoolInUseError`` rather than replaying,
+acknowledging and deleting another's records. The operating system drops the lock with its
+holder, so a killed gateway's spool opens again at once.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, NamedTuple
+from typing import IO, Final, NamedTuple
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS spooled_record (
@@ -28,6 +34,10 @@ CREATE TABLE IF NOT EXISTS spooled_record (
     value BLOB NOT NULL
 )
 """
+
+
+class SpoolInUseError(RuntimeError):
+    """The spool file is held by another live process: each writer needs a spool of its own."""
 
 
 class SpoolRecord(NamedTuple):
@@ -59,6 +69,7 @@ class Spool:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.max_records = max_records
+        self._lock = _hold(path.with_name(f"{path.name}.lock"))
         # isolation_level=None: transactions are explicit, one per batch.
         self._db = sqlite3.connect(path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -110,11 +121,32 @@ class Spool:
         self._depth -= int(cursor.rowcount)
 
     def close(self) -> None:
-        """Close the file; the records stay for the next process."""
+        """Close the file and let go of it; the records stay for the next process."""
         self._db.close()
+        self._lock.close()
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
+
+
+def _hold(lock_path: Path) -> IO[str]:
+    """An exclusive, non-blocking lock on ``lock_path``, held while the file stays open."""
+    handle = lock_path.open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise SpoolInUseError(
+            f"the spool {lock_path.with_suffix('')} is in use by {holder}: give each gateway "
+            "its own GATEWAY_SPOOL_PATH"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 class _Transaction:

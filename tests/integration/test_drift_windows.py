@@ -1,5 +1,6 @@
 """The drift monitor on time windows against the real stack: sketches written by the real
-feature-logger, the monitor killed mid-window, every logged row judged once."""
+feature-logger, two monitor replicas (one works, the leader lock holds the other back), the
+working one killed mid-window, every logged row judged once, each window by one verdict."""
 
 from __future__ import annotations
 
@@ -123,13 +124,18 @@ async def test_windows_count_every_row_once_across_a_monitor_kill(
         "DRIFT_MONITOR_REPORT_PREFIX": f"tests/{unique}/drift-reports/",
         "DRIFT_MONITOR_METRICS_PORT": str(free_port()),
     }
-    monitor = ConsumerProcess(
-        "consumers.drift_monitor", monitor_environment, tmp_path / "monitor.log"
-    )
+
+    def replica(name: str) -> ConsumerProcess:
+        environment = {**monitor_environment, "DRIFT_MONITOR_METRICS_PORT": str(free_port())}
+        return ConsumerProcess("consumers.drift_monitor", environment, tmp_path / f"{name}.log")
+
+    # Two replicas at once: the leader lock lets one work; the other waits to take over.
+    monitors = [replica("monitor-a"), replica("monitor-b")]
     try:
         # Rows logged before the monitor published the version's layout: counted, unsketched.
         early = await send_traffic(kafka, model, version, result.model.run_id, 2.0, "early")
-        monitor.start()
+        for monitor in monitors:
+            monitor.start()
 
         async def layout_published() -> bool:
             found = await drift_store.pool.fetchval(
@@ -144,11 +150,10 @@ async def test_windows_count_every_row_once_across_a_monitor_kill(
             return bool(await drift_store.recent(model, limit=1))
 
         await eventually(some_judged, within=120, what="a first window judged")
-        monitor.kill()  # mid-stream, maybe mid-window: no goodbye
+        working = next(m for m in monitors if "this replica works" in m.log())
+        working.kill()  # mid-stream, maybe mid-window: no goodbye; the standby takes over
         second = await send_traffic(kafka, model, version, result.model.run_id, 3.0, "second")
-        monitor = ConsumerProcess(
-            "consumers.drift_monitor", monitor_environment, tmp_path / "monitor.log"
-        ).start()
+        monitors.append(replica("monitor-c").start())  # and a restarted one stands by
         total = early + first + second
 
         async def all_judged() -> bool:
@@ -160,9 +165,11 @@ async def test_windows_count_every_row_once_across_a_monitor_kill(
             await drift_store.recent(model, limit=1000), key=lambda run: run.window_start
         )
     finally:
-        monitor.close()
+        for monitor in monitors:
+            monitor.close()
         logger.close()
-    logs = monitor.log()
+    logs = "\n".join(monitor.log() for monitor in monitors)
+    assert sum("this replica works" in monitor.log() for monitor in monitors) == 2, logs
     assert sum(run.window_rows for run in runs) == total, logs
     ends = [run.window_end for run in runs]
     assert len(ends) == len(set(ends)), "a window was judged twice"

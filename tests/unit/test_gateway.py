@@ -606,7 +606,7 @@ def test_every_refusal_is_one_rfc9457_problem(make_client: Callable[..., TestCli
 
 
 def test_openapi_document_describes_bodies_media_types_and_security(
-    make_client: Callable[..., TestClient],
+    make_client: Callable[..., TestClient], tmp_path: Path
 ) -> None:
     document = make_client(api_keys="k1").get("/openapi.json").json()
     paths = document["paths"]
@@ -639,5 +639,7 @@ def test_openapi_document_describes_bodies_media_types_and_security(
     assert paths["/predict"]["post"]["security"] == [{"ApiKey": []}]
     assert paths["/feedback"]["post"]["security"] == [{"ApiKey": []}]
     assert paths["/admin/reload"]["post"]["security"] == [{"AdminBearer": []}]
-    keyless = make_client().get("/openapi.json").json()["paths"]
-    assert "security" not in keyless["/predict"]["post"]
+    # A second gateway beside the first needs a spool of its own (one writer per spool).
+    keyless = make_client(spool_path=tmp_path / "keyless-spool.sqlite3")
+    keyless_paths = keyless.get("/openapi.json").json()["paths"]
+    assert "security" not in keyless_paths["/predict"]["post"]

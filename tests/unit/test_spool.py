@@ -1,12 +1,16 @@
-"""The on-disk spool: bounded, first in first out, acknowledged by prefix, kept across restarts."""
+"""The on-disk spool: bounded, first in first out, acknowledged by prefix, kept across restarts,
+with one writer."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from driftloop.spool import Spool, SpoolRecord
+from driftloop.spool import Spool, SpoolInUseError, SpoolRecord
 
 
 def _records(count: int, start: int = 0) -> list[SpoolRecord]:
@@ -76,3 +80,34 @@ def test_positions_keep_growing_after_everything_was_acknowledged(tmp_path: Path
 def test_refuses_a_zero_bound(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="at least one"):
         Spool(tmp_path / "spool.sqlite3", max_records=0)
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_spool(tmp_path: Path) -> None:
+    path = tmp_path / "spool.sqlite3"
+    first = Spool(path, max_records=10)
+    first.extend(_records(1))
+    # Another process opening the same file: flock locks are per open file description.
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; from driftloop.spool import Spool; "
+            "Spool(Path(sys.argv[1]), max_records=10)",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+        check=False,
+    )
+    assert probe.returncode != 0
+    assert "SpoolInUseError" in probe.stderr
+    assert f"pid {os.getpid()}" in probe.stderr
+    assert "GATEWAY_SPOOL_PATH" in probe.stderr
+    with pytest.raises(SpoolInUseError):
+        Spool(path, max_records=10)  # a second open in this process is refused too
+    first.close()
+    again = Spool(path, max_records=10)  # let go of: the next writer opens it
+    assert again.depth == 1
+    again.close()
