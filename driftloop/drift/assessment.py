@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Final, Literal, Self
+from typing import Any, Literal, Self
 
 import pandas as pd
 from evidently import BinaryClassification, DataDefinition, Dataset, Regression, Report
@@ -30,14 +30,12 @@ from evidently.metrics import (
 from evidently.presets import DataDriftPreset
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from driftloop.drift.baseline import PREDICTION_COLUMN as PREDICTION_COLUMN
 from driftloop.drift.baseline import calibrate
 from driftloop.drift.policy import DriftPolicy
 from schemas.events import DriftDetected
 from schemas.features import FeatureKind, FeatureSpec, Task
 from schemas.fields import UtcDatetime
-
-PREDICTION_COLUMN: Final = "prediction"
-"""Column of the model's output in logged windows (and in the reference, when it has one)."""
 
 
 class _Result(BaseModel):

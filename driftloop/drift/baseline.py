@@ -52,6 +52,7 @@ from schemas.features import FeatureKind, FeatureSpec
 BASELINE_ARTIFACT: Final = "drift/baseline.json"
 """Where a version's baseline is stored in its MLflow run."""
 PREDICTION_COLUMN: Final = "prediction"
+"""Column of the model's output in logged windows (and in the reference, when it has one)."""
 
 Sampling = Literal["time_blocks", "resampling"]
 

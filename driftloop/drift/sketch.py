@@ -51,7 +51,6 @@ DEFAULT_BINS: Final = 100
 """Numeric bins cut from the reference's quantiles (each holds ~1% of the reference)."""
 
 _MIN_NORM: Final = 0.001  # Evidently's floor of the reference std in the normed Wasserstein
-_OTHER: Final = "__other__"
 
 
 class _Layout(BaseModel):
@@ -594,16 +593,3 @@ def _psi(reference: NDArray[np.float64], current: NDArray[np.float64]) -> float:
         shares.append(share)
     expected, actual = shares
     return float(np.sum((expected - actual) * np.log(expected / actual)))
-
-
-def check_stat_test(kind: ColumnKind, stat_test: str) -> None:
-    """Refuse a stat test that sketches cannot compute for this kind of column."""
-    allowed = NUMERIC_TESTS if kind == "numeric" else CATEGORICAL_TESTS
-    if stat_test not in allowed:
-        raise ValueError(
-            f"stat test {stat_test!r} of a {kind} column is not one of {sorted(allowed)}"
-        )
-
-
-OTHER_CATEGORY: Final = _OTHER
-"""How a report names the slot of values outside a categorical column's categories."""

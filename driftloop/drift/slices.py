@@ -27,6 +27,7 @@ from typing import Final
 import numpy as np
 from numpy.typing import NDArray
 
+from driftloop.drift.baseline import PREDICTION_COLUMN
 from driftloop.drift.sketch import SketchLayout, WindowSketch
 from schemas.events import PredictionEvent
 
@@ -34,7 +35,6 @@ SLICE: Final = timedelta(milliseconds=100)
 """Width of a slice of prediction time; every window is a whole number of slices."""
 _SLICE_MICROSECONDS: Final = SLICE // timedelta(microseconds=1)
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-PREDICTION_COLUMN: Final = "prediction"
 
 SLICE_COLUMNS: Final = (
     "model_name",
