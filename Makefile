@@ -29,7 +29,7 @@ help: ## list the targets
 bootstrap: ## install uv when missing and the locked Python environment
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv>=0.5"
 	$(UV) sync --frozen
-	$(RUN) python -m compileall -q -j 0 driftloop gateway consumers schemas dags
+	$(RUN) python -m compileall -q -j 0 driftloop driftloop_tools gateway consumers schemas dags
 
 tools: $(HELM) ## helm (go install from the Go module proxy; once per HELM_VERSION)
 
@@ -70,10 +70,11 @@ test-unit: bootstrap tools ## unit tests only (nothing running)
 test-integration: up ## integration tests against the running stack
 	$(RUN) pytest -m integration $(PYTEST_ARGS)
 
-lint: bootstrap chart ## ruff, formatting, mypy strict and the Helm chart
+lint: bootstrap chart ## ruff, formatting, mypy strict, the import layers and the Helm chart
 	$(RUN) ruff check .
 	$(RUN) ruff format --check .
 	$(RUN) mypy
+	$(RUN) lint-imports
 
 chart: bootstrap tools ## helm lint; helm template (3 replicas of everything) through kubernetes-validate
 	$(HELM) lint --strict $(CHART) -f $(CHART_CI_VALUES)
