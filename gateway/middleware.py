@@ -20,7 +20,6 @@ from gateway.metrics import GatewayMetrics
 from gateway.problems import PROBLEM_MEDIA_TYPE, BodyTooLargeError, problem_body
 from schemas.validation import Problem
 
-REQUEST_ID_HEADER: Final = "x-request-id"
 # A client's request id becomes a Kafka key and the prediction log's key; the gateway appends
 # ":<row>" for list requests, so it leaves room under the 128 characters of a RequestId.
 REQUEST_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")

@@ -18,8 +18,6 @@ from evidently.legacy.renderers.html_widgets import group_widget
 
 from driftloop.drift.assessment import WindowBounds, WindowEvaluation
 from driftloop.drift.baseline import DriftBaseline
-from driftloop.settings import ObjectStoreSettings
-from driftloop.storage.objectstore import s3_client
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -120,14 +118,6 @@ async def put_report(
         Bucket=bucket, Key=keys.json, Body=documents.json, ContentType="application/json"
     )
     return report_uri(bucket, keys.json)
-
-
-async def upload_report(
-    settings: ObjectStoreSettings, keys: ReportKeys, documents: ReportDocuments
-) -> str:
-    """Store a report in the data bucket with a client of its own; returns the JSON's URI."""
-    async with s3_client(settings) as s3:
-        return await put_report(s3, settings.data_bucket, keys, documents)
 
 
 def _snapshot_dict(snapshot: Any) -> Any:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import shutil
@@ -35,13 +34,13 @@ from pathlib import Path
 from typing import Final, Protocol
 
 import lightgbm as lgb
-import lightgbm.basic as lgb_basic
 import mlflow.artifacts
 import numpy as np
 import numpy.typing as npt
 import yaml
 from mlflow.tracking import MlflowClient
 
+from driftloop.serving.lightgbm_native import SingleRowPredictor, version_supported
 from driftloop.training.trainer import CHAMPION_ALIAS, FEATURE_SPEC_FILE
 from schemas.features import FeatureSpec
 from schemas.fields import utc_now
@@ -64,49 +63,6 @@ class ChampionRef:
     """When the version was registered (its age for monitoring); ``None`` when unknown."""
 
 
-class _SingleRowPredictor:
-    """LightGBM's fast single-row C API, prepared once per model version.
-
-    ``Booster.predict`` spends ~80 us per call on one row (argument checks, a new predictor
-    per call); the FastConfig handle prepared here answers the same row in a few us. Calls
-    must not overlap: one predictor is used by one event loop (the gateway's).
-    """
-
-    def __init__(self, booster: lgb.Booster, width: int) -> None:
-        self._library = lgb_basic._LIB  # type: ignore[attr-defined]
-        self._config = ctypes.c_void_p()
-        self._out = np.empty(1, dtype=np.float64)
-        self._out_length = ctypes.c_int64()
-        self._out_pointer = self._out.ctypes.data_as(ctypes.POINTER(ctypes.c_double))
-        lgb_basic._safe_call(
-            self._library.LGBM_BoosterPredictForMatSingleRowFastInit(
-                booster._handle,
-                ctypes.c_int(lgb_basic._C_API_PREDICT_NORMAL),
-                ctypes.c_int(0),  # from the first iteration
-                ctypes.c_int(-1),  # to the last (the best, when early stopping kept one)
-                ctypes.c_int(lgb_basic._C_API_DTYPE_FLOAT64),
-                ctypes.c_int32(width),
-                lgb_basic._c_str("num_threads=1"),
-                ctypes.byref(self._config),
-            )
-        )
-
-    def __call__(self, row: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        lgb_basic._safe_call(
-            self._library.LGBM_BoosterPredictForMatSingleRowFast(
-                self._config,
-                ctypes.c_void_p(row.ctypes.data),
-                ctypes.byref(self._out_length),
-                self._out_pointer,
-            )
-        )
-        return self._out.copy()
-
-    def __del__(self) -> None:
-        if self._config.value is not None:
-            self._library.LGBM_FastConfigFree(self._config)
-
-
 @dataclass(frozen=True, slots=True, eq=False)
 class Champion:
     """A loaded, warmed model version: everything needed to score and to describe a score."""
@@ -117,7 +73,7 @@ class Champion:
     loaded_at: datetime
     booster: lgb.Booster
     spec: FeatureSpec
-    _single_row: _SingleRowPredictor | None = field(default=None, repr=False)
+    _single_row: SingleRowPredictor | None = field(default=None, repr=False)
     registered_at: datetime | None = None
     """When the version was registered in the registry; ``None`` when unknown."""
 
@@ -319,7 +275,7 @@ def load_champion(
         utc_now(),
         booster,
         spec,
-        _SingleRowPredictor(booster, len(spec.features)),
+        SingleRowPredictor(booster, len(spec.features)) if version_supported() else None,
         ref.registered_at,
     )
     # The first predictions of a fresh booster pay for lazy initialisation; pay it here.
