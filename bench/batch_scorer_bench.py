@@ -29,6 +29,7 @@ from aiokafka.structs import TopicPartition
 
 from driftloop.events import kafka
 from driftloop.events.consumer_loop import ConsumerLoop, Delivery, LoopOptions, install_stop_signals
+from driftloop.events.producer import EventProducer, Record
 from driftloop.serving.batch_client import score_rows
 from driftloop.settings import KafkaSettings, MlflowSettings, load_settings
 from schemas.events import TOPIC_EVENTS, PredictionEvent, ScoringRequest, ScoringResult
@@ -44,9 +45,8 @@ RUN_ID = "0" * 32
 class PassThrough:
     """The scorer's work without the model: one result and one prediction per request."""
 
-    def __init__(self, producer: Any, settings: KafkaSettings) -> None:
+    def __init__(self, producer: EventProducer, settings: KafkaSettings) -> None:
         self.producer = producer
-        self.partitioner = kafka.KeyPartitioner(producer)
         self.results = settings.topic(Topic.SCORING_RESULTS)
         self.predictions = settings.topic(Topic.PREDICTIONS)
 
@@ -54,7 +54,7 @@ class PassThrough:
         return False
 
     async def write(self, deliveries: Sequence[Delivery[ScoringRequest]]) -> None:
-        # The scorer's producing path (per-batch encoders and timestamp, whole record batches),
+        # The scorer's producing path (per-batch encoders and timestamp, one send per batch),
         # so the ratio isolates the model: row checks, encoding and predict.
         encode_result = ScoringResult.trusted_encoder(
             model_name="pass-through", model_version=1, error=None
@@ -67,7 +67,7 @@ class PassThrough:
         for delivery in deliveries:
             request = delivery.event
             messages.append(
-                kafka.Message(
+                Record(
                     self.results,
                     ScoringResult.key_of(request.request_id, request.batch_id),
                     encode_result(
@@ -79,7 +79,7 @@ class PassThrough:
                 )
             )
             messages.append(
-                kafka.Message(
+                Record(
                     self.predictions,
                     request.partition_key(),
                     encode_prediction(
@@ -91,7 +91,7 @@ class PassThrough:
                     ),
                 )
             )
-        await asyncio.gather(*await kafka.send_batched(self.producer, self.partitioner, messages))
+        await self.producer.send(messages)
 
     async def on_assigned(self, consumer: Any, partitions: frozenset[TopicPartition]) -> None:
         return None
@@ -103,7 +103,7 @@ class PassThrough:
 async def pass_through_worker(prefix: str) -> None:
     settings = load_settings(KafkaSettings).model_copy(update={"topic_prefix": prefix})
     requests = settings.topic(Topic.SCORING_REQUESTS)
-    producer = kafka.producer(settings, "pass-through", max_batch_size=1024 * 1024)
+    producer = EventProducer(settings, "pass-through", config={"batch.size": 1024 * 1024})
     consumer = kafka.consumer(settings, f"{prefix}pass-through")
     await producer.start()
     await consumer.start()
@@ -124,7 +124,7 @@ async def pass_through_worker(prefix: str) -> None:
         await loop.run()
     finally:
         await consumer.stop()
-        await producer.stop()
+        await producer.close()
 
 
 def free_port() -> int:

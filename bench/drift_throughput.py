@@ -54,8 +54,8 @@ from driftloop.drift.policy import DriftPolicy
 from driftloop.drift.reference import RegistryChampions
 from driftloop.drift.reports import render_report
 from driftloop.drift.store import open_drift_store
-from driftloop.events import kafka
 from driftloop.events.kafka import create_topics
+from driftloop.events.producer import EventProducer, Record
 from driftloop.settings import KafkaSettings, MlflowSettings, PostgresSettings, load_settings
 from driftloop.training.bootstrap import bootstrap_model
 from driftloop_tools.demo.replay import load_replay_hours
@@ -157,21 +157,24 @@ class Traffic:
 
 async def produce(settings: KafkaSettings, traffic: Traffic, rate: int, seconds: float) -> float:
     """Send ``rate`` events a second for ``seconds``; returns the rate achieved."""
-    producer = kafka.producer(settings, "bench-drift", linger_ms=20, max_batch_size=1024 * 1024)
+    producer = EventProducer(settings, "bench-drift", linger_ms=20)
     await producer.start()
     topic = settings.topic(Topic.PREDICTIONS)
     loop = asyncio.get_running_loop()
     started = loop.time()
     per_tick = max(1, round(rate * TICK))
-    pending: list[asyncio.Future[Any]] = []
+    pending: list[asyncio.Task[None]] = []
     try:
         tick = 0
         while loop.time() - started < seconds:
+            records = []
             for _ in range(per_tick):
                 value, key = traffic.next()
-                pending.append(await producer.send(topic, value, key=key))
+                records.append(Record(topic, key, value))
+            # Each tick's records are sent at once; their acknowledgements are awaited later.
+            pending.append(asyncio.create_task(producer.send(records)))
             tick += 1
-            if len(pending) >= 20_000:
+            if len(pending) >= 200:
                 await asyncio.gather(*pending)
                 pending.clear()
             delay = started + tick * TICK - loop.time()
@@ -179,7 +182,7 @@ async def produce(settings: KafkaSettings, traffic: Traffic, rate: int, seconds:
                 await asyncio.sleep(delay)
         await asyncio.gather(*pending)
     finally:
-        await producer.stop()
+        await producer.close()
     return traffic.sent / (loop.time() - started)
 
 

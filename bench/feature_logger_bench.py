@@ -28,6 +28,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from driftloop.events import kafka
+from driftloop.events.producer import EventProducer, event_record
 from driftloop.settings import KafkaSettings, PostgresSettings, load_settings
 from schemas.events import PredictionEvent
 from schemas.fields import FeatureValue
@@ -47,7 +48,7 @@ def free_port() -> int:
 
 
 async def produce(settings: KafkaSettings, rows: int, tag: str) -> None:
-    producer = kafka.producer(settings, "bench", linger_ms=20, max_batch_size=1024 * 1024)
+    producer = EventProducer(settings, "bench", linger_ms=20)
     await producer.start()
     run_id = uuid.uuid4().hex
     topic = settings.topic(Topic.PREDICTIONS)
@@ -64,13 +65,13 @@ async def produce(settings: KafkaSettings, rows: int, tag: str) -> None:
                 latency_ms=1.2,
                 source="http",
             )
-            window.append(await producer.send(topic, event.to_bytes(), key=event.partition_key()))
+            window.append(event_record(topic, event))
             if len(window) >= 10_000:
-                await asyncio.gather(*window)
+                await producer.send(window)
                 window.clear()
-        await asyncio.gather(*window)
+        await producer.send(window)
     finally:
-        await producer.stop()
+        await producer.close()
 
 
 async def end_offsets(settings: KafkaSettings) -> dict[TopicPartition, int]:

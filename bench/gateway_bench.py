@@ -108,11 +108,13 @@ def wrk(name: str, url: str, body: bytes, seconds: float) -> Run:
 
 
 @contextmanager
-def server(command: list[str], ready_url: str, env: dict[str, str], log: Path) -> Iterator[None]:
+def server(
+    command: list[str], ready_url: str, env: dict[str, str], log: Path, cwd: Path = ROOT
+) -> Iterator[None]:
     """Start a server in its own process group, wait until it answers, stop it afterwards."""
     with log.open("w") as output:
         process = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT,
+            command, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
     try:
@@ -161,6 +163,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0, help="length of each wrk run")
     parser.add_argument("--trees", type=int, default=200, help="boosting rounds of the model")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds, best kept")
+    parser.add_argument(
+        "--reference-checkout",
+        type=Path,
+        help="a checkout of another commit (git worktree add DIR REV): its gateway, publishing "
+        "on, joins the runs, imported from there with this environment's libraries",
+    )
     arguments = parser.parse_args()
     seconds = arguments.seconds
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
@@ -215,25 +223,52 @@ def main() -> None:
 
     gateway_command = [str(VENV_BIN / "python"), "-m", "gateway"]
     model_dir = work / "models" / name / str(first.version)
-    # (label, command, readiness url, environment, url, body); ports fixed per label.
-    targets = [
+    # (label, command, readiness url, environment, url, body, cwd); ports fixed per label.
+    targets: list[tuple[str, list[str], str, dict[str, str], str, bytes, Path]] = [
         ("gateway, publishing on", gateway_command, "http://127.0.0.1:18101/health/ready",
-         gateway_env(18101, True), "http://127.0.0.1:18101/predict", body),
+         gateway_env(18101, True), "http://127.0.0.1:18101/predict", body, ROOT),
         ("gateway, publishing off", gateway_command, "http://127.0.0.1:18102/health/ready",
-         gateway_env(18102, False), "http://127.0.0.1:18102/predict", body),
+         gateway_env(18102, False), "http://127.0.0.1:18102/predict", body, ROOT),
         ("no-op FastAPI",
          [str(VENV_BIN / "uvicorn"), "bench.gateway_noop:app", "--port", "18103", "--loop",
           "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"],
-         "http://127.0.0.1:18103/docs", env, "http://127.0.0.1:18103/predict", body),
+         "http://127.0.0.1:18103/docs", env, "http://127.0.0.1:18103/predict", body, ROOT),
         ("mlflow models serve",
          [str(VENV_BIN / "mlflow"), "models", "serve", "-m", str(model_dir), "-p", "18104",
           "--host", "127.0.0.1", "--env-manager", "local"],
-         "http://127.0.0.1:18104/ping", env, "http://127.0.0.1:18104/invocations", mlflow_body),
+         "http://127.0.0.1:18104/ping", env, "http://127.0.0.1:18104/invocations", mlflow_body,
+         ROOT),
     ]  # fmt: skip
+    # Publishing from the event loop (above) against publishing from a relay process.
+    targets[0][3]["GATEWAY_PUBLISHER_PROCESS"] = "false"
+    targets.append(
+        (
+            "gateway, publishing from a relay",
+            gateway_command,
+            "http://127.0.0.1:18106/health/ready",
+            {**gateway_env(18106, True), "GATEWAY_PUBLISHER_PROCESS": "true"},
+            "http://127.0.0.1:18106/predict",
+            body,
+            ROOT,
+        )
+    )
+    reference = arguments.reference_checkout
+    if reference is not None:
+        revision = subprocess.run(
+            ["git", "-C", str(reference), "log", "-1", "--format=%h"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        reference_env = {**gateway_env(18105, True), "PYTHONPATH": str(reference.resolve())}
+        targets.append(
+            (f"gateway at {revision}, publishing on", gateway_command,
+             "http://127.0.0.1:18105/health/ready", reference_env,
+             "http://127.0.0.1:18105/predict", body, reference.resolve())
+        )  # fmt: skip
     # The gateway run first fills the model cache that mlflow models serve reads.
     for round_number in range(arguments.rounds):
-        for label, command, ready_url, target_env, url, payload in targets:
-            with server(command, ready_url, target_env, work / f"{label}-{round_number}.log"):
+        for label, command, ready_url, target_env, url, payload, cwd in targets:
+            log = work / f"{label}-{round_number}.log"
+            with server(command, ready_url, target_env, log, cwd):
                 warm(url, payload)
                 run = wrk(label, url, payload, seconds)
             # Interleaved rounds; the best of each target is kept, the run least disturbed by

@@ -19,10 +19,8 @@ import logging
 import time
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
-from pathlib import Path
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, ClassVar, Final
 
-from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
@@ -39,12 +37,14 @@ from driftloop.events.consumer_loop import (
     LoopOptions,
     install_stop_signals,
 )
+from driftloop.events.producer import DeliveryError, EventProducer, Record, RecordProducer
 from driftloop.serving.champion import Champion, ChampionHolder, ModelRegistry
 from driftloop.serving.hot_swap import ModelEventFollower
 from driftloop.serving.scoring import NoModelError, ScoringService
 from driftloop.settings import (
     KafkaSettings,
     MlflowSettings,
+    ServedModelSettings,
     ServiceSettings,
 )
 from schemas.events import TOPIC_EVENTS, PredictionEvent, ScoringRequest, ScoringResult
@@ -72,10 +72,11 @@ MODEL_VERSION = Gauge(
 )
 
 
-class BatchScorerSettings(ServiceSettings):
+class BatchScorerSettings(ServiceSettings, ServedModelSettings):
     """The batch scorer (``BATCH_SCORER_*``) and the connections it uses."""
 
     model_config = SettingsConfigDict(env_prefix="BATCH_SCORER_")
+    cache_folder: ClassVar[str] = "batch-scorer"
 
     group: str = Field(
         default="batch-scorer",
@@ -88,30 +89,6 @@ class BatchScorerSettings(ServiceSettings):
     poll_timeout_ms: Annotated[int, Field(ge=1)] = Field(
         default=100,
         description="BATCH_SCORER_POLL_TIMEOUT_MS: longest wait for a batch (default 100).",
-    )
-    feature_spec: str = Field(
-        default="bikeshare",
-        description="BATCH_SCORER_FEATURE_SPEC: feature declaration, a name in schemas/models or "
-        "a YAML path (default bikeshare).",
-    )
-    model_name: str | None = Field(
-        default=None,
-        description="BATCH_SCORER_MODEL_NAME: registered model to score with (default: the "
-        "declaration's registered_model_name).",
-    )
-    model_alias: str = Field(
-        default="champion",
-        description="BATCH_SCORER_MODEL_ALIAS: registry alias scored with (default champion).",
-    )
-    model_cache_dir: Path = Field(
-        default=Path(".cache/batch-scorer/models"),
-        description="BATCH_SCORER_MODEL_CACHE_DIR: downloaded model versions, used after a "
-        "restart while MLflow is down (default .cache/batch-scorer/models).",
-    )
-    model_poll_seconds: Annotated[float, Field(gt=0)] = Field(
-        default=15.0,
-        description="BATCH_SCORER_MODEL_POLL_SECONDS: how often the alias is checked for a new "
-        "champion (default 15).",
     )
     metrics_port: Annotated[int, Field(ge=0, lt=65536)] = Field(
         default=9102,
@@ -130,7 +107,7 @@ class BatchScorer:
         self,
         holder: ChampionHolder,
         spec: FeatureSpec,
-        producer: AIOKafkaProducer,
+        producer: RecordProducer,
         *,
         results_topic: str,
         predictions_topic: str,
@@ -138,12 +115,11 @@ class BatchScorer:
         self.holder = holder
         self.scoring = ScoringService(spec, holder)
         self.producer = producer
-        self.partitioner = kafka.KeyPartitioner(producer)
         self.results_topic = results_topic
         self.predictions_topic = predictions_topic
 
     def is_transient(self, error: BaseException) -> bool:
-        return isinstance(error, KafkaError | NoModelError)
+        return isinstance(error, KafkaError | DeliveryError | NoModelError)
 
     async def write(self, deliveries: Sequence[Delivery[ScoringRequest]]) -> None:
         if not deliveries:
@@ -158,7 +134,7 @@ class BatchScorer:
         # The batch is answered at one moment, so its events share one timestamp (one clock
         # read and UTC conversion per batch instead of two per row).
         answered_at = utc_now()
-        messages: list[kafka.Message] = []
+        messages: list[Record] = []
         for position, problems in scores.refused:
             reason = "invalid features: " + describe(
                 [problem.under("", whole="features") for problem in problems]
@@ -183,7 +159,7 @@ class BatchScorer:
         ):
             request = requests[position]
             messages.append(
-                kafka.Message(
+                Record(
                     self.results_topic,
                     ScoringResult.key_of(request.request_id, request.batch_id),
                     encode_result(
@@ -195,7 +171,7 @@ class BatchScorer:
                 )
             )
             messages.append(
-                kafka.Message(
+                Record(
                     self.predictions_topic,
                     request.partition_key(),
                     encode_prediction(
@@ -209,8 +185,8 @@ class BatchScorer:
             )
         predicted = len(scores.scored)
         started = time.perf_counter()
-        # The loop commits the requests' offsets only after every batch is acknowledged.
-        await asyncio.gather(*await kafka.send_batched(self.producer, self.partitioner, messages))
+        # The loop commits the requests' offsets only after Kafka took every record.
+        await self.producer.send(messages)
         WRITE_SECONDS.labels(NAME, "kafka").observe(time.perf_counter() - started)
         RECORDS_OUT.labels(NAME, "scoring.results").inc(len(deliveries))
         RECORDS_OUT.labels(NAME, "predictions").inc(predicted)
@@ -218,7 +194,7 @@ class BatchScorer:
         SCORED.labels("invalid").inc(len(deliveries) - predicted)
         MODEL_VERSION.set(champion.version)
 
-    def _refusal(self, request: ScoringRequest, champion: Champion, reason: str) -> kafka.Message:
+    def _refusal(self, request: ScoringRequest, champion: Champion, reason: str) -> Record:
         result = ScoringResult(
             request_id=request.request_id,
             batch_id=request.batch_id,
@@ -226,7 +202,7 @@ class BatchScorer:
             model_version=champion.version,
             error=reason,
         )
-        return kafka.Message(self.results_topic, result.partition_key(), result.to_bytes())
+        return Record(self.results_topic, result.partition_key(), result.to_bytes())
 
     async def on_assigned(self, consumer: Any, partitions: frozenset[TopicPartition]) -> None:
         """Nothing to restore: the scorer keeps no state between batches."""
@@ -252,7 +228,7 @@ async def run_batch_scorer(settings: BatchScorerSettings) -> None:
     holder = ChampionHolder(
         ModelRegistry(settings.mlflow.tracking_uri),
         settings.model_name or spec.registered_model_name,
-        settings.model_cache_dir,
+        settings.model_cache(),
         alias=settings.model_alias,
         expected_spec=spec,
     )
@@ -264,11 +240,11 @@ async def run_batch_scorer(settings: BatchScorerSettings) -> None:
         follower = ModelEventFollower(settings.kafka, holder, reader=NAME)
         following = asyncio.create_task(follower.run(), name="model-events")
         stack.push_async_callback(_cancel, following)
-        # Large producer batches: results of one batch share a partition (keyed by batch id).
-        # A failed send fails the batch and the loop retries it; readers dedupe by request id.
-        producer = kafka.producer(settings.kafka, NAME, max_batch_size=PRODUCER_BATCH_BYTES)
-        await kafka.start_with_retry(producer, settings.kafka)
-        stack.push_async_callback(producer.stop)
+        # Results of one batch share a partition (keyed by batch id), so large batches. A failed
+        # send fails the batch and the loop retries it; readers dedupe by request id.
+        producer = EventProducer(settings.kafka, NAME, config={"batch.size": PRODUCER_BATCH_BYTES})
+        await producer.start()
+        stack.push_async_callback(producer.close)
         consumer = kafka.consumer(
             settings.kafka, settings.group, max_partition_fetch_bytes=8 * 1024 * 1024
         )

@@ -30,8 +30,8 @@ from driftloop.drift.policy import DriftPolicy
 from driftloop.drift.reference import RegistryChampions
 from driftloop.drift.reports import REPORT_PREFIX, ReportDocuments, ReportKeys, put_report
 from driftloop.drift.store import open_drift_store
-from driftloop.events import kafka
 from driftloop.events.consumer_loop import install_stop_signals
+from driftloop.events.producer import EventProducer
 from driftloop.leader import LeaderLock
 from driftloop.settings import (
     KafkaSettings,
@@ -48,7 +48,6 @@ from schemas.events import DriftDetected
 from schemas.topics import Topic
 
 if TYPE_CHECKING:
-    from aiokafka import AIOKafkaProducer
     from types_aiobotocore_s3 import S3Client
 
 NAME: Final = "drift-monitor"
@@ -148,12 +147,12 @@ class DriftMonitorSettings(ServiceSettings):
 
 
 def kafka_publisher(
-    producer: AIOKafkaProducer, topic: str
+    producer: EventProducer, topic: str
 ) -> Callable[[DriftDetected], Awaitable[None]]:
     """Publishes a drift event keyed by model and waits for the broker's acknowledgement."""
 
     async def publish(event: DriftDetected) -> None:
-        await producer.send_and_wait(topic, event.to_bytes(), key=event.partition_key())
+        await producer.send_event(topic, event)
 
     return publish
 
@@ -176,9 +175,9 @@ async def run_drift_monitor(settings: DriftMonitorSettings) -> None:
     async with AsyncExitStack() as stack:
         stack.push_async_callback(store.close)
         s3 = await stack.enter_async_context(s3_client(settings.s3))
-        producer = kafka.producer(settings.kafka, NAME)
-        await kafka.start_with_retry(producer, settings.kafka)
-        stack.push_async_callback(producer.stop)
+        producer = EventProducer(settings.kafka, NAME)
+        await producer.start()
+        stack.push_async_callback(producer.close)
         topic = settings.kafka.topic(Topic.DRIFT_EVENTS)
         monitor = DriftMonitor(
             store=store,

@@ -34,6 +34,7 @@ from driftloop.events.consumer_loop import (
     LoopOptions,
     install_stop_signals,
 )
+from driftloop.events.producer import EventProducer
 from driftloop.settings import (
     KafkaSettings,
     ObjectStoreSettings,
@@ -361,9 +362,9 @@ async def run_feature_logger(settings: FeatureLoggerSettings) -> None:
                 max_buffered_rows=settings.max_buffered_rows,
                 specs=specs,
             )
-        producer = kafka.producer(settings.kafka, f"{NAME}-dlq")
-        await kafka.start_with_retry(producer, settings.kafka)
-        stack.push_async_callback(_closing, "producer", producer.stop)
+        producer = EventProducer(settings.kafka, f"{NAME}-dlq")
+        await producer.start()
+        stack.push_async_callback(_closing, "producer", producer.close)
         consumer = kafka.consumer(
             settings.kafka,
             settings.group,

@@ -37,6 +37,7 @@ from driftloop.events.consumer_loop import (
     LoopOptions,
     install_stop_signals,
 )
+from driftloop.events.producer import EventProducer
 from driftloop.leader import LeaderLock
 from driftloop.orchestration.airflow import (
     AirflowAuthError,
@@ -414,9 +415,9 @@ async def run_retrain_trigger(settings: RetrainTriggerSettings) -> None:
             attempts=settings.airflow_attempts,
         )
         stack.push_async_callback(_closing, "Airflow client", airflow.aclose)
-        producer = kafka.producer(settings.kafka, f"{NAME}-dlq")
-        await kafka.start_with_retry(producer, settings.kafka)
-        stack.push_async_callback(_closing, "producer", producer.stop)
+        producer = EventProducer(settings.kafka, f"{NAME}-dlq")
+        await producer.start()
+        stack.push_async_callback(_closing, "producer", producer.close)
         consumer = kafka.consumer(settings.kafka, settings.group)
         await kafka.start_with_retry(consumer, settings.kafka)
         stack.push_async_callback(_closing, "consumer", consumer.stop)

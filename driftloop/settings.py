@@ -12,7 +12,8 @@ value (``changethis``) is refused at start with the variable's name.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Any, Self, TypeVar
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Self, TypeVar
 
 from pydantic import BeforeValidator, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -92,6 +93,43 @@ class ServiceSettings(DriftloopSettings):
         description="Prometheus /metrics port (0 picks a free port); each service sets its own "
         "default and variable."
     )
+
+
+class ServedModelSettings(DriftloopSettings):
+    """Base of a service that scores with a registered model: which one, and how it follows it.
+
+    Each subclass reads these under its own prefix (``GATEWAY_MODEL_NAME``,
+    ``BATCH_SCORER_MODEL_NAME``, ...) and names its cache folder.
+    """
+
+    cache_folder: ClassVar[str] = "models"
+
+    feature_spec: str = Field(
+        default="bikeshare",
+        description="Feature declaration scored: a name in schemas/models or a YAML path "
+        "(default bikeshare).",
+    )
+    model_name: str | None = Field(
+        default=None,
+        description="Registered model scored (default: the declaration's registered_model_name).",
+    )
+    model_alias: str = Field(
+        default="champion", description="Registry alias scored (default champion)."
+    )
+    model_cache_dir: Path | None = Field(
+        default=None,
+        description="Downloaded model versions, scored after a restart while MLflow is down "
+        "(default .cache/<service>/models).",
+    )
+    model_poll_seconds: Annotated[float, Field(gt=0)] = Field(
+        default=15.0,
+        description="How often the alias is checked: the safety net behind model.events "
+        "(default 15).",
+    )
+
+    def model_cache(self) -> Path:
+        """The folder of downloaded model versions."""
+        return self.model_cache_dir or Path(".cache") / self.cache_folder / "models"
 
 
 class KafkaSettings(DriftloopSettings):

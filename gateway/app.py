@@ -7,13 +7,13 @@ from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp
 
+from driftloop.events.producer import RecordProducer
 from driftloop.serving.champion import ChampionSource
 from driftloop.serving.scoring import NoModelError
 from driftloop.settings import load_settings
@@ -67,7 +67,7 @@ def create_app(
     settings: GatewaySettings | None = None,
     *,
     registry: ChampionSource | None = None,
-    producer_factory: Callable[[], AIOKafkaProducer] | None = None,
+    producer_factory: Callable[[], RecordProducer] | None = None,
 ) -> FastAPI:
     """The gateway app; its lifespan loads the model and connects Kafka.
 

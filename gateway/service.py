@@ -10,9 +10,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from aiokafka import AIOKafkaProducer
 from prometheus_client import Counter, Histogram
 
+from driftloop.events.producer import RecordProducer
 from driftloop.events.spool import Spool
 from driftloop.serving.champion import (
     Champion,
@@ -57,7 +57,7 @@ class Gateway:
         metrics: GatewayMetrics,
         *,
         registry: ChampionSource | None = None,
-        producer_factory: Callable[[], AIOKafkaProducer] | None = None,
+        producer_factory: Callable[[], RecordProducer] | None = None,
     ) -> None:
         if producer_factory is not None and settings.publisher_process:
             raise ValueError("a producer_factory replaces the producer of the in-process "
@@ -70,7 +70,7 @@ class Gateway:
         self.holder = ChampionHolder(
             registry or ModelRegistry(settings.mlflow.tracking_uri),
             self.model_name,
-            settings.model_cache_dir,
+            settings.model_cache(),
             alias=settings.model_alias,
             expected_spec=spec,
             on_load=self._model_loaded,

@@ -3,47 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from driftloop.settings import DriftloopSettings, KafkaSettings, MlflowSettings
+from driftloop.settings import KafkaSettings, MlflowSettings, ServedModelSettings
 
 Port = Annotated[int, Field(gt=0, lt=65536)]
 
 
-class GatewaySettings(DriftloopSettings):
+class GatewaySettings(ServedModelSettings):
     """The serving gateway."""
 
     model_config = SettingsConfigDict(env_prefix="GATEWAY_")
+    cache_folder: ClassVar[str] = "gateway"
 
     host: str = Field(default="127.0.0.1", description="GATEWAY_HOST (default 127.0.0.1).")
     port: Port = Field(default=8000, description="GATEWAY_PORT (default 8000).")
-    feature_spec: str = Field(
-        default="bikeshare",
-        description="GATEWAY_FEATURE_SPEC: feature declaration, a name in schemas/models or a "
-        "YAML path (default bikeshare).",
-    )
-    model_name: str | None = Field(
-        default=None,
-        description="GATEWAY_MODEL_NAME: registered model to serve (default: the "
-        "declaration's registered_model_name).",
-    )
-    model_alias: str = Field(
-        default="champion",
-        description="GATEWAY_MODEL_ALIAS: registry alias served (default champion).",
-    )
-    model_cache_dir: Path = Field(
-        default=Path(".cache/gateway/models"),
-        description="GATEWAY_MODEL_CACHE_DIR: downloaded model versions, served after a restart "
-        "while MLflow is down (default .cache/gateway/models).",
-    )
-    model_poll_seconds: Annotated[float, Field(gt=0)] = Field(
-        default=30.0,
-        description="GATEWAY_MODEL_POLL_SECONDS: how often the alias is checked, the safety net "
-        "behind model.events (default 30).",
-    )
     model_events: bool = Field(
         default=True,
         description="GATEWAY_MODEL_EVENTS: reload on ModelPromoted from model.events "

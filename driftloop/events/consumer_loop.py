@@ -39,11 +39,12 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final, Generic, Protocol, TypeVar
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
 
+from driftloop.events.producer import DeliveryError, Record, RecordProducer
 from schemas.events import DeadLetter, Event, EventDecodeError, FailureKind, decode_event
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ class ConsumerLoop(Generic[E]):
         self,
         options: LoopOptions,
         consumer: AIOKafkaConsumer,
-        producer: AIOKafkaProducer,
+        producer: RecordProducer,
         processor: Processor[E],
     ) -> None:
         self.options = options
@@ -363,15 +364,14 @@ class ConsumerLoop(Generic[E]):
         # sends them again: the DLQ is at least once too (replay de-duplicates by source offset).
         await self.processor.write(batch.deliveries)
         if batch.dead_letters:
-            sent = [
-                await self.producer.send(
+            await self.producer.send(
+                Record(
                     self.options.dead_letter_topics[topic],
+                    letter.partition_key(),
                     letter.to_bytes(),
-                    key=letter.partition_key(),
                 )
                 for topic, letter in batch.dead_letters
-            ]
-            await asyncio.gather(*sent)
+            )
             for topic, letter in batch.dead_letters:
                 DEAD_LETTERS.labels(self.options.name, topic, letter.failure.value).inc()
             batch.dead_letters.clear()
@@ -384,7 +384,10 @@ class ConsumerLoop(Generic[E]):
                 try:
                     await operation()
                 except Exception as error:
-                    if not (self.processor.is_transient(error) or isinstance(error, KafkaError)):
+                    if not (
+                        self.processor.is_transient(error)
+                        or isinstance(error, KafkaError | DeliveryError)
+                    ):
                         raise
                     SINKS_UP.labels(self.options.name).set(0)
                     BACKOFFS.labels(self.options.name).inc()

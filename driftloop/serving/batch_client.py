@@ -14,9 +14,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from driftloop.events import kafka
+from driftloop.events.producer import EventProducer, Record
 from driftloop.settings import KafkaSettings
 from schemas.events import EventDecodeError, ScoringRequest, ScoringResult
 from schemas.fields import FeatureValue
@@ -66,7 +67,7 @@ async def score_rows(
         max_partition_fetch_bytes=8 * 1024 * 1024,
     )
     # Large batches carry the throughput; a result repeated by a retry is counted, not kept.
-    producer = kafka.producer(settings, "batch-client", max_batch_size=1024 * 1024)
+    producer = EventProducer(settings, "batch-client", config={"batch.size": 1024 * 1024})
     started = time.monotonic()
     await kafka.start_with_retry(consumer, settings, give_up_after_seconds=60)
     try:
@@ -79,7 +80,7 @@ async def score_rows(
         # Resolve the end offsets now: every result of this batch comes after them.
         for tp in partitions:
             await consumer.position(tp)
-        await kafka.start_with_retry(producer, settings, give_up_after_seconds=60)
+        await producer.start(give_up_after_seconds=60)
         try:
             collector = asyncio.create_task(_collect(consumer, outcome, wanted, on_result))
             try:
@@ -90,7 +91,7 @@ async def score_rows(
             finally:
                 collector.cancel()
         finally:
-            await producer.stop()
+            await producer.close()
     finally:
         await consumer.stop()
     outcome.seconds = time.monotonic() - started
@@ -110,7 +111,7 @@ async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
 
 
 async def _send(
-    producer: AIOKafkaProducer,
+    producer: EventProducer,
     settings: KafkaSettings,
     rows: Sequence[Mapping[str, FeatureValue]],
     request_ids: Sequence[str],
@@ -118,17 +119,16 @@ async def _send(
     on_sent: Callable[[int], None] | None,
 ) -> None:
     topic = settings.topic(Topic.SCORING_REQUESTS)
-    partitioner = kafka.KeyPartitioner(producer)
-    window: list[kafka.Message] = []
+    window: list[Record] = []
     for request_id, row in zip(request_ids, rows, strict=True):
         request = ScoringRequest(request_id=request_id, features=dict(row), batch_id=batch_id)
-        window.append(kafka.Message(topic, request.partition_key(), request.to_bytes()))
+        window.append(Record(topic, request.partition_key(), request.to_bytes()))
         if len(window) >= _SEND_WINDOW:
-            await asyncio.gather(*await kafka.send_batched(producer, partitioner, window))
+            await producer.send(window)
             if on_sent is not None:
                 on_sent(len(window))
             window = []
-    await asyncio.gather(*await kafka.send_batched(producer, partitioner, window))
+    await producer.send(window)
     if on_sent is not None:
         on_sent(len(window))
 

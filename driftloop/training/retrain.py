@@ -73,7 +73,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from driftloop.events import kafka
+from driftloop.events.producer import EventProducer
 from driftloop.serving.champion import Champion, ChampionRef, ModelRegistry, load_champion
 from driftloop.settings import (
     KafkaSettings,
@@ -579,12 +579,12 @@ def publish_decision(settings: KafkaSettings, event: ModelDecision) -> str:
     topic = settings.topic(Topic.MODEL_EVENTS)
 
     async def send() -> None:
-        producer = kafka.producer(settings, "retrain-model")
-        await kafka.start_with_retry(producer, settings, give_up_after_seconds=30)
+        producer = EventProducer(settings, "retrain-model")
+        await producer.start(give_up_after_seconds=30)
         try:
-            await producer.send_and_wait(topic, event.to_bytes(), key=event.partition_key())
+            await producer.send_event(topic, event)
         finally:
-            await producer.stop()
+            await producer.close()
 
     asyncio.run(send())
     return topic

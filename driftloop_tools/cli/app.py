@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from driftloop.settings import SettingsError, load_settings
 from driftloop_tools.cli.batch import batch_app
+from driftloop_tools.cli.common import console, settings_or_exit
 from driftloop_tools.cli.dlq import dlq_app
 from driftloop_tools.cli.drift import drift_app
 from driftloop_tools.cli.model import model_app
@@ -24,15 +23,9 @@ app.add_typer(model_app, name="model")
 app.add_typer(demo_app, name="demo")
 app.add_typer(drift_app, name="drift")
 
-console = Console()
-
 
 def _stack_settings() -> StackSettings:
-    try:
-        return load_settings(StackSettings)
-    except SettingsError as error:
-        console.print(f"[red]{error}[/red]")
-        raise typer.Exit(2) from None
+    return settings_or_exit(StackSettings)
 
 
 def _say(message: str) -> None:

@@ -9,16 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from driftloop.settings import KafkaSettings, SettingsError, load_settings
+from driftloop.settings import KafkaSettings, load_settings
+from driftloop_tools.cli.common import console, usage_errors
 from schemas.features import FeatureSpec, FeatureSpecError, load_feature_spec
 from schemas.fields import FeatureValue
 
 batch_app = typer.Typer(help="Batch scoring through Kafka (the batch-scorer must be running).")
-console = Console()
 
 SUFFIXES = {".csv", ".parquet", ".pq"}
 
@@ -76,12 +75,9 @@ def score(
         if path.suffix not in SUFFIXES:
             console.print(f"[red]{path}: expected a .csv or .parquet file[/red]")
             raise typer.Exit(2)
-    try:
+    with usage_errors(FeatureSpecError):
         settings = load_settings(KafkaSettings)
         spec = load_feature_spec(feature_spec)
-    except (SettingsError, FeatureSpecError) as error:
-        console.print(f"[red]{error}[/red]")
-        raise typer.Exit(2) from None
     frame = _read(input_file)
     batch_id = f"batch-{uuid.uuid4().hex[:16]}"
     if id_column in frame.columns:

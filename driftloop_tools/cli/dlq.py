@@ -13,16 +13,16 @@ from dataclasses import dataclass
 
 import typer
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from rich.console import Console
 from rich.table import Table
 
 from driftloop.events import kafka
-from driftloop.settings import KafkaSettings, SettingsError, load_settings
+from driftloop.events.producer import EventProducer, Record
+from driftloop.settings import KafkaSettings
+from driftloop_tools.cli.common import console, settings_or_exit
 from schemas.events import DeadLetter, EventDecodeError, FailureKind
 from schemas.topics import Topic
 
 dlq_app = typer.Typer(help="Dead letters: list and replay what consumers could not handle.")
-console = Console()
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,29 +92,20 @@ def select(
 
 async def replay_dead_letters(settings: KafkaSettings, letters: list[StoredLetter]) -> int:
     """Re-publish the letters' original messages to their source topics; returns how many."""
-    producer = kafka.producer(settings, "dlq-replay")
-    await kafka.start_with_retry(producer, settings, give_up_after_seconds=30)
+    producer = EventProducer(settings, "dlq-replay")
+    await producer.start(give_up_after_seconds=30)
     try:
-        sent = [
-            await producer.send(
-                stored.letter.source_topic,
-                stored.letter.original_value,
-                key=stored.letter.original_key,
-            )
-            for stored in letters
-        ]
-        await asyncio.gather(*sent)
+        await producer.send(
+            Record(letter.source_topic, letter.original_key, letter.original_value)
+            for letter in (stored.letter for stored in letters)
+        )
     finally:
-        await producer.stop()
+        await producer.close()
     return len(letters)
 
 
 def _settings() -> KafkaSettings:
-    try:
-        return load_settings(KafkaSettings)
-    except SettingsError as error:
-        console.print(f"[red]{error}[/red]")
-        raise typer.Exit(2) from None
+    return settings_or_exit(KafkaSettings)
 
 
 def _topic(value: str) -> Topic:

@@ -16,13 +16,12 @@ import functools
 from datetime import UTC, datetime, timedelta
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from driftloop.settings import SettingsError, load_settings
+from driftloop.settings import load_settings
+from driftloop_tools.cli.common import console, usage_errors
 
 drift_app = typer.Typer(help="Drift: judge a long window of logged traffic on demand.")
-console = Console()
 
 LONG_REPORT_PREFIX = "drift-reports/long/"
 
@@ -135,10 +134,7 @@ def check(
     start = _moment(since) if since else end - timedelta(days=7)
     if start >= end:
         raise typer.BadParameter("--since must be before --until")
-    try:
+    with usage_errors():
         judged = asyncio.run(_check(model, version, start, end))
-    except SettingsError as error:
-        console.print(f"[red]{error}[/red]")
-        raise typer.Exit(2) from None
     if not judged:
         raise typer.Exit(1)

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 
 import typer
 from aiokafka.errors import KafkaError
-from rich.console import Console
 
-from driftloop.events import kafka
-from driftloop.settings import KafkaSettings, MlflowSettings, SettingsError, load_settings
+from driftloop.events.producer import EventProducer
+from driftloop.settings import KafkaSettings, MlflowSettings
+from driftloop_tools.cli.common import console, settings_or_exit
 from schemas.features import load_feature_spec
 from schemas.topics import Topic
 
@@ -23,22 +23,18 @@ if TYPE_CHECKING:
     from driftloop.training.bootstrap import BootstrapResult
 
 model_app = typer.Typer(help="Models in the MLflow registry: the first champion.")
-console = Console()
 
 
 async def announce_promotion(result: BootstrapResult, settings: KafkaSettings) -> None:
     """Publish the ``ModelPromoted`` of a bootstrapped champion (servers load it at once)."""
     from driftloop.training.bootstrap import promotion_event  # deferred: see the module docstring
 
-    producer = kafka.producer(settings, "model-bootstrap")
-    await kafka.start_with_retry(producer, settings, give_up_after_seconds=20)
+    producer = EventProducer(settings, "model-bootstrap")
+    await producer.start(give_up_after_seconds=20)
     try:
-        event = promotion_event(result)
-        await producer.send_and_wait(
-            settings.topic(Topic.MODEL_EVENTS), event.to_bytes(), key=event.partition_key()
-        )
+        await producer.send_event(settings.topic(Topic.MODEL_EVENTS), promotion_event(result))
     finally:
-        await producer.stop()
+        await producer.close()
 
 
 @model_app.command()
@@ -58,12 +54,8 @@ def bootstrap(
         bootstrap_model,
     )
 
-    try:
-        mlflow_settings = load_settings(MlflowSettings)
-        kafka_settings = load_settings(KafkaSettings)
-    except SettingsError as error:
-        console.print(f"[red]{error}[/red]")
-        raise typer.Exit(2) from None
+    mlflow_settings = settings_or_exit(MlflowSettings)
+    kafka_settings = settings_or_exit(KafkaSettings)
     spec = load_feature_spec(declaration)
     chosen = [month.strip() for month in months.split(",") if month.strip()]
     console.print(

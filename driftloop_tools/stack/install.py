@@ -81,7 +81,8 @@ def _maven_copy(pom: Path, destination: Path, properties: dict[str, str]) -> Non
 
 def ensure_kafka(settings: StackSettings, report: Report) -> None:
     libs = kafka_home(settings) / "libs"
-    if (libs / f"kafka_2.13-{settings.kafka_version}.jar").exists():
+    jars = (f"kafka_2.13-{settings.kafka_version}.jar", f"kafka-tools-{settings.kafka_version}.jar")
+    if all((libs / jar).exists() for jar in jars):
         return
     report(f"resolving Apache Kafka {settings.kafka_version} from Maven Central")
     _maven_copy(MAVEN_POMS / "kafka.pom.xml", libs, {"kafka.version": settings.kafka_version})

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
-from driftloop.events import kafka
+from driftloop.events.producer import EventProducer, Record
 from driftloop.settings import KafkaSettings, MlflowSettings
 from driftloop.training.trainer import RegisteredModel, read_dataset, train_champion
 from driftloop_tools.stack import readiness
@@ -40,18 +40,12 @@ async def produce_raw(
     settings: KafkaSettings, topic: Topic | str, messages: Sequence[tuple[bytes | None, bytes]]
 ) -> None:
     name = settings.topic(topic) if isinstance(topic, Topic) else topic
-    producer = kafka.producer(settings, "test-producer", linger_ms=20, max_batch_size=1024 * 1024)
-    await producer.start()
+    producer = EventProducer(settings, "test-producer", linger_ms=20)
+    await producer.start(give_up_after_seconds=60)
     try:
-        batch = []
-        for key, value in messages:
-            batch.append(await producer.send(name, value, key=key))
-            if len(batch) >= 5000:
-                await asyncio.gather(*batch)
-                batch.clear()
-        await asyncio.gather(*batch)
+        await producer.send(Record(name, key, value) for key, value in messages)
     finally:
-        await producer.stop()
+        await producer.close()
 
 
 async def _from_the_start(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:

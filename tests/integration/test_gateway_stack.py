@@ -14,6 +14,7 @@ import pytest
 from pydantic import SecretStr
 
 from driftloop.events import kafka
+from driftloop.events.producer import EventProducer
 from driftloop.settings import KafkaSettings, MlflowSettings
 from driftloop.training import trainer
 from driftloop_tools.stack.settings import StackSettings
@@ -202,8 +203,8 @@ async def test_promotion_event_swaps_the_model_without_failures(
         challenger = await asyncio.to_thread(
             _register, spec, mlflow_settings, settings.model_name, 40, tmp_path
         )
-        producer = kafka.producer(settings.kafka, "gateway-test")
-        await kafka.start_with_retry(producer, settings.kafka, give_up_after_seconds=60)
+        producer = EventProducer(settings.kafka, "gateway-test")
+        await producer.start(give_up_after_seconds=60)
         try:
             promoted = ModelPromoted(
                 model_name=challenger.name,
@@ -215,13 +216,9 @@ async def test_promotion_event_swaps_the_model_without_failures(
                 challenger_score=1.0,
                 champion_score=2.0,
             )
-            await producer.send_and_wait(
-                settings.kafka.topic(Topic.MODEL_EVENTS),
-                promoted.to_bytes(),
-                key=promoted.partition_key(),
-            )
+            await producer.send_event(settings.kafka.topic(Topic.MODEL_EVENTS), promoted)
         finally:
-            await producer.stop()
+            await producer.close()
 
         async def serving_challenger() -> bool:
             current = (await client.get("/models/current")).json()

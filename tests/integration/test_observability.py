@@ -28,7 +28,7 @@ import httpx
 import pytest
 import yaml
 
-from driftloop.events import kafka
+from driftloop.events.producer import EventProducer, event_record
 from driftloop.settings import KafkaSettings, MlflowSettings, load_settings
 from driftloop_tools.demo.replay import ReplayHour, load_replay_hours, wait_for_champion
 from driftloop_tools.stack.prometheus_config import scrape_ports
@@ -191,21 +191,18 @@ async def send_bad_requests(client: httpx.AsyncClient, row: dict[str, Any]) -> N
 
 
 async def send_scoring_requests(settings: KafkaSettings, hours: list[ReplayHour], run: str) -> None:
-    producer = kafka.producer(settings, "observability-test")
-    await kafka.start_with_retry(producer, settings, give_up_after_seconds=30)
+    producer = EventProducer(settings, "observability-test")
+    await producer.start(give_up_after_seconds=30)
     try:
-        for index, hour in enumerate(hours):
-            request = ScoringRequest(
-                request_id=f"{run}-batch-{index}", features=hour.row, batch_id=run
-            )
-            await producer.send(
+        await producer.send(
+            event_record(
                 settings.topic(Topic.SCORING_REQUESTS),
-                request.to_bytes(),
-                key=request.partition_key(),
+                ScoringRequest(request_id=f"{run}-batch-{index}", features=hour.row, batch_id=run),
             )
-        await producer.flush()
+            for index, hour in enumerate(hours)
+        )
     finally:
-        await producer.stop()
+        await producer.close()
 
 
 async def series(client: httpx.AsyncClient, expression: str) -> list[dict[str, Any]]:

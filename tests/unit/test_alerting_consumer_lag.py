@@ -16,6 +16,7 @@ from prometheus_client import REGISTRY
 from driftloop.events.consumer_loop import ConsumerLoop, Delivery, LoopOptions
 from schemas.events import TOPIC_EVENTS, FailureKind, PredictionEvent
 from schemas.topics import Topic
+from tests.unit.fake_kafka import FakeRecordProducer
 
 pytestmark = pytest.mark.unit
 
@@ -110,13 +111,6 @@ class LogConsumer:
         return None
 
 
-class Producer:
-    async def send(self, topic: str, value: bytes, key: bytes | None = None) -> Any:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        future.set_result(None)
-        return future
-
-
 @dataclass
 class Processor:
     failures: int = 0
@@ -151,7 +145,7 @@ def make_loop(
             **options,
         ),
         consumer,
-        Producer(),
+        FakeRecordProducer(),
         processor,
     )
     consumer.loop = loop

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,6 +26,7 @@ from schemas.events import (
 from schemas.features import load_feature_spec
 from schemas.fields import FeatureValue
 from schemas.validation import describe, problems_of
+from tests.unit.fake_kafka import FakeRecordProducer
 
 SPEC = load_feature_spec("bikeshare")
 ROW: dict[str, FeatureValue] = {
@@ -54,38 +54,8 @@ class FakeHolder:
         self.current = champion
 
 
-class FakeBatch:
-    def __init__(self) -> None:
-        self.records: list[tuple[bytes | None, bytes]] = []
-
-    def append(self, *, key: bytes | None, value: bytes, timestamp: int | None) -> object:
-        self.records.append((key, value))
-        return object()
-
-
-class FakeProducer:
-    """Acknowledges every batch at once; ``sent`` lists (topic, value, key) in send order."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes, bytes | None]] = []
-        self.partitions: list[int] = []
-
-    async def partitions_for(self, topic: str) -> set[int]:
-        return {0, 1, 2}
-
-    def create_batch(self) -> FakeBatch:
-        return FakeBatch()
-
-    async def send_batch(self, batch: FakeBatch, topic: str, *, partition: int) -> Any:
-        self.sent += [(topic, value, key) for key, value in batch.records]
-        self.partitions += [partition] * len(batch.records)
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        future.set_result(None)
-        return future
-
-
-def scorer(champion: FakeChampion | None) -> tuple[BatchScorer, FakeProducer]:
-    producer = FakeProducer()
+def scorer(champion: FakeChampion | None) -> tuple[BatchScorer, FakeRecordProducer]:
+    producer = FakeRecordProducer()
     return (
         BatchScorer(
             FakeHolder(champion),  # type: ignore[arg-type]
@@ -106,8 +76,8 @@ def request(index: int, **changes: Any) -> Delivery[ScoringRequest]:
 async def test_a_batch_is_scored_in_one_call_and_answered_per_request() -> None:
     batch_scorer, producer = scorer(FakeChampion())
     await batch_scorer.write([request(0), request(1, hr=42), request(2)])
-    results = [ScoringResult.from_bytes(v) for t, v, _ in producer.sent if t == "scoring.results"]
-    events = [PredictionEvent.from_bytes(v) for t, v, _ in producer.sent if t == "predictions"]
+    results = [ScoringResult.from_bytes(v) for t, _, v in producer.sent if t == "scoring.results"]
+    events = [PredictionEvent.from_bytes(v) for t, _, v in producer.sent if t == "predictions"]
     by_id = {result.request_id: result for result in results}
     assert by_id["r-0"].prediction == 0.5
     assert by_id["r-2"].prediction == 1.5
@@ -118,7 +88,7 @@ async def test_a_batch_is_scored_in_one_call_and_answered_per_request() -> None:
     assert [event.request_id for event in events] == ["r-0", "r-2"]
     assert {event.source for event in events} == {"batch"}
     assert {event.run_id for event in events} == {"a" * 32}
-    keys = {key for topic, _, key in producer.sent if topic == "scoring.results"}
+    keys = {key for topic, key, _ in producer.sent if topic == "scoring.results"}
     assert keys == {b"b-1"}
 
 
@@ -138,7 +108,7 @@ async def test_refusals_are_worded_from_validate_row_and_scores_keep_request_ord
     for index, changes in enumerate(spoilt, start=1):
         deliveries += [request(index, **changes), request(100 + index, temp=None, hum=1)]
     await batch_scorer.write(deliveries)
-    results = [ScoringResult.from_bytes(v) for t, v, _ in producer.sent if t == "scoring.results"]
+    results = [ScoringResult.from_bytes(v) for t, _, v in producer.sent if t == "scoring.results"]
     errors = {result.request_id: result.error for result in results if result.error}
     for index, changes in enumerate(spoilt, start=1):
         with pytest.raises(ValidationError) as refused:
@@ -151,7 +121,7 @@ async def test_refusals_are_worded_from_validate_row_and_scores_keep_request_ord
         f"r-{100 + index}" for index in range(1, len(spoilt) + 1)
     ]
     assert [result.prediction for result in scored] == [n + 0.5 for n in range(len(scored))]
-    events = [PredictionEvent.from_bytes(v) for t, v, _ in producer.sent if t == "predictions"]
+    events = [PredictionEvent.from_bytes(v) for t, _, v in producer.sent if t == "predictions"]
     assert len({event.occurred_at for event in events}) == 1  # one answer time per batch
 
 

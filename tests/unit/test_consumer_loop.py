@@ -14,6 +14,7 @@ from aiokafka.structs import TopicPartition
 from driftloop.events.consumer_loop import ConsumerLoop, Delivery, LoopOptions
 from schemas.events import TOPIC_EVENTS, DeadLetter, FailureKind, GroundTruth, PredictionEvent
 from schemas.topics import Topic
+from tests.unit.fake_kafka import FakeRecordProducer
 
 TOPIC = "predictions"
 TP0 = TopicPartition(TOPIC, 0)
@@ -96,17 +97,6 @@ class FakeConsumer:
         self.seeks += [(tp, 0) for tp in partitions]
 
 
-class FakeProducer:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes, bytes | None]] = []
-
-    async def send(self, topic: str, value: bytes, key: bytes | None = None) -> Any:
-        self.sent.append((topic, value, key))
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        future.set_result(None)
-        return future
-
-
 @dataclass
 class RecordingProcessor:
     failures: list[BaseException] = field(default_factory=list)
@@ -134,9 +124,9 @@ def make_loop(
     batches: list[dict[TopicPartition, list[Record]]],
     processor: RecordingProcessor,
     consumer: FakeConsumer | None = None,
-) -> tuple[ConsumerLoop[PredictionEvent], FakeConsumer, FakeProducer]:
+) -> tuple[ConsumerLoop[PredictionEvent], FakeConsumer, FakeRecordProducer]:
     consumer = consumer or FakeConsumer(batches)
-    producer = FakeProducer()
+    producer = FakeRecordProducer()
     options = LoopOptions(
         name="test",
         group="test-group",
@@ -183,7 +173,7 @@ async def test_bad_messages_go_to_the_dead_letter_topic_and_good_ones_go_on() ->
     await loop.run()
     assert processor.written == [["r-6"]]
     assert consumer.commits == [{TP0: 7}]
-    letters = [DeadLetter.from_bytes(value) for topic, value, _ in producer.sent]
+    letters = [DeadLetter.from_bytes(value) for _, _, value in producer.sent]
     assert all(topic == f"{TOPIC}.dlq" for topic, _, _ in producer.sent)
     assert [letter.failure for letter in letters] == [
         FailureKind.INVALID_JSON,

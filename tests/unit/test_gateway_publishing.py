@@ -1,4 +1,4 @@
-"""The publisher's replay: only the acknowledged prefix leaves the spool, order is kept."""
+"""The publisher's spool: failed deliveries kept; a replay lets go of its delivered prefix only."""
 
 from __future__ import annotations
 
@@ -7,60 +7,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from aiokafka.errors import KafkaTimeoutError
-
 from driftloop.events.spool import Spool, SpoolRecord
 from driftloop.settings import KafkaSettings
 from gateway.publishing import EventPublisher, PublisherState
-
-
-class FlakyBatch:
-    """aiokafka's BatchBuilder as the publisher uses it; full after three records."""
-
-    def __init__(self) -> None:
-        self.values: list[bytes] = []
-
-    def append(self, *, key: bytes | None, value: bytes, timestamp: None) -> object | None:
-        if len(self.values) == 3:
-            return None
-        self.values.append(value)
-        return object()
-
-
-class FlakyProducer:
-    """Acknowledges whole record batches while its budget of records lasts; from the first
-    batch beyond it, times out, like a broker that went away."""
-
-    def __init__(self, budget: int, partitions: int = 1) -> None:
-        self.budget = budget
-        self.partitions = partitions
-        self.acknowledged: list[bytes] = []
-
-    async def start(self) -> None:
-        return None
-
-    async def stop(self) -> None:
-        return None
-
-    async def flush(self) -> None:
-        return None
-
-    async def partitions_for(self, topic: str) -> set[int]:
-        return set(range(self.partitions))
-
-    def create_batch(self) -> FlakyBatch:
-        return FlakyBatch()
-
-    async def send_batch(self, batch: FlakyBatch, topic: str, *, partition: int) -> Any:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        if len(batch.values) <= self.budget:
-            self.budget -= len(batch.values)
-            self.acknowledged += batch.values
-            future.set_result(None)
-        else:
-            self.budget = 0
-            future.set_exception(KafkaTimeoutError())
-        return future
+from tests.unit.fake_kafka import FakeRecordProducer
 
 
 def _records(count: int) -> list[SpoolRecord]:
@@ -74,55 +24,75 @@ async def _wait_for(condition: Any, seconds: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def test_partial_replay_keeps_the_unacknowledged_tail_in_order(tmp_path: Path) -> None:
+async def test_partial_replay_keeps_the_undelivered_tail_in_order(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool.sqlite3", max_records=100)
     spool.extend(_records(10))
-    # One partition: batches v0-v2 (taken), v3-v5 (beyond the budget, refused), v6-v8, v9.
-    producer = FlakyProducer(budget=4)
+    # Kafka takes v0-v3, then refuses everything, like a broker that went away.
+    producer = FakeRecordProducer(budget=4)
     publisher = _publisher(spool, producer)
     await publisher.start(connect_within_seconds=1)
     try:
-        await _wait_for(lambda: spool.depth == 7)
+        await _wait_for(lambda: spool.depth == 6)
         assert publisher.state is PublisherState.SPOOLING
         assert [item.record.value for item in spool.peek(10)] == [
-            f"v{i}".encode() for i in range(3, 10)
+            f"v{i}".encode() for i in range(4, 10)
         ]
-        producer.budget = 100
+        producer.budget = None
 
         await _wait_for(lambda: spool.depth == 0, seconds=30)
 
-        assert producer.acknowledged == [f"v{i}".encode() for i in range(10)]
+        assert producer.values == [f"v{i}".encode() for i in range(10)]
         assert publisher.status().published == {"predictions": 10}
+        assert publisher.status().state is PublisherState.DIRECT
     finally:
         await publisher.stop()
         spool.close()
 
 
-async def test_a_replay_failing_on_one_partition_keeps_the_tail_from_there(
+async def test_new_events_queue_behind_the_spool_and_failed_deliveries_join_it(
     tmp_path: Path,
 ) -> None:
     spool = Spool(tmp_path / "spool.sqlite3", max_records=100)
-    spool.extend(_records(30))
-    producer = FlakyProducer(budget=10, partitions=3)
+    producer = FakeRecordProducer()
     publisher = _publisher(spool, producer)
     await publisher.start(connect_within_seconds=1)
     try:
-        await _wait_for(lambda: 0 < spool.depth < 30 and producer.budget == 0)
-        # Whatever Kafka took on the other partitions, the spool keeps a tail in order.
-        left = [item.record.value for item in spool.peek(30)]
-        assert left == [f"v{i}".encode() for i in range(30 - len(left), 30)]
-        producer.budget = 100
+        publisher.publish_encoded("predictions", b"k0", b"v0")
+        await _wait_for(lambda: publisher.status().published == {"predictions": 1})
+        producer.budget = 0  # deliveries fail from here: the failure is spooled
+        publisher.publish_encoded("predictions", b"k1", b"v1")
+        await _wait_for(lambda: spool.depth == 1)
+        assert publisher.state is PublisherState.SPOOLING
+        # Spooling: later events go behind it, not to Kafka.
+        publisher.publish_encoded("predictions", b"k2", b"v2")
+        await _wait_for(lambda: spool.depth == 2)
+        producer.budget = None
 
         await _wait_for(lambda: spool.depth == 0, seconds=30)
 
-        # At least once: records after the first refused batch may have been taken twice.
-        assert set(producer.acknowledged) == {f"v{i}".encode() for i in range(30)}
+        assert producer.values == [b"v0", b"v1", b"v2"]
+        # The failed delivery, and any replay round tried while Kafka still refused.
+        assert publisher.status().publish_errors["predictions"] >= 1
     finally:
         await publisher.stop()
         spool.close()
 
 
-def _publisher(spool: Spool, producer: FlakyProducer) -> EventPublisher:
+async def test_stop_spools_what_kafka_did_not_take(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool.sqlite3", max_records=100)
+    producer = FakeRecordProducer(budget=0)
+    publisher = _publisher(spool, producer)
+    await publisher.start(connect_within_seconds=1)
+    for index in range(3):
+        publisher.publish_encoded("predictions", f"k{index}".encode(), f"v{index}".encode())
+    await publisher.stop()
+
+    assert [item.record.value for item in spool.peek(10)] == [b"v0", b"v1", b"v2"]
+    assert producer.closed
+    spool.close()
+
+
+def _publisher(spool: Spool, producer: FakeRecordProducer) -> EventPublisher:
     return EventPublisher(
         KafkaSettings(bootstrap_servers="127.0.0.1:9"),
         spool,
