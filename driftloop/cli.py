@@ -9,6 +9,7 @@ from rich.table import Table
 from consumers.batch_cli import batch_app
 from consumers.dlq_cli import dlq_app
 from consumers.drift_cli import drift_app
+from driftloop.alerting.cli import alerts_app
 from driftloop.bootstrap_cli import model_app
 from driftloop.demo_cli import demo_app
 from driftloop.settings import SettingsError, load_settings
@@ -23,6 +24,7 @@ app.add_typer(batch_app, name="batch")
 app.add_typer(model_app, name="model")
 app.add_typer(demo_app, name="demo")
 app.add_typer(drift_app, name="drift")
+app.add_typer(alerts_app, name="alerts")
 
 console = Console()
 
