@@ -13,9 +13,12 @@ from dataclasses import dataclass
 
 from driftloop import kafka
 from driftloop.stack import install, provision
+from driftloop.stack.alertmanager_config import reload_alertmanager, write_alertmanager_config
 from driftloop.stack.programs import (
     Program,
     airflow_programs,
+    alert_receiver_program,
+    alertmanager_program,
     kafka_program,
     mlflow_program,
     platform_programs,
@@ -33,7 +36,9 @@ from driftloop.stack.supervisor import ProgramState, Supervisor
 
 Report = Callable[[str], None]
 
-INFRASTRUCTURE = ("postgres", "kafka", "s3proxy", "prometheus")
+# The alert path starts with the infrastructure: it needs nothing else, and an outage of any
+# later stage must already reach someone.
+INFRASTRUCTURE = ("postgres", "kafka", "s3proxy", "prometheus", "alert-receiver", "alertmanager")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +62,8 @@ def all_programs(settings: StackSettings) -> list[Program]:
         kafka_program(settings),
         s3proxy_program(settings),
         prometheus_program(settings),
+        alert_receiver_program(settings),
+        alertmanager_program(settings),
         mlflow_program(settings),
         *airflow_programs(settings),
         *platform_programs(settings),
@@ -113,6 +120,13 @@ def up(settings: StackSettings, report: Report) -> StackStatus:
     started = time.monotonic()
     supervisor = Supervisor(settings)
     if supervisor.is_running() and not supervisor.config_changed(all_programs(settings)):
+        # Alert timings and receivers live in files, not in the programs' command lines.
+        if write_prometheus_config(settings):
+            report("Prometheus configuration changed; reloading it")
+            reload_prometheus(settings)
+        if write_alertmanager_config(settings):
+            report("Alertmanager configuration changed; reloading it")
+            reload_alertmanager(settings)
         current = status(settings)
         if current.healthy:
             report("stack already running and healthy; nothing to do")
@@ -126,6 +140,8 @@ def up(settings: StackSettings, report: Report) -> StackStatus:
     # Scrape ports follow the settings; a running Prometheus re-reads a changed file.
     if write_prometheus_config(settings) and supervisor.is_running():
         reload_prometheus(settings)
+    if write_alertmanager_config(settings) and supervisor.is_running():
+        reload_alertmanager(settings)
     if provision.init_postgres_cluster(settings):
         report("created the PostgreSQL cluster")
     if provision.format_kafka_storage(settings):

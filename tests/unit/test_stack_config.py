@@ -82,6 +82,8 @@ def test_every_stack_program_is_rendered(settings: StackSettings) -> None:
         "kafka",
         "s3proxy",
         "prometheus",
+        "alert-receiver",
+        "alertmanager",
         "mlflow",
         "airflow-api-server",
         "airflow-scheduler",
