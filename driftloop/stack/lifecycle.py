@@ -36,9 +36,12 @@ from driftloop.stack.supervisor import ProgramState, Supervisor
 
 Report = Callable[[str], None]
 
-# The alert path starts with the infrastructure: it needs nothing else, and an outage of any
-# later stage must already reach someone.
-INFRASTRUCTURE = ("postgres", "kafka", "s3proxy", "prometheus", "alert-receiver", "alertmanager")
+INFRASTRUCTURE = ("postgres", "kafka", "s3proxy", "prometheus", "alert-receiver")
+# Alertmanager starts last and stops first: Prometheus scrapes every service from the start,
+# and the services of later stages, not started yet (or already stopped), would otherwise be
+# announced as outages. A notification that Prometheus sent meanwhile is re-sent once it runs
+# if its alert still fires; one that resolved before is never sent.
+ALERT_DELIVERY = ("alertmanager",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,11 +74,13 @@ def all_programs(settings: StackSettings) -> list[Program]:
 
 
 def stop_stages(settings: StackSettings) -> list[list[str]]:
-    """The order ``down`` stops programs in, the reverse of ``up``: the platform's services
+    """The order ``down`` stops programs in, the reverse of ``up``: alert delivery, so the
+    stack's own stop is not announced as outages; the platform's services
     while everything they write to still runs (so they drain and commit instead of being
     killed waiting on a dead broker), then Airflow and MLflow; supervisord's shutdown stops
     the infrastructure last."""
     return [
+        list(ALERT_DELIVERY),
         [program.name for program in platform_programs(settings)],
         [program.name for program in airflow_programs(settings)],
         [mlflow_program(settings).name],
@@ -172,6 +177,7 @@ def up(settings: StackSettings, report: Report) -> StackStatus:
     # but starting them on a ready stack keeps their logs free of start-up noise).
     platform = [program.name for program in platform_programs(settings)]
     asyncio.run(_start_stage(supervisor, settings, platform, report, 180))
+    asyncio.run(_start_stage(supervisor, settings, ALERT_DELIVERY, report, 60))
     report(f"every service ready in {time.monotonic() - started:.1f}s")
     return status(settings)
 

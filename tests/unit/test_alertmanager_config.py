@@ -20,7 +20,7 @@ from driftloop.stack.alertmanager_config import (
     render_alertmanager_config,
     write_alertmanager_config,
 )
-from driftloop.stack.lifecycle import INFRASTRUCTURE, all_programs
+from driftloop.stack.lifecycle import ALERT_DELIVERY, INFRASTRUCTURE, all_programs, stop_stages
 from driftloop.stack.programs import alert_receiver_program, alertmanager_program
 from driftloop.stack.prometheus_config import (
     RULES_DIR,
@@ -227,13 +227,17 @@ def test_alert_receiver_program_stores_in_the_stack_data(
     assert Path(program.environment["ALERT_RECEIVER_STORE_PATH"]).is_relative_to(settings.data)
 
 
-def test_the_alert_path_starts_with_the_infrastructure_and_is_probed(stack_env: Path) -> None:
+def test_the_alert_path_is_started_probed_and_stopped_in_order(stack_env: Path) -> None:
     settings = StackSettings()
     settings.root.mkdir(parents=True)
     names = {program.name for program in all_programs(settings)}
     assert {"alertmanager", "alert-receiver"} <= names
-    assert {"alertmanager", "alert-receiver"} <= set(INFRASTRUCTURE)
     assert {"alertmanager", "alert-receiver"} <= set(PROBES)
+    # The receiver with the infrastructure; Alertmanager after the platform's services, so
+    # the stack's own start is not announced as outages, and stopped before them.
+    assert "alert-receiver" in INFRASTRUCTURE
+    assert ALERT_DELIVERY == ("alertmanager",)
+    assert stop_stages(settings)[0] == ["alertmanager"]
 
 
 def test_without_overrides_prometheus_loads_the_repository_rules(stack_env: Path) -> None:
