@@ -71,15 +71,18 @@ def _label_filters(values: list[str]) -> dict[str, str]:
 def create_app(settings: AlertReceiverSettings) -> FastAPI:
     """The receiver's ASGI app; the log opens and closes with its lifespan."""
     metrics = ReceiverMetrics()
-    logs: list[AlertLog] = []
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        logs.append(AlertLog(settings.store_path))
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.alert_log = AlertLog(settings.store_path)
         try:
             yield
         finally:
-            logs.pop().close()
+            app.state.alert_log.close()
+
+    def alert_log(request: Request) -> AlertLog:
+        log: AlertLog = request.app.state.alert_log
+        return log
 
     app = FastAPI(
         title="driftloop alert receiver",
@@ -107,7 +110,7 @@ def create_app(settings: AlertReceiverSettings) -> FastAPI:
             ) from None
         # The write fsyncs: off the event loop. A failure here is a 500, which the sender retries.
         notification_id = await asyncio.to_thread(
-            logs[0].record, notification, body, datetime.now(UTC)
+            alert_log(request).record, notification, body, datetime.now(UTC)
         )
         metrics.notifications.labels(notification.receiver, notification.status.value).inc()
         for alert in notification.alerts:
@@ -116,6 +119,7 @@ def create_app(settings: AlertReceiverSettings) -> FastAPI:
 
     @app.get("/alerts", response_model=list[StoredAlert])
     async def read_back(
+        request: Request,
         alertname: str | None = None,
         status: AlertStatus | None = None,
         label: Annotated[list[str], Query(description="name=value, repeatable")] = [],  # noqa: B006 - FastAPI copies defaults
@@ -125,7 +129,7 @@ def create_app(settings: AlertReceiverSettings) -> FastAPI:
         """Received alerts, newest first."""
         filters = _label_filters(label)
         return await asyncio.to_thread(
-            logs[0].alerts,
+            alert_log(request).alerts,
             alertname=alertname,
             status=status,
             labels=filters,
@@ -135,7 +139,7 @@ def create_app(settings: AlertReceiverSettings) -> FastAPI:
 
     @app.get("/health")
     async def health() -> dict[str, str]:
-        """Liveness: the process answers and its log is open."""
+        """Liveness: the process answers; its log was opened at start."""
         return {"status": "ok", "store": str(settings.store_path)}
 
     @app.get("/metrics")
