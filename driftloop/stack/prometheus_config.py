@@ -13,6 +13,7 @@ changed.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Final
 
@@ -116,8 +117,10 @@ def write_if_changed(path: Path, text: str, *, mode: int = 0o644) -> bool:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(path.name + ".tmp")
-    staging.write_text(text, encoding="utf-8")
-    staging.chmod(mode)
+    staging.unlink(missing_ok=True)
+    # Created with its final mode, so a file holding secrets is never readable by others.
+    with os.fdopen(os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "w") as file:
+        file.write(text)
     # A rename is atomic: a server reloading meanwhile reads the old file or the new one.
     staging.replace(path)
     return True
