@@ -26,10 +26,10 @@ import yaml
 from typer.testing import CliRunner
 
 from driftloop.alerting.notifications import AlertStatus, StoredAlert
-from driftloop.cli import app
-from driftloop.stack import readiness
-from driftloop.stack.prometheus_config import RULES_DIR, SCRAPE_INTERVAL
-from driftloop.stack.settings import StackSettings
+from driftloop_tools.cli.app import app
+from driftloop_tools.stack import readiness
+from driftloop_tools.stack.prometheus_config import RULES_DIR, SCRAPE_INTERVAL
+from driftloop_tools.stack.settings import StackSettings
 from tests.integration.consumer_support import metric, supervisorctl
 
 pytestmark = pytest.mark.integration

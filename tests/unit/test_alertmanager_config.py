@@ -15,14 +15,19 @@ import pytest
 import yaml
 
 from driftloop.settings import DEVELOPMENT_FERNET_KEY, SettingsError, load_settings
-from driftloop.stack.alertmanager_config import (
+from driftloop_tools.stack.alertmanager_config import (
     alertmanager_config_path,
     render_alertmanager_config,
     write_alertmanager_config,
 )
-from driftloop.stack.lifecycle import ALERT_DELIVERY, INFRASTRUCTURE, all_programs, stop_stages
-from driftloop.stack.programs import alert_receiver_program, alertmanager_program
-from driftloop.stack.prometheus_config import (
+from driftloop_tools.stack.lifecycle import (
+    ALERT_DELIVERY,
+    INFRASTRUCTURE,
+    all_programs,
+    stop_stages,
+)
+from driftloop_tools.stack.programs import alert_receiver_program, alertmanager_program
+from driftloop_tools.stack.prometheus_config import (
     RULES_DIR,
     prometheus_config_path,
     render_prometheus_config,
@@ -30,8 +35,8 @@ from driftloop.stack.prometheus_config import (
     rules_dir,
     write_prometheus_config,
 )
-from driftloop.stack.readiness import PROBES
-from driftloop.stack.settings import StackSettings
+from driftloop_tools.stack.readiness import PROBES
+from driftloop_tools.stack.settings import StackSettings
 
 pytestmark = pytest.mark.unit
 
