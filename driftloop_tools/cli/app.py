@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
+from driftloop_tools.cli.alerts import alerts_app
 from driftloop_tools.cli.batch import batch_app
 from driftloop_tools.cli.common import console, settings_or_exit
 from driftloop_tools.cli.dlq import dlq_app
@@ -22,6 +23,7 @@ app.add_typer(batch_app, name="batch")
 app.add_typer(model_app, name="model")
 app.add_typer(demo_app, name="demo")
 app.add_typer(drift_app, name="drift")
+app.add_typer(alerts_app, name="alerts")
 
 
 def _stack_settings() -> StackSettings:

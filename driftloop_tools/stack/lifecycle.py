@@ -13,9 +13,12 @@ from dataclasses import dataclass
 
 from driftloop.events import kafka
 from driftloop_tools.stack import install, provision
+from driftloop_tools.stack.alertmanager_config import reload_alertmanager, write_alertmanager_config
 from driftloop_tools.stack.programs import (
     Program,
     airflow_programs,
+    alert_receiver_program,
+    alertmanager_program,
     kafka_program,
     mlflow_program,
     platform_programs,
@@ -33,7 +36,12 @@ from driftloop_tools.stack.supervisor import ProgramState, Supervisor
 
 Report = Callable[[str], None]
 
-INFRASTRUCTURE = ("postgres", "kafka", "s3proxy", "prometheus")
+INFRASTRUCTURE = ("postgres", "kafka", "s3proxy", "prometheus", "alert-receiver")
+# Alertmanager starts last and stops first: Prometheus scrapes every service from the start,
+# and the services of later stages, not started yet (or already stopped), would otherwise be
+# announced as outages. A notification that Prometheus sent meanwhile is re-sent once it runs
+# if its alert still fires; one that resolved before is never sent.
+ALERT_DELIVERY = ("alertmanager",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +65,8 @@ def all_programs(settings: StackSettings) -> list[Program]:
         kafka_program(settings),
         s3proxy_program(settings),
         prometheus_program(settings),
+        alert_receiver_program(settings),
+        alertmanager_program(settings),
         mlflow_program(settings),
         *airflow_programs(settings),
         *platform_programs(settings),
@@ -64,11 +74,13 @@ def all_programs(settings: StackSettings) -> list[Program]:
 
 
 def stop_stages(settings: StackSettings) -> list[list[str]]:
-    """The order ``down`` stops programs in, the reverse of ``up``: the platform's services
+    """The order ``down`` stops programs in, the reverse of ``up``: alert delivery, so the
+    stack's own stop is not announced as outages; the platform's services
     while everything they write to still runs (so they drain and commit instead of being
     killed waiting on a dead broker), then Airflow and MLflow; supervisord's shutdown stops
     the infrastructure last."""
     return [
+        list(ALERT_DELIVERY),
         [program.name for program in platform_programs(settings)],
         [program.name for program in airflow_programs(settings)],
         [mlflow_program(settings).name],
@@ -113,6 +125,13 @@ def up(settings: StackSettings, report: Report) -> StackStatus:
     started = time.monotonic()
     supervisor = Supervisor(settings)
     if supervisor.is_running() and not supervisor.config_changed(all_programs(settings)):
+        # Alert timings and receivers live in files, not in the programs' command lines.
+        if write_prometheus_config(settings):
+            report("Prometheus configuration changed; reloading it")
+            reload_prometheus(settings)
+        if write_alertmanager_config(settings):
+            report("Alertmanager configuration changed; reloading it")
+            reload_alertmanager(settings)
         current = status(settings)
         if current.healthy:
             report("stack already running and healthy; nothing to do")
@@ -126,6 +145,8 @@ def up(settings: StackSettings, report: Report) -> StackStatus:
     # Scrape ports follow the settings; a running Prometheus re-reads a changed file.
     if write_prometheus_config(settings) and supervisor.is_running():
         reload_prometheus(settings)
+    if write_alertmanager_config(settings) and supervisor.is_running():
+        reload_alertmanager(settings)
     if provision.init_postgres_cluster(settings):
         report("created the PostgreSQL cluster")
     if provision.format_kafka_storage(settings):
@@ -156,6 +177,7 @@ def up(settings: StackSettings, report: Report) -> StackStatus:
     # but starting them on a ready stack keeps their logs free of start-up noise).
     platform = [program.name for program in platform_programs(settings)]
     asyncio.run(_start_stage(supervisor, settings, platform, report, 180))
+    asyncio.run(_start_stage(supervisor, settings, ALERT_DELIVERY, report, 60))
     report(f"every service ready in {time.monotonic() - started:.1f}s")
     return status(settings)
 

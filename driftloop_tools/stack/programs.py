@@ -316,6 +316,9 @@ def airflow_environment(settings: StackSettings) -> dict[str, str]:
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
         "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "10",
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(settings.logs / "airflow"),
+        # Fixed by Airflow unless set: two stacks on one machine would fight over them.
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(settings.airflow_worker_log_server_port),
+        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(settings.airflow_trigger_log_server_port),
         "AIRFLOW__LOGGING__DAG_PROCESSOR_CHILD_PROCESS_LOG_DIRECTORY": str(
             settings.logs / "airflow" / "dag_processor"
         ),
@@ -366,6 +369,41 @@ def prometheus_program(settings: StackSettings) -> Program:
             "--web.enable-lifecycle",
             "--storage.tsdb.retention.time=15d",
         ],
+    )
+
+
+def alertmanager_program(settings: StackSettings) -> Program:
+    # The configuration is rendered from the settings (receiver, group timings) by `stack up`.
+    from driftloop_tools.stack.alertmanager_config import alertmanager_config_path
+
+    binary = shutil.which("prometheus-alertmanager") or "/usr/bin/prometheus-alertmanager"
+    address = f"127.0.0.1:{settings.alertmanager_port}"
+    return Program(
+        name="alertmanager",
+        command=[
+            binary,
+            f"--config.file={alertmanager_config_path(settings)}",
+            f"--storage.path={settings.data / 'alertmanager'}",
+            f"--web.listen-address={address}",
+            f"--web.external-url=http://{address}",
+            # One Alertmanager: no gossip listener (its default, 0.0.0.0:9094, would collide
+            # with a second stack on the machine).
+            "--cluster.listen-address=",
+        ],
+    )
+
+
+def alert_receiver_program(settings: StackSettings) -> Program:
+    """The webhook receiver Alertmanager notifies; its log is a file of the stack's data."""
+    return Program(
+        name="alert-receiver",
+        command=[sys.executable, "-m", "driftloop.alerting"],
+        environment={
+            "ALERT_RECEIVER_HOST": "127.0.0.1",
+            "ALERT_RECEIVER_PORT": str(settings.alert_receiver_port),
+            "ALERT_RECEIVER_STORE_PATH": str(settings.data / "alerts" / "notifications.sqlite3"),
+        },
+        directory=REPO_ROOT,
     )
 
 

@@ -1,15 +1,19 @@
 """Prometheus of the native stack: its configuration rendered from ``StackSettings``.
 
 The scrape targets follow the ports the stack gives its services (``STACK_*``), so a stack
-moved to other ports is still scraped; the rules are the repository's own files
-(``prometheus/rules/*.yml``), the same ones docker-compose mounts beside
-``prometheus/prometheus.compose.yml``. ``driftloop stack up`` writes the file into the stack's
-run folder before Prometheus starts and asks a running Prometheus to reload it when it changed.
+moved to other ports is still scraped; alerts go to the stack's Alertmanager. The rules are
+the repository's own files (``prometheus/rules/*.yml``), the same ones docker-compose mounts
+beside ``prometheus/prometheus.compose.yml``; when ``STACK_ALERT_FOR_OVERRIDES`` shortens
+some alerts' ``for:`` (a test stack), copies with those durations replaced are rendered into
+the run folder and loaded instead. ``driftloop stack up`` writes the files into the stack's
+run folder before Prometheus starts and asks a running Prometheus to reload them when they
+changed.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Final
 
@@ -37,7 +41,41 @@ def scrape_ports(settings: StackSettings) -> dict[str, int]:
         "batch-scorer": settings.batch_scorer_metrics_port,
         "drift-monitor": settings.drift_monitor_metrics_port,
         "retrain-trigger": settings.retrain_trigger_metrics_port,
+        "alertmanager": settings.alertmanager_port,
+        "alert-receiver": settings.alert_receiver_port,
     }
+
+
+def rendered_rules(settings: StackSettings) -> dict[str, str]:
+    """Rule file name -> its text with ``STACK_ALERT_FOR_OVERRIDES`` applied; empty without
+    overrides (the repository's files are loaded as they are)."""
+    overrides = settings.alert_for_overrides
+    if not overrides:
+        return {}
+    unknown = set(overrides)
+    files: dict[str, str] = {}
+    for path in sorted(RULES_DIR.glob("*.yml")):
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        for group in document["groups"]:
+            for rule in group["rules"]:
+                if rule.get("alert") in overrides:
+                    rule["for"] = overrides[rule["alert"]]
+                    unknown.discard(rule["alert"])
+        files[path.name] = (
+            f"# {path.relative_to(REPO_ROOT)} with STACK_ALERT_FOR_OVERRIDES applied; "
+            "written by `driftloop stack up`.\n" + yaml.safe_dump(document, sort_keys=False)
+        )
+    if unknown:
+        raise ValueError(
+            "STACK_ALERT_FOR_OVERRIDES names alerts no file of prometheus/rules defines: "
+            + ", ".join(sorted(unknown))
+        )
+    return files
+
+
+def rules_dir(settings: StackSettings) -> Path:
+    """Where the rendered rule files go (used only with overrides)."""
+    return settings.run / "rules"
 
 
 def render_prometheus_config(settings: StackSettings) -> str:
@@ -48,7 +86,14 @@ def render_prometheus_config(settings: StackSettings) -> str:
             "scrape_timeout": "10s",
             "evaluation_interval": SCRAPE_INTERVAL,
         },
-        "rule_files": [str(RULES_DIR / "*.yml")],
+        "rule_files": [
+            str((rules_dir(settings) if settings.alert_for_overrides else RULES_DIR) / "*.yml")
+        ],
+        "alerting": {
+            "alertmanagers": [
+                {"static_configs": [{"targets": [f"localhost:{settings.alertmanager_port}"]}]}
+            ]
+        },
         "scrape_configs": [
             {"job_name": job, "static_configs": [{"targets": [f"localhost:{port}"]}]}
             for job, port in scrape_ports(settings).items()
@@ -66,18 +111,36 @@ def prometheus_config_path(settings: StackSettings) -> Path:
     return settings.run / CONFIG_FILE
 
 
-def write_prometheus_config(settings: StackSettings) -> bool:
-    """Write the rendered configuration; whether its content changed."""
-    path = prometheus_config_path(settings)
-    text = render_prometheus_config(settings)
+def write_if_changed(path: Path, text: str, *, mode: int = 0o644) -> bool:
+    """Write ``text`` to ``path`` unless it holds it already; whether it changed."""
     if path.exists() and path.read_text(encoding="utf-8") == text:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_suffix(".tmp")
-    staging.write_text(text, encoding="utf-8")
-    # A rename is atomic: a Prometheus reloading meanwhile reads the old file or the new one.
+    staging = path.with_name(path.name + ".tmp")
+    staging.unlink(missing_ok=True)
+    # Created with its final mode, so a file holding secrets is never readable by others.
+    with os.fdopen(os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "w") as file:
+        file.write(text)
+    # A rename is atomic: a server reloading meanwhile reads the old file or the new one.
     staging.replace(path)
     return True
+
+
+def write_prometheus_config(settings: StackSettings) -> bool:
+    """Write the rendered configuration (and rule files); whether any content changed."""
+    rules = rendered_rules(settings)
+    changed = False
+    folder = rules_dir(settings)
+    for name, text in rules.items():
+        changed |= write_if_changed(folder / name, text)
+    if folder.exists():
+        for stale in folder.glob("*.yml"):
+            if stale.name not in rules:
+                stale.unlink()
+                changed = True
+    config = render_prometheus_config(settings)
+    changed |= write_if_changed(prometheus_config_path(settings), config)
+    return changed
 
 
 def reload_prometheus(settings: StackSettings) -> bool:

@@ -115,6 +115,14 @@ async def probe_prometheus(settings: StackSettings) -> None:
     await _get_ok(f"http://127.0.0.1:{settings.prometheus_port}/-/ready")
 
 
+async def probe_alertmanager(settings: StackSettings) -> None:
+    await _get_ok(f"http://127.0.0.1:{settings.alertmanager_port}/-/ready")
+
+
+async def probe_alert_receiver(settings: StackSettings) -> None:
+    await _get_ok(f"http://127.0.0.1:{settings.alert_receiver_port}/health")
+
+
 async def probe_gateway(settings: StackSettings) -> None:
     await _get_ok(f"http://127.0.0.1:{settings.gateway_port}/health/live")
 
@@ -148,6 +156,8 @@ def address_of(service: str, settings: StackSettings) -> str:
         "mlflow": settings.mlflow.tracking_uri,
         "airflow": settings.airflow.url,
         "prometheus": f"http://127.0.0.1:{settings.prometheus_port}",
+        "alertmanager": f"http://127.0.0.1:{settings.alertmanager_port}",
+        "alert-receiver": f"http://127.0.0.1:{settings.alert_receiver_port}/alerts",
     }
     return addresses[service]
 
@@ -159,6 +169,8 @@ PROBES: dict[str, Probe] = {
     "mlflow": probe_mlflow,
     "airflow": probe_airflow,
     "prometheus": probe_prometheus,
+    "alertmanager": probe_alertmanager,
+    "alert-receiver": probe_alert_receiver,
     "gateway": probe_gateway,
     "feature-logger": probe_feature_logger,
     "batch-scorer": probe_batch_scorer,

@@ -9,7 +9,7 @@ import stat
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr
+from pydantic import BeforeValidator, Field, SecretStr, StringConstraints
 from pydantic_settings import SettingsConfigDict
 
 from driftloop.settings import (
@@ -22,6 +22,16 @@ from driftloop.settings import (
 )
 
 Port = Annotated[int, Field(gt=0, lt=65536)]
+# Prometheus' and Alertmanager's duration syntax: 30s, 5m, 1h30m.
+PrometheusDuration = Annotated[str, StringConstraints(pattern=r"^([0-9]+(ms|s|m|h|d|w|y))+$")]
+
+
+def _unset_when_empty(value: object) -> object:
+    return None if value == "" else value
+
+
+# A secret that may be left empty in .env (``NAME=``): empty means not configured.
+OptionalSecret = Annotated[SecretStr | None, BeforeValidator(_unset_when_empty)]
 
 
 class StackSettings(DriftloopSettings):
@@ -42,10 +52,61 @@ class StackSettings(DriftloopSettings):
         default="2.6.0", description="STACK_S3PROXY_VERSION (default 2.6.0)."
     )
     prometheus_port: Port = Field(default=9090, description="STACK_PROMETHEUS_PORT (default 9090).")
+    alertmanager_port: Port = Field(
+        default=9095,
+        description="STACK_ALERTMANAGER_PORT (default 9095; Alertmanager's own 9093 is Kafka's "
+        "controller here). Alertmanager's cluster (gossip) listener is switched off.",
+    )
+    alert_receiver_port: Port = Field(
+        default=9099,
+        description="STACK_ALERT_RECEIVER_PORT: the webhook receiver Alertmanager notifies "
+        "(default 9099).",
+    )
+    alertmanager_group_wait: PrometheusDuration = Field(
+        default="30s",
+        description="STACK_ALERTMANAGER_GROUP_WAIT: how long a new group of alerts waits for "
+        "others before its first notification (default 30s).",
+    )
+    alertmanager_group_interval: PrometheusDuration = Field(
+        default="5m",
+        description="STACK_ALERTMANAGER_GROUP_INTERVAL: how long before a group that changed "
+        "(a new alert, a resolved one) is notified again (default 5m).",
+    )
+    alertmanager_repeat_interval: PrometheusDuration = Field(
+        default="4h",
+        description="STACK_ALERTMANAGER_REPEAT_INTERVAL: how often a group still firing, "
+        "unchanged, is notified again (default 4h).",
+    )
+    alert_for_overrides: dict[str, PrometheusDuration] = Field(
+        default_factory=dict,
+        description="STACK_ALERT_FOR_OVERRIDES: JSON object alert name -> `for:` duration "
+        'replacing the one in prometheus/rules, e.g. {"ServiceDown": "15s"} (default {}: the '
+        "rules as written). An unknown alert name stops `stack up`.",
+    )
+    alertmanager_slack_webhook_url: OptionalSecret = Field(
+        default=None,
+        description="STACK_ALERTMANAGER_SLACK_WEBHOOK_URL: a Slack incoming-webhook URL; when "
+        "set, every notification also goes to Slack (default unset).",
+    )
+    alertmanager_pagerduty_routing_key: OptionalSecret = Field(
+        default=None,
+        description="STACK_ALERTMANAGER_PAGERDUTY_ROUTING_KEY: a PagerDuty Events API v2 "
+        "integration key; when set, every notification also goes to PagerDuty (default unset).",
+    )
     airflow_parallelism: Annotated[int, Field(ge=1, le=32)] = Field(
         default=4,
         description="STACK_AIRFLOW_PARALLELISM: LocalExecutor worker processes (default 4; "
         "Airflow's 32 would swamp 2 cores).",
+    )
+    airflow_worker_log_server_port: Port = Field(
+        default=8793,
+        description="STACK_AIRFLOW_WORKER_LOG_SERVER_PORT: Airflow's task-log server "
+        "(AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT; default 8793, Airflow's).",
+    )
+    airflow_trigger_log_server_port: Port = Field(
+        default=8794,
+        description="STACK_AIRFLOW_TRIGGER_LOG_SERVER_PORT: the triggerer's log server "
+        "(AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT; default 8794, Airflow's).",
     )
     gateway_port: Port = Field(
         default=8000, description="STACK_GATEWAY_PORT: the gateway's HTTP port (default 8000)."

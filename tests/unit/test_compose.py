@@ -42,6 +42,7 @@ PLATFORM_COMMANDS = {
     "batch-scorer": ["python", "-m", "consumers.batch_scorer"],
     "drift-monitor": ["python", "-m", "consumers.drift_monitor"],
     "retrain-trigger": ["python", "-m", "consumers.retrain_trigger"],
+    "alert-receiver": ["python", "-m", "driftloop.alerting"],
 }
 AIRFLOW_COMMANDS = {
     "airflow-init": ["db", "migrate"],
@@ -50,7 +51,15 @@ AIRFLOW_COMMANDS = {
     "airflow-dag-processor": ["dag-processor"],
     "airflow-triggerer": ["triggerer"],
 }
-INFRA_SERVICES = {"redpanda", "postgres", "minio", "mlflow", "prometheus", "grafana"}
+INFRA_SERVICES = {
+    "redpanda",
+    "postgres",
+    "minio",
+    "mlflow",
+    "prometheus",
+    "alertmanager",
+    "grafana",
+}
 INIT_JOBS = {"redpanda-init", "minio-init", "airflow-init", "model-bootstrap"}
 # One-shot jobs run from the project image, and their commands.
 PROJECT_JOBS = {"model-bootstrap": ["driftloop", "model", "bootstrap"]}

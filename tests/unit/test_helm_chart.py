@@ -105,7 +105,11 @@ def test_every_rendered_object_is_valid_kubernetes(
 
 def test_three_replicas_of_everything(three_replicas: list[dict[str, Any]]) -> None:
     deployments = _objects(three_replicas, "Deployment")
-    consumers = {name: doc for name, doc in deployments.items() if not name.endswith("-gateway")}
+    consumers = {
+        name: doc
+        for name, doc in deployments.items()
+        if not name.endswith(("-gateway", "-alert-receiver"))
+    }
     assert {name.removeprefix("ci-driftloop-") for name in consumers} == set(_values()["consumers"])
     for name, deployment in consumers.items():
         assert deployment["spec"]["replicas"] == 3, name
@@ -125,7 +129,7 @@ def test_gateway_runs_python_m_gateway_and_is_ready_only_with_a_model(
     assert container["readinessProbe"]["httpGet"]["path"] == "/health/ready"
     env = {item["name"]: item["value"] for item in container["env"]}
     assert env["GATEWAY_HOST"] == "0.0.0.0"  # noqa: S104 - inside its pod
-    (service,) = _objects(three_replicas, "Service").values()
+    service = _objects(three_replicas, "Service")["ci-driftloop-gateway"]
     assert service["spec"]["selector"] == gateway["spec"]["selector"]["matchLabels"]
     assert service["spec"]["ports"][0]["targetPort"] == "http"
 
@@ -215,3 +219,29 @@ def test_first_model_job_runs_the_bootstrap_command(three_replicas: list[dict[st
     (container,) = job["spec"]["template"]["spec"]["containers"]
     assert container["command"] == ["driftloop", "model", "bootstrap"]
     assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+
+
+def test_alert_receiver_is_one_writer_on_its_own_volume(
+    three_replicas: list[dict[str, Any]],
+) -> None:
+    receiver = _objects(three_replicas, "Deployment")["ci-driftloop-alert-receiver"]
+    # One SQLite writer: never scaled, and the old pod is gone before the new one opens it.
+    assert receiver["spec"]["replicas"] == 1
+    assert receiver["spec"]["strategy"] == {"type": "Recreate"}
+    container = _container(receiver)
+    assert container["command"] == ["python", "-m", "driftloop.alerting"]
+    environment = {item["name"]: item["value"] for item in container["env"]}
+    assert environment["ALERT_RECEIVER_PORT"] == "9099"
+    assert environment["ALERT_RECEIVER_STORE_PATH"].startswith("/app/.cache/")
+    (volume,) = receiver["spec"]["template"]["spec"]["volumes"]
+    assert volume["persistentVolumeClaim"]["claimName"] == "ci-driftloop-alert-receiver"
+    assert "ci-driftloop-alert-receiver" in _objects(three_replicas, "PersistentVolumeClaim")
+    service = _objects(three_replicas, "Service")["ci-driftloop-alert-receiver"]
+    assert service["spec"]["selector"] == receiver["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["ports"][0]["port"] == 9099
+
+
+def test_alert_receiver_can_be_left_out() -> None:
+    rendered = _render("--set", "alertReceiver.enabled=false")
+    names = {document["metadata"]["name"] for document in rendered}
+    assert not any(name.endswith("-alert-receiver") for name in names)

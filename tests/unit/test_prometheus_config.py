@@ -40,6 +40,8 @@ SCRAPE_PORTS = {
     "batch-scorer": 9102,
     "drift-monitor": 9103,
     "retrain-trigger": 9104,
+    "alertmanager": 9095,
+    "alert-receiver": 9099,
 }
 SHIFTED_PORTS = {
     "STACK_PROMETHEUS_PORT": ("prometheus", 19090),
@@ -48,6 +50,8 @@ SHIFTED_PORTS = {
     "STACK_BATCH_SCORER_METRICS_PORT": ("batch-scorer", 19102),
     "STACK_DRIFT_MONITOR_METRICS_PORT": ("drift-monitor", 19103),
     "STACK_RETRAIN_TRIGGER_METRICS_PORT": ("retrain-trigger", 19104),
+    "STACK_ALERTMANAGER_PORT": ("alertmanager", 19095),
+    "STACK_ALERT_RECEIVER_PORT": ("alert-receiver", 19099),
 }
 
 

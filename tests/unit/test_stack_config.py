@@ -82,6 +82,8 @@ def test_every_stack_program_is_rendered(settings: StackSettings) -> None:
         "kafka",
         "s3proxy",
         "prometheus",
+        "alert-receiver",
+        "alertmanager",
         "mlflow",
         "airflow-api-server",
         "airflow-scheduler",
@@ -140,7 +142,9 @@ def test_postgres_cluster_stays_inside_a_traversable_stack(settings: StackSettin
 
 def test_down_stops_the_services_before_what_they_write_to(settings: StackSettings) -> None:
     stages = lifecycle.stop_stages(settings)
-    services, airflow, mlflow = stages
+    alert_delivery, services, airflow, mlflow = stages
+    # Alertmanager first: the services stopping next are not outages to announce.
+    assert alert_delivery == ["alertmanager"]
     assert {"gateway", "drift-monitor", "retrain-trigger"} <= set(services)
     assert all(name.startswith("airflow-") for name in airflow)
     assert mlflow == ["mlflow"]
