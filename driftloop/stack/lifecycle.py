@@ -12,7 +12,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from driftloop import kafka
-from driftloop.stack import install, provision
+from driftloop.stack import install, partitions, provision
+from driftloop.stack.nginx import write_nginx_config
 from driftloop.stack.programs import (
     Program,
     airflow_programs,
@@ -22,12 +23,13 @@ from driftloop.stack.programs import (
     postgres_program,
     prometheus_program,
     s3proxy_program,
+    service_of,
     write_airflow_passwords,
     write_kafka_config,
     write_s3proxy_config,
 )
 from driftloop.stack.prometheus_config import reload_prometheus, write_prometheus_config
-from driftloop.stack.readiness import PROBES, Readiness, check, wait_ready
+from driftloop.stack.readiness import PROBES, NotReadyError, Readiness, check, wait_ready
 from driftloop.stack.settings import StackSettings
 from driftloop.stack.supervisor import ProgramState, Supervisor
 
@@ -78,7 +80,10 @@ def stop_stages(settings: StackSettings) -> list[list[str]]:
 def _probe_of(program_name: str) -> str | None:
     if program_name.startswith("airflow-"):
         return "airflow"
-    return program_name if program_name in PROBES else None
+    if program_name == "nginx":
+        return "gateway"
+    service = service_of(program_name)
+    return service if service in PROBES else None
 
 
 async def _start_stage(
@@ -105,6 +110,9 @@ async def _start_stage(
     results = await asyncio.gather(
         *(wait_ready(probe, settings, timeout_seconds, alive(probe)) for probe in probes)
     )
+    # nginx belongs to the gateway's probe (it checks nginx and every replica).
+    if "nginx" in names and supervisor.state("nginx").state not in {"RUNNING", "STARTING"}:
+        raise NotReadyError(f"nginx exited while starting; see {settings.logs / 'nginx.log'}")
     for result in results:
         report(f"{result.service:<14} ready at {result.address}")
 
@@ -118,6 +126,10 @@ def up(settings: StackSettings, report: Report) -> StackStatus:
             report("stack already running and healthy; nothing to do")
             return current
 
+    # Before anything starts: a consumer replica beyond its topics' partitions would sit idle.
+    partitions.check_replicas(
+        partitions.consumer_replicas(settings), partitions.declared_partitions()
+    )
     install.install(settings, report)
     provision.prepare_folders(settings)
     write_kafka_config(settings)
@@ -126,6 +138,7 @@ def up(settings: StackSettings, report: Report) -> StackStatus:
     # Scrape ports follow the settings; a running Prometheus re-reads a changed file.
     if write_prometheus_config(settings) and supervisor.is_running():
         reload_prometheus(settings)
+    nginx_changed = write_nginx_config(settings)
     if provision.init_postgres_cluster(settings):
         report("created the PostgreSQL cluster")
     if provision.format_kafka_storage(settings):
@@ -135,6 +148,9 @@ def up(settings: StackSettings, report: Report) -> StackStatus:
     supervisor.write_config(programs)
     if supervisor.is_running():
         supervisor.reload_config()
+        if nginx_changed:
+            # New replicas (or fewer): nginx re-reads its file without dropping a connection.
+            supervisor.signal("nginx", "HUP")
     else:
         supervisor.launch()
 
@@ -143,6 +159,11 @@ def up(settings: StackSettings, report: Report) -> StackStatus:
     created_topics = asyncio.run(kafka.create_topics(settings.kafka))
     if created_topics:
         report(f"created topics: {', '.join(created_topics)}")
+    # The topics as they are on the broker, which may predate the declared partitions.
+    partitions.check_replicas(
+        partitions.consumer_replicas(settings),
+        asyncio.run(partitions.broker_partitions(settings.kafka)),
+    )
     created_buckets = provision.create_buckets(settings)
     if created_buckets:
         report(f"created buckets: {', '.join(created_buckets)}")
