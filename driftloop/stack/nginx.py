@@ -43,7 +43,8 @@ def render_nginx_config(settings: StackSettings) -> str:
     # As root the workers run as nobody, which may not reach the checkout's folders: the
     # request and response are streamed (no buffering to temp files), so they never need to.
     user = "user nobody nogroup;\n" if runs_as_root() else ""
-    return f"""# Written by `driftloop stack up` from the stack's settings (STACK_*); edits are lost.
+    header = "# Written by `driftloop stack up` from the stack's settings (STACK_*); edits are lost"
+    return f"""{header}
 daemon off;
 {user}pid {prefix / "nginx.pid"};
 error_log stderr warn;

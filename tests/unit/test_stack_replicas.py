@@ -128,9 +128,9 @@ def test_nginx_config_spreads_over_every_replica(
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     if not Path(nginx).exists():
         pytest.skip("nginx not installed (Debian package nginx); `make up` installs it")
-    result = subprocess.run(  # noqa: S603 - the Debian nginx checking our rendered file
-        [nginx, "-t", "-p", str(nginx_prefix(settings)), "-c", str(nginx_config_path(settings)),
-         "-e", "stderr"],  # fmt: skip
+    prefix, config = str(nginx_prefix(settings)), str(nginx_config_path(settings))
+    result = subprocess.run(
+        [nginx, "-t", "-p", prefix, "-c", config, "-e", "stderr"],
         capture_output=True,
         text=True,
         check=False,
