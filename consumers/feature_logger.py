@@ -3,7 +3,7 @@
 Consumes ``predictions`` and ``labels`` in one group. Each micro-batch is written to Postgres
 (COPY into staging, ``INSERT … ON CONFLICT (request_id)``) and its offsets are committed after
 the database commit; the same predictions are buffered and flushed to the object store as
-Parquet with their own offsets (``driftloop.featurestore``). Run with
+Parquet with their own offsets (``driftloop.storage.featurestore``). Run with
 ``python -m consumers.feature_logger``; metrics on ``FEATURE_LOGGER_METRICS_PORT`` (9101).
 """
 
@@ -24,8 +24,8 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from consumers.service import serve
-from driftloop import kafka
-from driftloop.consumer_loop import (
+from driftloop.events import kafka
+from driftloop.events.consumer_loop import (
     DUPLICATES,
     RECORDS_OUT,
     WRITE_SECONDS,
@@ -34,21 +34,21 @@ from driftloop.consumer_loop import (
     LoopOptions,
     install_stop_signals,
 )
-from driftloop.database import UNAVAILABLE_ERRORS
-from driftloop.featurestore import FeatureStore
-from driftloop.migrations import SCHEMA_NAME
-from driftloop.objectstore import UNAVAILABLE_ERRORS as OBJECT_STORE_ERRORS
-from driftloop.objectstore import s3_client
-from driftloop.prediction_log import (
-    PredictionLog,
-    WriteCounts,
-    open_prediction_log,
-)
 from driftloop.settings import (
     KafkaSettings,
     ObjectStoreSettings,
     PostgresSettings,
     ServiceSettings,
+)
+from driftloop.storage.database import UNAVAILABLE_ERRORS
+from driftloop.storage.featurestore import FeatureStore
+from driftloop.storage.migrations import SCHEMA_NAME
+from driftloop.storage.objectstore import UNAVAILABLE_ERRORS as OBJECT_STORE_ERRORS
+from driftloop.storage.objectstore import s3_client
+from driftloop.storage.prediction_log import (
+    PredictionLog,
+    WriteCounts,
+    open_prediction_log,
 )
 from schemas.events import TOPIC_EVENTS, GroundTruth, PredictionEvent
 from schemas.features import load_feature_spec

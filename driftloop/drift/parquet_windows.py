@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from driftloop.drift.assessment import PREDICTION_COLUMN
 from driftloop.drift.store import PREDICTED_AT_COLUMN
-from driftloop.featurestore import feature_column
+from driftloop.storage.featurestore import feature_column
 from schemas.features import FeatureSpec
 
 if TYPE_CHECKING:

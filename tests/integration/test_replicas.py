@@ -23,14 +23,14 @@ import pyarrow.parquet as pq
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from driftloop.objectstore import s3_client
-from driftloop.replay import wait_for_champion
 from driftloop.settings import ObjectStoreSettings, PostgresSettings, load_settings
-from driftloop.stack import lifecycle
-from driftloop.stack.programs import replica_name
-from driftloop.stack.readiness import wait_ready
-from driftloop.stack.settings import StackSettings
-from driftloop.stack.supervisor import Supervisor
+from driftloop.storage.objectstore import s3_client
+from driftloop_tools.demo.replay import wait_for_champion
+from driftloop_tools.stack import lifecycle
+from driftloop_tools.stack.programs import replica_name
+from driftloop_tools.stack.readiness import wait_ready
+from driftloop_tools.stack.settings import StackSettings
+from driftloop_tools.stack.supervisor import Supervisor
 from gateway.contract import example_row
 from gateway.settings import GatewaySettings
 from schemas.features import load_feature_spec

@@ -12,11 +12,11 @@ import yaml
 from pydantic import ValidationError
 
 from driftloop.settings import DEVELOPMENT_FERNET_KEY
-from driftloop.stack import lifecycle, partitions
-from driftloop.stack.nginx import nginx_config_path, nginx_prefix, write_nginx_config
-from driftloop.stack.programs import platform_programs, replica_name, service_of
-from driftloop.stack.prometheus_config import render_prometheus_config
-from driftloop.stack.settings import StackSettings
+from driftloop_tools.stack import lifecycle, partitions
+from driftloop_tools.stack.nginx import nginx_config_path, nginx_prefix, write_nginx_config
+from driftloop_tools.stack.programs import platform_programs, replica_name, service_of
+from driftloop_tools.stack.prometheus_config import render_prometheus_config
+from driftloop_tools.stack.settings import StackSettings
 from schemas.topics import Topic
 
 pytestmark = pytest.mark.unit
