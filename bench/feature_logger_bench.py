@@ -1,7 +1,15 @@
 """feature-logger throughput: Kafka -> Postgres committed rows/s, against a per-row INSERT
-consumer on the same data, in one run.
+consumer on the same data, in one run; with ``--processes 1,3``, also 1 against 3 replicas.
 
     uv run python bench/feature_logger_bench.py [--rows 200000] [--reference-seconds 20]
+    uv run python bench/feature_logger_bench.py --processes 1,3 --reference-seconds 0
+
+Each process count in ``--processes`` reads the same pre-produced topic with a group and a
+schema of its own, one after the other, so the counts see the same input on the same machine;
+the ratio is against the first count. Beside each rate the bench prints the machine's CPU
+busy share over the measured span and the loggers' own share of it: on a small machine the
+replicas, Postgres and the broker share the same cores, and these figures say which one the
+scale-out ran into.
 
 Both read the same pre-produced ``predictions`` topic (unique prefix) with their own group
 and Postgres schema. The feature logger runs as its own process with its defaults (Parquet
@@ -22,9 +30,11 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 
 import asyncpg
 import orjson
+import psutil
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from driftloop.events import kafka
@@ -105,9 +115,51 @@ def start_logger(environment: dict[str, str], index: int) -> subprocess.Popen[by
     )
 
 
+class Run(NamedTuple):
+    rate: float
+    rss_kib: list[int]
+    cpu_busy_percent: float
+    logger_cpu_cores: float
+    server_cpu_cores: dict[str, float]
+
+
+def listener_tree(port: int) -> list[psutil.Process]:
+    """The process listening on this local port (Postgres, the broker) with its children."""
+    for connection in psutil.net_connections(kind="tcp"):
+        if (
+            connection.status == psutil.CONN_LISTEN
+            and getattr(connection.laddr, "port", None) == port
+        ):
+            if connection.pid is None:
+                break
+            root = psutil.Process(connection.pid)
+            return [root, *root.children(recursive=True)]
+    return []
+
+
+def tree_cpu_seconds(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for process in processes:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
+def server_cpu_seconds(kafka: KafkaSettings, postgres: PostgresSettings) -> dict[str, float]:
+    """CPU used so far by the stack's Postgres (every backend) and broker."""
+    _, broker_port = kafka.bootstrap_servers.split(",")[0].rsplit(":", 1)
+    return {
+        "postgres": tree_cpu_seconds(listener_tree(postgres.port)),
+        "kafka": tree_cpu_seconds(listener_tree(int(broker_port))),
+    }
+
+
 async def feature_logger_rate(
     settings: KafkaSettings, postgres: PostgresSettings, schema: str, total: int, count: int
-) -> tuple[float, list[int]]:
+) -> Run:
     group = f"{schema}-logger"
     environment = {
         **os.environ,
@@ -132,20 +184,38 @@ async def feature_logger_rate(
                 rows = 0
             if started is None and rows:
                 started, rows_at_start = time.monotonic(), rows
+                psutil.cpu_percent()  # the machine's busy share from here on
+                cpu_at_start = _cpu_seconds(processes)
+                servers_at_start = server_cpu_seconds(settings, postgres)
             if started is not None and rows >= total:
                 done = await committed(settings, group, list(ends))
                 if done >= sum(ends.values()):
                     elapsed = time.monotonic() - started
+                    busy = psutil.cpu_percent()
+                    logger_cores = (_cpu_seconds(processes) - cpu_at_start) / elapsed
+                    server_cores = {
+                        name: (seconds - servers_at_start[name]) / elapsed
+                        for name, seconds in server_cpu_seconds(settings, postgres).items()
+                    }
                     break
             await asyncio.sleep(0.1)
         rss = [_rss_kib(process.pid) for process in processes]
-        return (total - rows_at_start) / elapsed, rss
+        return Run((total - rows_at_start) / elapsed, rss, busy, logger_cores, server_cores)
     finally:
         for process in processes:
             process.terminate()
             process.wait(timeout=60)
         await connection.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         await connection.close()
+
+
+def _cpu_seconds(processes: list[subprocess.Popen[bytes]]) -> float:
+    """User + system CPU the logger processes have used so far."""
+    total = 0.0
+    for process in processes:
+        times = psutil.Process(process.pid).cpu_times()
+        total += times.user + times.system
+    return total
 
 
 def _rss_kib(pid: int) -> int:
@@ -208,31 +278,53 @@ async def per_row_insert_rate(
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=200_000)
-    parser.add_argument("--reference-seconds", type=float, default=20.0)
     parser.add_argument(
-        "--processes", type=int, default=1, help="feature-logger processes in the group"
+        "--reference-seconds",
+        type=float,
+        default=20.0,
+        help="how long the per-row INSERT reference runs; 0 skips it",
+    )
+    parser.add_argument(
+        "--processes",
+        default="1",
+        help="feature-logger processes in the group; a comma list (1,3) measures each count "
+        "on the same input and prints the ratio to the first",
     )
     options = parser.parse_args()
+    counts = [int(count) for count in options.processes.split(",")]
+    if any(count < 1 or count > 3 for count in counts):
+        parser.error("--processes: between 1 and 3 (the predictions topic has 3 partitions)")
     tag = f"b{uuid.uuid4().hex[:10]}"
     settings = load_settings(KafkaSettings).model_copy(update={"topic_prefix": f"{tag}."})
     postgres = load_settings(PostgresSettings)
     await kafka.create_topics(settings, [Topic.PREDICTIONS, Topic.LABELS])
     print(f"producing {options.rows:,} predictions to {settings.topic(Topic.PREDICTIONS)} ...")
     await produce(settings, options.rows, tag)
-    print(f"load before: {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} cores")
-    rate, rss = await feature_logger_rate(
-        settings, postgres, f"{tag}_copy", options.rows, options.processes
-    )
-    memory = ", ".join(f"{kib / 1024:.0f}" for kib in rss)
-    print(
-        f"feature-logger x{options.processes} (COPY micro-batches, Parquet on): "
-        f"{rate:,.0f} committed rows/s (RSS MiB: {memory})"
-    )
-    reference = await per_row_insert_rate(
-        settings, postgres, f"{tag}_per_row", options.reference_seconds
-    )
-    print(f"per-row INSERT consumer:                         {reference:,.0f} committed rows/s")
-    print(f"ratio: {rate / reference:.1f}x (targets: >= 20,000 rows/s and >= 10x)")
+    print(f"{os.cpu_count()} cores")
+    rates: dict[int, float] = {}
+    for count in counts:
+        print(f"load before x{count}: {os.getloadavg()[0]:.2f} (1 min)")
+        run = await feature_logger_rate(
+            settings, postgres, f"{tag}_copy{count}", options.rows, count
+        )
+        rates[count] = run.rate
+        memory = ", ".join(f"{kib / 1024:.0f}" for kib in run.rss_kib)
+        print(
+            f"feature-logger x{count} (COPY micro-batches, Parquet on): "
+            f"{run.rate:,.0f} committed rows/s (RSS MiB: {memory}); machine CPU busy "
+            f"{run.cpu_busy_percent:.0f}%; cores used by the loggers "
+            f"{run.logger_cpu_cores:.2f}, "
+            + ", ".join(f"{name} {cores:.2f}" for name, cores in run.server_cpu_cores.items())
+        )
+    first = counts[0]
+    for count in counts[1:]:
+        print(f"ratio x{count} / x{first}: {rates[count] / rates[first]:.2f}")
+    if options.reference_seconds > 0:
+        reference = await per_row_insert_rate(
+            settings, postgres, f"{tag}_per_row", options.reference_seconds
+        )
+        print(f"per-row INSERT consumer: {reference:,.0f} committed rows/s")
+        print(f"ratio: {rates[first] / reference:.1f}x (targets: >= 20,000 rows/s and >= 10x)")
     print(f"load after: {os.getloadavg()[0]:.2f} (1 min)")
 
 

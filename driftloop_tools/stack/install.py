@@ -1,7 +1,7 @@
 """Installs what the native stack runs, from the registries this project may use.
 
-- PostgreSQL, Prometheus (with promtool) and Prometheus Alertmanager (with amtool): Debian
-  packages, through apt.
+- PostgreSQL, Prometheus (with promtool), Prometheus Alertmanager (with amtool) and nginx:
+  Debian packages, through apt.
 - Apache Kafka and S3Proxy: jars from Maven Central, resolved by Maven with the poms beside
   this module, into the stack's ``opt`` folder (Maven's own cache makes a second copy cheap).
 - MLflow, Airflow, supervisord: Python packages of this project's locked environment.
@@ -36,6 +36,8 @@ def _missing_debian_packages() -> list[str]:
         missing.append("prometheus")
     if shutil.which("prometheus-alertmanager") is None or shutil.which("amtool") is None:
         missing.append("prometheus-alertmanager")
+    if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
+        missing.append("nginx")
     if shutil.which("java") is None:
         missing.append("openjdk-17-jre-headless")
     if shutil.which("mvn") is None:

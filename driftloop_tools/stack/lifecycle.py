@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from driftloop.events import kafka
 from driftloop_tools.stack import install, provision
 from driftloop_tools.stack.alertmanager_config import reload_alertmanager, write_alertmanager_config
+from driftloop_tools.stack import install, partitions, provision
+from driftloop_tools.stack.nginx import write_nginx_config
 from driftloop_tools.stack.programs import (
     Program,
     airflow_programs,
@@ -25,12 +27,13 @@ from driftloop_tools.stack.programs import (
     postgres_program,
     prometheus_program,
     s3proxy_program,
+    service_of,
     write_airflow_passwords,
     write_kafka_config,
     write_s3proxy_config,
 )
 from driftloop_tools.stack.prometheus_config import reload_prometheus, write_prometheus_config
-from driftloop_tools.stack.readiness import PROBES, Readiness, check, wait_ready
+from driftloop_tools.stack.readiness import PROBES, NotReadyError, Readiness, check, wait_ready
 from driftloop_tools.stack.settings import StackSettings
 from driftloop_tools.stack.supervisor import ProgramState, Supervisor
 
@@ -90,7 +93,10 @@ def stop_stages(settings: StackSettings) -> list[list[str]]:
 def _probe_of(program_name: str) -> str | None:
     if program_name.startswith("airflow-"):
         return "airflow"
-    return program_name if program_name in PROBES else None
+    if program_name == "nginx":
+        return "gateway"
+    service = service_of(program_name)
+    return service if service in PROBES else None
 
 
 async def _start_stage(
@@ -117,6 +123,9 @@ async def _start_stage(
     results = await asyncio.gather(
         *(wait_ready(probe, settings, timeout_seconds, alive(probe)) for probe in probes)
     )
+    # nginx belongs to the gateway's probe (it checks nginx and every replica).
+    if "nginx" in names and supervisor.state("nginx").state not in {"RUNNING", "STARTING"}:
+        raise NotReadyError(f"nginx exited while starting; see {settings.logs / 'nginx.log'}")
     for result in results:
         report(f"{result.service:<14} ready at {result.address}")
 
@@ -137,6 +146,10 @@ def up(settings: StackSettings, report: Report) -> StackStatus:
             report("stack already running and healthy; nothing to do")
             return current
 
+    # Before anything starts: a consumer replica beyond its topics' partitions would sit idle.
+    partitions.check_replicas(
+        partitions.consumer_replicas(settings), partitions.declared_partitions()
+    )
     install.install(settings, report)
     provision.prepare_folders(settings)
     write_kafka_config(settings)
@@ -147,6 +160,7 @@ def up(settings: StackSettings, report: Report) -> StackStatus:
         reload_prometheus(settings)
     if write_alertmanager_config(settings) and supervisor.is_running():
         reload_alertmanager(settings)
+    nginx_changed = write_nginx_config(settings)
     if provision.init_postgres_cluster(settings):
         report("created the PostgreSQL cluster")
     if provision.format_kafka_storage(settings):
@@ -156,6 +170,9 @@ def up(settings: StackSettings, report: Report) -> StackStatus:
     supervisor.write_config(programs)
     if supervisor.is_running():
         supervisor.reload_config()
+        if nginx_changed:
+            # New replicas (or fewer): nginx re-reads its file without dropping a connection.
+            supervisor.signal("nginx", "HUP")
     else:
         supervisor.launch()
 
@@ -164,6 +181,11 @@ def up(settings: StackSettings, report: Report) -> StackStatus:
     created_topics = asyncio.run(kafka.create_topics(settings.kafka))
     if created_topics:
         report(f"created topics: {', '.join(created_topics)}")
+    # The topics as they are on the broker, which may predate the declared partitions.
+    partitions.check_replicas(
+        partitions.consumer_replicas(settings),
+        asyncio.run(partitions.broker_partitions(settings.kafka)),
+    )
     created_buckets = provision.create_buckets(settings)
     if created_buckets:
         report(f"created buckets: {', '.join(created_buckets)}")

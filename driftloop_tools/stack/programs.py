@@ -407,37 +407,94 @@ def alert_receiver_program(settings: StackSettings) -> Program:
     )
 
 
-def platform_programs(settings: StackSettings) -> list[Program]:
-    """The platform's own services; the stack assigns their ports, as compose does."""
-    python = sys.executable
+def replica_name(service: str, index: int) -> str:
+    """Replica 1 keeps the service's own program name (``supervisorctl stop feature-logger``
+    means what it meant with one replica); replica k is ``<service>-k``."""
+    return service if index == 1 else f"{service}-{index}"
+
+
+def service_of(program_name: str) -> str:
+    """The service a program belongs to: ``feature-logger-3`` -> ``feature-logger``."""
+    service, _, index = program_name.rpartition("-")
+    return service if service and index.isdigit() else program_name
+
+
+def gateway_programs(settings: StackSettings) -> list[Program]:
+    """The gateway replicas nginx spreads requests over, each on its own port.
+
+    Replica 1 keeps the gateway's configured spool and model cache (``GATEWAY_SPOOL_PATH``,
+    ``GATEWAY_MODEL_CACHE_DIR``), so a spool left by a one-gateway stack is still drained;
+    replica k has its own under the stack's data folder: two gateways never share a spool
+    (the spool refuses a second writer anyway) and never race on one cache's pointer file.
+    """
+    programs = []
+    for index, port in enumerate(settings.gateway_replica_ports, start=1):
+        environment = {
+            **MLFLOW_CLIENT_ENVIRONMENT,
+            "GATEWAY_HOST": "127.0.0.1",
+            "GATEWAY_PORT": str(port),
+        }
+        if index > 1:
+            own = settings.data / f"gateway-{index}"
+            environment["GATEWAY_SPOOL_PATH"] = str(own / "spool.sqlite3")
+            environment["GATEWAY_MODEL_CACHE_DIR"] = str(own / "models")
+        programs.append(
+            Program(
+                name=replica_name("gateway", index),
+                command=[sys.executable, "-m", "gateway"],
+                environment=environment,
+                directory=REPO_ROOT,
+            )
+        )
+    return programs
+
+
+def feature_logger_programs(settings: StackSettings) -> list[Program]:
+    """One consumer group; Kafka gives each replica its share of the partitions."""
     return [
         Program(
-            name="gateway",
-            command=[python, "-m", "gateway"],
-            environment={
-                **MLFLOW_CLIENT_ENVIRONMENT,
-                "GATEWAY_HOST": "127.0.0.1",
-                "GATEWAY_PORT": str(settings.gateway_port),
-            },
-            directory=REPO_ROOT,
-        ),
-        Program(
-            name="feature-logger",
-            command=[python, "-m", "consumers.feature_logger"],
-            environment={"FEATURE_LOGGER_METRICS_PORT": str(settings.feature_logger_metrics_port)},
+            name=replica_name("feature-logger", index),
+            command=[sys.executable, "-m", "consumers.feature_logger"],
+            environment={"FEATURE_LOGGER_METRICS_PORT": str(port)},
             directory=REPO_ROOT,
             stop_wait_seconds=60,
-        ),
-        Program(
-            name="batch-scorer",
-            command=[python, "-m", "consumers.batch_scorer"],
-            environment={
-                **MLFLOW_CLIENT_ENVIRONMENT,
-                "BATCH_SCORER_METRICS_PORT": str(settings.batch_scorer_metrics_port),
-            },
-            directory=REPO_ROOT,
-            stop_wait_seconds=60,
-        ),
+        )
+        for index, port in enumerate(settings.feature_logger_metrics_ports, start=1)
+    ]
+
+
+def batch_scorer_programs(settings: StackSettings) -> list[Program]:
+    """One consumer group; replica k > 1 caches its models apart, as the gateways do."""
+    programs = []
+    for index, port in enumerate(settings.batch_scorer_metrics_ports, start=1):
+        environment = {**MLFLOW_CLIENT_ENVIRONMENT, "BATCH_SCORER_METRICS_PORT": str(port)}
+        if index > 1:
+            environment["BATCH_SCORER_MODEL_CACHE_DIR"] = str(
+                settings.data / f"batch-scorer-{index}" / "models"
+            )
+        programs.append(
+            Program(
+                name=replica_name("batch-scorer", index),
+                command=[sys.executable, "-m", "consumers.batch_scorer"],
+                environment=environment,
+                directory=REPO_ROOT,
+                stop_wait_seconds=60,
+            )
+        )
+    return programs
+
+
+def platform_programs(settings: StackSettings) -> list[Program]:
+    """The platform's own services; the stack assigns their ports, as compose does."""
+    # Imported here: nginx's module renders from these programs' ports.
+    from driftloop_tools.stack.nginx import nginx_program
+
+    python = sys.executable
+    return [
+        nginx_program(settings),
+        *gateway_programs(settings),
+        *feature_logger_programs(settings),
+        *batch_scorer_programs(settings),
         Program(
             name="drift-monitor",
             command=[python, "-m", "consumers.drift_monitor"],

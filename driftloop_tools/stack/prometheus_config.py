@@ -32,17 +32,21 @@ CONFIG_FILE: Final = "prometheus.yml"
 SCRAPE_INTERVAL: Final = "15s"
 
 
-def scrape_ports(settings: StackSettings) -> dict[str, int]:
-    """Job name -> the localhost port Prometheus scrapes for it."""
+def scrape_ports(settings: StackSettings) -> dict[str, list[int]]:
+    """Job name -> the localhost ports Prometheus scrapes for it, one per replica.
+
+    The gateway's are its replicas' own ports, not nginx's: through nginx each scrape would
+    reach whichever replica is next, and the job's counters would jump between processes.
+    """
     return {
-        "prometheus": settings.prometheus_port,
-        "gateway": settings.gateway_port,
-        "feature-logger": settings.feature_logger_metrics_port,
-        "batch-scorer": settings.batch_scorer_metrics_port,
-        "drift-monitor": settings.drift_monitor_metrics_port,
-        "retrain-trigger": settings.retrain_trigger_metrics_port,
-        "alertmanager": settings.alertmanager_port,
-        "alert-receiver": settings.alert_receiver_port,
+        "prometheus": [settings.prometheus_port],
+        "gateway": settings.gateway_replica_ports,
+        "feature-logger": settings.feature_logger_metrics_ports,
+        "batch-scorer": settings.batch_scorer_metrics_ports,
+        "drift-monitor": [settings.drift_monitor_metrics_port],
+        "retrain-trigger": [settings.retrain_trigger_metrics_port],
+        "alertmanager": [settings.alertmanager_port],
+        "alert-receiver": [settings.alert_receiver_port],
     }
 
 
@@ -95,8 +99,11 @@ def render_prometheus_config(settings: StackSettings) -> str:
             ]
         },
         "scrape_configs": [
-            {"job_name": job, "static_configs": [{"targets": [f"localhost:{port}"]}]}
-            for job, port in scrape_ports(settings).items()
+            {
+                "job_name": job,
+                "static_configs": [{"targets": [f"localhost:{port}" for port in ports]}],
+            }
+            for job, ports in scrape_ports(settings).items()
         ],
     }
     header = (

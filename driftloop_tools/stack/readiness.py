@@ -121,18 +121,38 @@ async def probe_alertmanager(settings: StackSettings) -> None:
 
 async def probe_alert_receiver(settings: StackSettings) -> None:
     await _get_ok(f"http://127.0.0.1:{settings.alert_receiver_port}/health")
+async def _every_ready(urls: list[str]) -> None:
+    """Every replica answers; the error names the ones that do not."""
+    results = await asyncio.gather(*(_get_ok(url) for url in urls), return_exceptions=True)
+    failed = [
+        f"{url} ({_describe(result)})"
+        for url, result in zip(urls, results, strict=True)
+        if isinstance(result, BaseException)
+    ]
+    if failed:
+        raise NotReadyError(f"not answering: {', '.join(failed)}")
 
 
 async def probe_gateway(settings: StackSettings) -> None:
-    await _get_ok(f"http://127.0.0.1:{settings.gateway_port}/health/live")
+    # Every replica, and nginx in front of them (the port clients use).
+    await _every_ready(
+        [
+            *(f"http://127.0.0.1:{port}/health/live" for port in settings.gateway_replica_ports),
+            f"http://127.0.0.1:{settings.gateway_port}/health/live",
+        ]
+    )
 
 
 async def probe_feature_logger(settings: StackSettings) -> None:
-    await _get_ok(f"http://127.0.0.1:{settings.feature_logger_metrics_port}/metrics")
+    await _every_ready(
+        [f"http://127.0.0.1:{port}/metrics" for port in settings.feature_logger_metrics_ports]
+    )
 
 
 async def probe_batch_scorer(settings: StackSettings) -> None:
-    await _get_ok(f"http://127.0.0.1:{settings.batch_scorer_metrics_port}/metrics")
+    await _every_ready(
+        [f"http://127.0.0.1:{port}/metrics" for port in settings.batch_scorer_metrics_ports]
+    )
 
 
 async def probe_drift_monitor(settings: StackSettings) -> None:

@@ -9,7 +9,7 @@ import stat
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BeforeValidator, Field, SecretStr, StringConstraints
+from pydantic import BeforeValidator, Field, SecretStr, StringConstraints, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from driftloop.settings import (
@@ -32,6 +32,11 @@ def _unset_when_empty(value: object) -> object:
 
 # A secret that may be left empty in .env (``NAME=``): empty means not configured.
 OptionalSecret = Annotated[SecretStr | None, BeforeValidator(_unset_when_empty)]
+Replicas = Annotated[int, Field(ge=1, le=32)]
+
+
+class ReplicaPortError(ValueError):
+    """Two processes of the stack were given the same port."""
 
 
 class StackSettings(DriftloopSettings):
@@ -123,6 +128,30 @@ class StackSettings(DriftloopSettings):
     retrain_trigger_metrics_port: Port = Field(
         default=9104, description="STACK_RETRAIN_TRIGGER_METRICS_PORT (default 9104)."
     )
+    gateway_replicas: Replicas = Field(
+        default=1,
+        description="STACK_GATEWAY_REPLICAS: gateway processes behind nginx (default 1).",
+    )
+    gateway_replica_port: Port = Field(
+        default=8001,
+        description="STACK_GATEWAY_REPLICA_PORT: the first gateway replica's HTTP port; nginx "
+        "listens on STACK_GATEWAY_PORT and spreads requests over the replicas (default 8001).",
+    )
+    feature_logger_replicas: Replicas = Field(
+        default=1,
+        description="STACK_FEATURE_LOGGER_REPLICAS: feature-logger processes of one consumer "
+        "group, at most the partitions of its topics (default 1).",
+    )
+    batch_scorer_replicas: Replicas = Field(
+        default=1,
+        description="STACK_BATCH_SCORER_REPLICAS: batch-scorer processes of one consumer group, "
+        "at most the partitions of scoring.requests (default 1).",
+    )
+    replica_port_step: Annotated[int, Field(ge=1)] = Field(
+        default=100,
+        description="STACK_REPLICA_PORT_STEP: replica k listens on its service's port plus "
+        "(k-1) times this step (default 100: 9101, 9201, 9301 for the feature-logger).",
+    )
     postgres_superuser: str = Field(
         default="postgres",
         description="STACK_POSTGRES_SUPERUSER: cluster owner, reached over the unix socket "
@@ -143,6 +172,58 @@ class StackSettings(DriftloopSettings):
     s3: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
     airflow: AirflowApiSettings = Field(default_factory=AirflowApiSettings)
+
+    @model_validator(mode="after")
+    def _ports_are_distinct(self) -> StackSettings:
+        owners: dict[int, str] = {}
+        for name, port in self.listening_ports().items():
+            if port in owners:
+                raise ReplicaPortError(
+                    f"{name} and {owners[port]} would both listen on port {port}; change "
+                    "STACK_REPLICA_PORT_STEP or the services' ports"
+                )
+            owners[port] = name
+        return self
+
+    def replica_ports(self, first_port: int, replicas: int) -> list[int]:
+        """The ports of a service's replicas: the first one's, then one step further each."""
+        ports = [first_port + index * self.replica_port_step for index in range(replicas)]
+        if ports[-1] >= 65536:
+            raise ReplicaPortError(f"replica port {ports[-1]} is beyond 65535")
+        return ports
+
+    @property
+    def gateway_replica_ports(self) -> list[int]:
+        return self.replica_ports(self.gateway_replica_port, self.gateway_replicas)
+
+    @property
+    def feature_logger_metrics_ports(self) -> list[int]:
+        return self.replica_ports(self.feature_logger_metrics_port, self.feature_logger_replicas)
+
+    @property
+    def batch_scorer_metrics_ports(self) -> list[int]:
+        return self.replica_ports(self.batch_scorer_metrics_port, self.batch_scorer_replicas)
+
+    def listening_ports(self) -> dict[str, int]:
+        """Every localhost port the platform's processes and Prometheus listen on, by owner."""
+        ports = {
+            "prometheus": self.prometheus_port,
+            "kafka controller": self.kafka_controller_port,
+            "airflow worker log server": self.airflow_worker_log_server_port,
+            "airflow trigger log server": self.airflow_trigger_log_server_port,
+            "nginx (STACK_GATEWAY_PORT)": self.gateway_port,
+            "drift-monitor metrics": self.drift_monitor_metrics_port,
+            "retrain-trigger metrics": self.retrain_trigger_metrics_port,
+        }
+        replicated = {
+            "gateway": self.gateway_replica_ports,
+            "feature-logger metrics": self.feature_logger_metrics_ports,
+            "batch-scorer metrics": self.batch_scorer_metrics_ports,
+        }
+        for service, service_ports in replicated.items():
+            for index, port in enumerate(service_ports, start=1):
+                ports[f"{service} replica {index}"] = port
+        return ports
 
     @property
     def root(self) -> Path:

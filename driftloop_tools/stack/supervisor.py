@@ -177,6 +177,11 @@ class Supervisor:
                 f"{name} failed to start ({fault.faultString}); see {log}"
             ) from None
 
+    def signal(self, name: str, signal_name: str) -> None:
+        """Send a running program a signal (e.g. HUP: re-read configuration)."""
+        if self.state(name).state == "RUNNING":
+            self._proxy().supervisor.signalProcess(name, signal_name)
+
     def stop(self, name: str) -> None:
         if self.state(name).state in {"RUNNING", "STARTING", "BACKOFF"}:
             self._proxy().supervisor.stopProcess(name, True)

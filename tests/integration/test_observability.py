@@ -29,6 +29,7 @@ import pytest
 import yaml
 
 from driftloop.events.producer import EventProducer, event_record
+from driftloop.events import kafka
 from driftloop.settings import KafkaSettings, MlflowSettings, load_settings
 from driftloop_tools.demo.replay import ReplayHour, load_replay_hours, wait_for_champion
 from driftloop_tools.stack.prometheus_config import scrape_ports
@@ -243,10 +244,14 @@ async def test_prometheus_serves_the_repository_rules_and_scrapes_every_service(
         # Every job of the rendered configuration is scraped at the stack's ports: a service
         # that is down is an `up` series at 0, not a missing one.
         targets = (await client.get("/api/v1/targets")).json()["data"]["activeTargets"]
-        scraped = {target["labels"]["job"]: target["scrapeUrl"] for target in targets}
-        for job, port in scrape_ports(stack.settings).items():
+        scraped: dict[str, set[str]] = {}
+        for target in targets:
+            scraped.setdefault(target["labels"]["job"], set()).add(target["scrapeUrl"])
+        for job, ports in scrape_ports(stack.settings).items():
             assert job in scraped, f"Prometheus does not scrape {job}"
-            assert f":{port}/" in scraped[job], f"{job} scraped at {scraped[job]}, not :{port}"
+            # Every replica of a service is a target of its own.
+            expected_urls = {f"http://localhost:{port}/metrics" for port in ports}
+            assert scraped[job] == expected_urls, f"{job} scraped at {scraped[job]}"
 
 
 async def test_every_panel_and_rule_expression_returns_data_after_traffic(

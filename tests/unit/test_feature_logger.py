@@ -142,8 +142,11 @@ def test_a_feature_named_like_a_base_column_is_renamed() -> None:
 
 
 def test_settings_have_their_prefix_and_refuse_a_bad_schema(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    # No .env: a checkout's own (a stack on shifted ports) must not change the defaults.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FEATURE_LOGGER_METRICS_PORT", raising=False)
     monkeypatch.setenv("FEATURE_LOGGER_DB_SCHEMA", "t_abc")
     monkeypatch.setenv("POSTGRES_PASSWORD", "x")
     monkeypatch.setenv("S3_SECRET_ACCESS_KEY", "x")

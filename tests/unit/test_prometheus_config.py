@@ -35,7 +35,8 @@ RUNBOOKS = ROOT / "docs" / "runbooks.md"
 # job -> default port: the platform's processes and Prometheus itself.
 SCRAPE_PORTS = {
     "prometheus": 9090,
-    "gateway": 8000,
+    # The gateway replicas' own ports; nginx listens on 8000 in front of them.
+    "gateway": 8001,
     "feature-logger": 9101,
     "batch-scorer": 9102,
     "drift-monitor": 9103,
@@ -43,9 +44,11 @@ SCRAPE_PORTS = {
     "alertmanager": 9095,
     "alert-receiver": 9099,
 }
+# In compose the gateway container itself answers on 8000 (the Service does the spreading).
+COMPOSE_PORTS = {**SCRAPE_PORTS, "gateway": 8000}
 SHIFTED_PORTS = {
     "STACK_PROMETHEUS_PORT": ("prometheus", 19090),
-    "STACK_GATEWAY_PORT": ("gateway", 18000),
+    "STACK_GATEWAY_REPLICA_PORT": ("gateway", 18001),
     "STACK_FEATURE_LOGGER_METRICS_PORT": ("feature-logger", 19101),
     "STACK_BATCH_SCORER_METRICS_PORT": ("batch-scorer", 19102),
     "STACK_DRIFT_MONITOR_METRICS_PORT": ("drift-monitor", 19103),
@@ -149,9 +152,9 @@ def test_rendered_config_is_rewritten_only_when_it_changes(
 ) -> None:
     assert write_prometheus_config(StackSettings())
     assert not write_prometheus_config(StackSettings())
-    monkeypatch.setenv("STACK_GATEWAY_PORT", "18000")
+    monkeypatch.setenv("STACK_GATEWAY_REPLICA_PORT", "18001")
     assert write_prometheus_config(StackSettings())
-    assert "localhost:18000" in prometheus_config_path(StackSettings()).read_text()
+    assert "localhost:18001" in prometheus_config_path(StackSettings()).read_text()
 
 
 def test_prometheus_program_reads_the_rendered_config(stack_env: Path) -> None:
@@ -176,7 +179,7 @@ def test_native_and_compose_scrape_the_same_jobs_and_rules(stack_env: Path) -> N
 def test_compose_job_targets_its_service(job: str) -> None:
     # In compose each service is reached by its name; Prometheus scrapes itself locally.
     host = "localhost" if job == "prometheus" else job
-    assert _targets(_load(COMPOSE_CONFIG))[job] == [f"{host}:{SCRAPE_PORTS[job]}"]
+    assert _targets(_load(COMPOSE_CONFIG))[job] == [f"{host}:{COMPOSE_PORTS[job]}"]
 
 
 def test_promtool_accepts_rules() -> None:

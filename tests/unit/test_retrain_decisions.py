@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
@@ -165,8 +166,11 @@ def test_a_suppressed_or_failed_episode_is_decided_again(state: TriggerState) ->
 
 
 def test_models_are_comma_separated_and_default_to_the_declarations(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    # No .env: a checkout's own (a stack on shifted ports) must not change the defaults.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RETRAIN_TRIGGER_METRICS_PORT", raising=False)
     monkeypatch.setenv("POSTGRES_PASSWORD", "x")
     monkeypatch.setenv("AIRFLOW_API_PASSWORD", "x")
     monkeypatch.setenv("RETRAIN_TRIGGER_MODELS", "")

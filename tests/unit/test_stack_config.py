@@ -89,6 +89,7 @@ def test_every_stack_program_is_rendered(settings: StackSettings) -> None:
         "airflow-scheduler",
         "airflow-dag-processor",
         "airflow-triggerer",
+        "nginx",
         "gateway",
         "feature-logger",
         "batch-scorer",
