@@ -12,9 +12,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from driftloop.events import kafka
-from driftloop_tools.stack import install, provision
-from driftloop_tools.stack.alertmanager_config import reload_alertmanager, write_alertmanager_config
 from driftloop_tools.stack import install, partitions, provision
+from driftloop_tools.stack.alertmanager_config import reload_alertmanager, write_alertmanager_config
 from driftloop_tools.stack.nginx import write_nginx_config
 from driftloop_tools.stack.programs import (
     Program,

@@ -121,6 +121,8 @@ async def probe_alertmanager(settings: StackSettings) -> None:
 
 async def probe_alert_receiver(settings: StackSettings) -> None:
     await _get_ok(f"http://127.0.0.1:{settings.alert_receiver_port}/health")
+
+
 async def _every_ready(urls: list[str]) -> None:
     """Every replica answers; the error names the ones that do not."""
     results = await asyncio.gather(*(_get_ok(url) for url in urls), return_exceptions=True)

@@ -29,7 +29,6 @@ import pytest
 import yaml
 
 from driftloop.events.producer import EventProducer, event_record
-from driftloop.events import kafka
 from driftloop.settings import KafkaSettings, MlflowSettings, load_settings
 from driftloop_tools.demo.replay import ReplayHour, load_replay_hours, wait_for_champion
 from driftloop_tools.stack.prometheus_config import scrape_ports
