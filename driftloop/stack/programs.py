@@ -315,6 +315,11 @@ def airflow_environment(settings: StackSettings) -> dict[str, str]:
         # New DAG files are picked up within seconds instead of Airflow's default 5 minutes.
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
         "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "10",
+        # Two stacks on one machine (shifted ports) would both bind Airflow's fixed defaults.
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(settings.airflow_worker_log_server_port),
+        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(
+            settings.airflow_triggerer_log_server_port
+        ),
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(settings.logs / "airflow"),
         "AIRFLOW__LOGGING__DAG_PROCESSOR_CHILD_PROCESS_LOG_DIRECTORY": str(
             settings.logs / "airflow" / "dag_processor"

@@ -47,6 +47,16 @@ class StackSettings(DriftloopSettings):
         description="STACK_AIRFLOW_PARALLELISM: LocalExecutor worker processes (default 4; "
         "Airflow's 32 would swamp 2 cores).",
     )
+    airflow_worker_log_server_port: Port = Field(
+        default=8793,
+        description="STACK_AIRFLOW_WORKER_LOG_SERVER_PORT: the scheduler's task-log server "
+        "(AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT; default 8793, Airflow's).",
+    )
+    airflow_triggerer_log_server_port: Port = Field(
+        default=8794,
+        description="STACK_AIRFLOW_TRIGGERER_LOG_SERVER_PORT: the triggerer's log server "
+        "(AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT; default 8794, Airflow's).",
+    )
     gateway_port: Port = Field(
         default=8000, description="STACK_GATEWAY_PORT: the gateway's HTTP port (default 8000)."
     )
