@@ -3,13 +3,16 @@
 Consumes ``predictions`` and ``labels`` in one group. Each micro-batch is written to Postgres
 (COPY into staging, ``INSERT … ON CONFLICT (request_id)``) and its offsets are committed after
 the database commit; the same predictions are buffered and flushed to the object store as
-Parquet with their own offsets (``driftloop.featurestore``). Run with
+Parquet with their own offsets (``driftloop.featurestore``). On a timer it makes the daily
+partitions of the log tables ahead and drops those past the hot retention
+(``driftloop.hot_store``). Run with
 ``python -m consumers.feature_logger``; metrics on ``FEATURE_LOGGER_METRICS_PORT`` (9101).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -36,6 +39,7 @@ from driftloop.consumer_loop import (
 )
 from driftloop.database import UNAVAILABLE_ERRORS
 from driftloop.featurestore import FeatureStore
+from driftloop.hot_store import hot_retention
 from driftloop.migrations import SCHEMA_NAME
 from driftloop.objectstore import UNAVAILABLE_ERRORS as OBJECT_STORE_ERRORS
 from driftloop.objectstore import s3_client
@@ -51,7 +55,7 @@ from driftloop.settings import (
     ServiceSettings,
 )
 from schemas.events import TOPIC_EVENTS, GroundTruth, PredictionEvent
-from schemas.features import load_feature_spec
+from schemas.features import declared_feature_specs, load_feature_spec
 from schemas.topics import Topic
 
 NAME: Final = "feature-logger"
@@ -82,6 +86,15 @@ SKETCH_SECONDS = Counter(
 PARQUET_BUFFERED = Gauge(
     "driftloop_feature_logger_parquet_buffered_rows",
     "Predictions buffered for the next Parquet flush.",
+)
+HOT_STORE_PARTITIONS = Counter(
+    "driftloop_hot_store_partitions_total",
+    "Daily partitions of prediction_log and labels made ahead or dropped past the retention.",
+    ["action"],
+)
+HOT_STORE_MAINTENANCE_FAILURES = Counter(
+    "driftloop_hot_store_maintenance_failures_total",
+    "Partition maintenance runs that failed (retried at the next interval).",
 )
 PARQUET_FLUSH_FAILURES = Counter(
     "driftloop_feature_logger_parquet_flush_failures_total",
@@ -149,6 +162,17 @@ class FeatureLoggerSettings(ServiceSettings):
         default=60.0,
         description="FEATURE_LOGGER_PENDING_SWEEP_INTERVAL_SECONDS: how often pending labels "
         "are joined and expired (default 60).",
+    )
+    partition_maintenance_interval_seconds: Seconds = Field(
+        default=3600.0,
+        description="FEATURE_LOGGER_PARTITION_MAINTENANCE_INTERVAL_SECONDS: how often the daily "
+        "partitions of prediction_log and labels are made ahead and the expired ones dropped "
+        "(default 3600; one replica at a time does it).",
+    )
+    partitions_ahead_days: Annotated[int, Field(ge=0, le=60)] = Field(
+        default=3,
+        description="FEATURE_LOGGER_PARTITIONS_AHEAD_DAYS: days of partitions made ahead of "
+        "today (default 3).",
     )
     metrics_port: Annotated[int, Field(ge=0, lt=65536)] = Field(
         default=9101,
@@ -326,6 +350,26 @@ class FeatureLogger:
             log.warning("Parquet flush in flight at the stop failed (%s)", error)
 
 
+async def maintain_hot_store(
+    prediction_log: PredictionLog, *, retention: timedelta, ahead_days: int, interval: float
+) -> None:
+    """Make partitions ahead and drop expired ones every ``interval`` seconds, until cancelled.
+
+    A failed run is counted and retried at the next interval: the writer makes any missing
+    day itself, so logging never waits for this.
+    """
+    while True:
+        try:
+            report = await prediction_log.maintain_partitions(retention, ahead_days)
+        except Exception:  # maintenance must never stop the logging
+            HOT_STORE_MAINTENANCE_FAILURES.inc()
+            log.exception("partition maintenance failed; retry in %.0fs", interval)
+        else:
+            HOT_STORE_PARTITIONS.labels("created").inc(len(report.created))
+            HOT_STORE_PARTITIONS.labels("dropped").inc(len(report.dropped))
+        await asyncio.sleep(interval)
+
+
 async def run_feature_logger(settings: FeatureLoggerSettings) -> None:
     """Run the feature logger until SIGTERM/SIGINT (or a non-transient failure)."""
     topics = {
@@ -346,6 +390,18 @@ async def run_feature_logger(settings: FeatureLoggerSettings) -> None:
     prediction_log = await open_prediction_log(settings.postgres, settings.db_schema)
     async with AsyncExitStack() as stack:
         stack.push_async_callback(_closing, "Postgres pool", prediction_log.close)
+        maintenance = asyncio.create_task(
+            maintain_hot_store(
+                prediction_log,
+                retention=hot_retention(
+                    load_feature_spec(name) for name in declared_feature_specs()
+                ),
+                ahead_days=settings.partitions_ahead_days,
+                interval=settings.partition_maintenance_interval_seconds,
+            ),
+            name=f"{NAME}-partition-maintenance",
+        )
+        stack.push_async_callback(_cancelled, maintenance)
         store = None
         if settings.parquet_enabled:
             # A failed flush is retried by the logger's own backoff while Postgres logging goes
@@ -389,6 +445,12 @@ async def run_feature_logger(settings: FeatureLoggerSettings) -> None:
         log.info("consumption stopped; flushing Parquet and closing")
         await logger.close()
     log.info("stopped cleanly")
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _closing(what: str, close: Callable[[], Awaitable[None]]) -> None:

@@ -14,6 +14,7 @@ from driftloop.demo_cli import demo_app
 from driftloop.settings import SettingsError, load_settings
 from driftloop.stack import lifecycle
 from driftloop.stack.settings import StackSettings
+from driftloop.storage_cli import storage_app
 
 app = typer.Typer(help="driftloop: serve, log, watch for drift, retrain and promote models.")
 stack_app = typer.Typer(help="The native stack (no Docker): up, down, status.")
@@ -23,6 +24,7 @@ app.add_typer(batch_app, name="batch")
 app.add_typer(model_app, name="model")
 app.add_typer(demo_app, name="demo")
 app.add_typer(drift_app, name="drift")
+app.add_typer(storage_app, name="storage")
 
 console = Console()
 
