@@ -5,7 +5,8 @@ Consumes ``predictions`` and ``labels`` in one group. Each micro-batch is writte
 the database commit; the same predictions are buffered and flushed to the object store as
 Parquet with their own offsets (``driftloop.featurestore``). On a timer it makes the daily
 partitions of the log tables ahead and drops those past the hot retention
-(``driftloop.hot_store``). Run with
+(``driftloop.hot_store``), then compacts the Parquet files of closed hours
+(``driftloop.compaction``). Run with
 ``python -m consumers.feature_logger``; metrics on ``FEATURE_LOGGER_METRICS_PORT`` (9101).
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -28,6 +30,7 @@ from pydantic_settings import SettingsConfigDict
 
 from consumers.service import serve
 from driftloop import kafka
+from driftloop.compaction import CompactionReport, compact
 from driftloop.consumer_loop import (
     DUPLICATES,
     RECORDS_OUT,
@@ -92,9 +95,13 @@ HOT_STORE_PARTITIONS = Counter(
     "Daily partitions of prediction_log and labels made ahead or dropped past the retention.",
     ["action"],
 )
-HOT_STORE_MAINTENANCE_FAILURES = Counter(
-    "driftloop_hot_store_maintenance_failures_total",
-    "Partition maintenance runs that failed (retried at the next interval).",
+STORAGE_MAINTENANCE_FAILURES = Counter(
+    "driftloop_storage_maintenance_failures_total",
+    "Partition maintenance or compaction runs that failed (retried at the next interval).",
+)
+COMPACTED_FILES = Counter(
+    "driftloop_parquet_compacted_files_total",
+    "Parquet flush files merged into one file per model-hour by compaction.",
 )
 PARQUET_FLUSH_FAILURES = Counter(
     "driftloop_feature_logger_parquet_flush_failures_total",
@@ -163,11 +170,17 @@ class FeatureLoggerSettings(ServiceSettings):
         description="FEATURE_LOGGER_PENDING_SWEEP_INTERVAL_SECONDS: how often pending labels "
         "are joined and expired (default 60).",
     )
-    partition_maintenance_interval_seconds: Seconds = Field(
-        default=3600.0,
-        description="FEATURE_LOGGER_PARTITION_MAINTENANCE_INTERVAL_SECONDS: how often the daily "
-        "partitions of prediction_log and labels are made ahead and the expired ones dropped "
-        "(default 3600; one replica at a time does it).",
+    storage_maintenance_interval_seconds: Seconds = Field(
+        default=600.0,
+        description="FEATURE_LOGGER_STORAGE_MAINTENANCE_INTERVAL_SECONDS: how often the daily "
+        "partitions of prediction_log and labels are made ahead and the expired ones dropped, "
+        "then closed hours' Parquet files compacted (default 600; one replica at a time).",
+    )
+    compaction_settle_seconds: Annotated[float, Field(ge=0)] = Field(
+        default=900.0,
+        description="FEATURE_LOGGER_COMPACTION_SETTLE_SECONDS: how long after an hour ends its "
+        "Parquet files are merged into one (default 900; a later flush of it adds a file, "
+        "merged at the next run).",
     )
     partitions_ahead_days: Annotated[int, Field(ge=0, le=60)] = Field(
         default=3,
@@ -350,23 +363,31 @@ class FeatureLogger:
             log.warning("Parquet flush in flight at the stop failed (%s)", error)
 
 
-async def maintain_hot_store(
-    prediction_log: PredictionLog, *, retention: timedelta, ahead_days: int, interval: float
+async def maintain_storage(
+    prediction_log: PredictionLog,
+    compaction: Callable[[], Awaitable[CompactionReport]] | None,
+    *,
+    retention: timedelta,
+    ahead_days: int,
+    interval: float,
 ) -> None:
-    """Make partitions ahead and drop expired ones every ``interval`` seconds, until cancelled.
+    """Every ``interval`` seconds until cancelled: make partitions ahead, drop expired ones,
+    then compact the closed hours' Parquet files (with ``compaction``).
 
     A failed run is counted and retried at the next interval: the writer makes any missing
-    day itself, so logging never waits for this.
+    day itself and readers take any number of files, so logging never waits for this.
     """
     while True:
         try:
             report = await prediction_log.maintain_partitions(retention, ahead_days)
-        except Exception:  # maintenance must never stop the logging
-            HOT_STORE_MAINTENANCE_FAILURES.inc()
-            log.exception("partition maintenance failed; retry in %.0fs", interval)
-        else:
             HOT_STORE_PARTITIONS.labels("created").inc(len(report.created))
             HOT_STORE_PARTITIONS.labels("dropped").inc(len(report.dropped))
+            if compaction is not None:
+                compacted = await compaction()
+                COMPACTED_FILES.inc(compacted.files_replaced)
+        except Exception:  # maintenance must never stop the logging
+            STORAGE_MAINTENANCE_FAILURES.inc()
+            log.exception("storage maintenance failed; retry in %.0fs", interval)
         await asyncio.sleep(interval)
 
 
@@ -387,21 +408,11 @@ async def run_feature_logger(settings: FeatureLoggerSettings) -> None:
         max_batch=settings.max_batch,
         poll_timeout_ms=settings.poll_timeout_ms,
     )
-    prediction_log = await open_prediction_log(settings.postgres, settings.db_schema)
+    # Three sessions: the batch writes, the Parquet flush, and storage maintenance (whose
+    # compaction holds its session, and that session's lock, for the whole run).
+    prediction_log = await open_prediction_log(settings.postgres, settings.db_schema, max_size=3)
     async with AsyncExitStack() as stack:
         stack.push_async_callback(_closing, "Postgres pool", prediction_log.close)
-        maintenance = asyncio.create_task(
-            maintain_hot_store(
-                prediction_log,
-                retention=hot_retention(
-                    load_feature_spec(name) for name in declared_feature_specs()
-                ),
-                ahead_days=settings.partitions_ahead_days,
-                interval=settings.partition_maintenance_interval_seconds,
-            ),
-            name=f"{NAME}-partition-maintenance",
-        )
-        stack.push_async_callback(_cancelled, maintenance)
         store = None
         if settings.parquet_enabled:
             # A failed flush is retried by the logger's own backoff while Postgres logging goes
@@ -417,6 +428,26 @@ async def run_feature_logger(settings: FeatureLoggerSettings) -> None:
                 max_buffered_rows=settings.max_buffered_rows,
                 specs=specs,
             )
+        compaction = None
+        if store is not None:
+            compaction = functools.partial(
+                compact,
+                prediction_log.pool,
+                store.s3,
+                settings.s3.data_bucket,
+                settle=timedelta(seconds=settings.compaction_settle_seconds),
+            )
+        maintenance = asyncio.create_task(
+            maintain_storage(
+                prediction_log,
+                compaction,
+                retention=hot_retention(load_feature_spec(n) for n in declared_feature_specs()),
+                ahead_days=settings.partitions_ahead_days,
+                interval=settings.storage_maintenance_interval_seconds,
+            ),
+            name=f"{NAME}-storage-maintenance",
+        )
+        stack.push_async_callback(_cancelled, maintenance)
         producer = kafka.producer(settings.kafka, f"{NAME}-dlq")
         await kafka.start_with_retry(producer, settings.kafka)
         stack.push_async_callback(_closing, "producer", producer.stop)

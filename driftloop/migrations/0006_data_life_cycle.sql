@@ -86,3 +86,13 @@ CREATE INDEX prediction_log_model_time ON prediction_log (model_name, predicted_
 
 ALTER TABLE labels ADD PRIMARY KEY (request_id, predicted_at);
 CREATE INDEX labels_observed_at ON labels (observed_at);
+
+-- Parquet compaction (driftloop.compaction): objects of the store that are in no manifest and
+-- must go. A compaction records its new file here before putting it (a crash leaves it
+-- listed), and its swap of the manifest, in one transaction, removes that entry and lists the
+-- files it replaced. The next run deletes every listed object, then its entry.
+CREATE TABLE feature_garbage (
+    object_key text PRIMARY KEY,
+    reason     text NOT NULL CHECK (reason IN ('unfinished_compaction', 'replaced')),
+    listed_at  timestamptz NOT NULL DEFAULT now()
+);
