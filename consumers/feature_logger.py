@@ -5,8 +5,8 @@ Consumes ``predictions`` and ``labels`` in one group. Each micro-batch is writte
 the database commit; the same predictions are buffered and flushed to the object store as
 Parquet with their own offsets (``driftloop.featurestore``). On a timer it makes the daily
 partitions of the log tables ahead and drops those past the hot retention
-(``driftloop.hot_store``), then compacts the Parquet files of closed hours
-(``driftloop.compaction``). Run with
+(``driftloop.hot_store``), writes the labels to Parquet and compacts the Parquet files of
+closed hours (``driftloop.storage_maintenance``). Run with
 ``python -m consumers.feature_logger``; metrics on ``FEATURE_LOGGER_METRICS_PORT`` (9101).
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -22,6 +21,7 @@ from contextlib import AsyncExitStack
 from datetime import timedelta
 from typing import Annotated, Any, Final, cast
 
+import asyncpg
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.structs import TopicPartition
 from prometheus_client import Counter, Gauge
@@ -30,7 +30,6 @@ from pydantic_settings import SettingsConfigDict
 
 from consumers.service import serve
 from driftloop import kafka
-from driftloop.compaction import CompactionReport, compact
 from driftloop.consumer_loop import (
     DUPLICATES,
     RECORDS_OUT,
@@ -57,6 +56,7 @@ from driftloop.settings import (
     PostgresSettings,
     ServiceSettings,
 )
+from driftloop.storage_maintenance import ParquetTarget, StoragePolicy, maintain_storage
 from schemas.events import TOPIC_EVENTS, GroundTruth, PredictionEvent
 from schemas.features import declared_feature_specs, load_feature_spec
 from schemas.topics import Topic
@@ -98,6 +98,10 @@ HOT_STORE_PARTITIONS = Counter(
 STORAGE_MAINTENANCE_FAILURES = Counter(
     "driftloop_storage_maintenance_failures_total",
     "Partition maintenance or compaction runs that failed (retried at the next interval).",
+)
+LABEL_FILES = Counter(
+    "driftloop_parquet_label_files_written_total",
+    "Label files (one per model and day) written or rewritten to the object store.",
 )
 COMPACTED_FILES = Counter(
     "driftloop_parquet_compacted_files_total",
@@ -193,9 +197,26 @@ class FeatureLoggerSettings(ServiceSettings):
         "picks a free port).",
     )
 
+    labels_prefix: str = Field(
+        default="labels/",
+        description="FEATURE_LOGGER_LABELS_PREFIX: key prefix of the label files in "
+        "S3_DATA_BUCKET (default labels/).",
+    )
+
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     postgres: PostgresSettings = Field(default_factory=PostgresSettings)
     s3: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
+
+    def storage_policy(self) -> StoragePolicy:
+        """Maintenance's policy: these settings and the model declarations' hot retention."""
+        return StoragePolicy(
+            hot_retention=hot_retention(
+                load_feature_spec(name) for name in declared_feature_specs()
+            ),
+            ahead_days=self.partitions_ahead_days,
+            compaction_settle=timedelta(seconds=self.compaction_settle_seconds),
+            labels_prefix=self.labels_prefix,
+        )
 
 
 class FeatureLogger:
@@ -363,31 +384,26 @@ class FeatureLogger:
             log.warning("Parquet flush in flight at the stop failed (%s)", error)
 
 
-async def maintain_storage(
-    prediction_log: PredictionLog,
-    compaction: Callable[[], Awaitable[CompactionReport]] | None,
-    *,
-    retention: timedelta,
-    ahead_days: int,
-    interval: float,
+async def maintain_periodically(
+    pool: asyncpg.Pool, parquet: ParquetTarget | None, policy: StoragePolicy, interval: float
 ) -> None:
-    """Every ``interval`` seconds until cancelled: make partitions ahead, drop expired ones,
-    then compact the closed hours' Parquet files (with ``compaction``).
+    """Run storage maintenance every ``interval`` seconds until cancelled.
 
     A failed run is counted and retried at the next interval: the writer makes any missing
     day itself and readers take any number of files, so logging never waits for this.
     """
     while True:
         try:
-            report = await prediction_log.maintain_partitions(retention, ahead_days)
-            HOT_STORE_PARTITIONS.labels("created").inc(len(report.created))
-            HOT_STORE_PARTITIONS.labels("dropped").inc(len(report.dropped))
-            if compaction is not None:
-                compacted = await compaction()
-                COMPACTED_FILES.inc(compacted.files_replaced)
+            report = await maintain_storage(pool, parquet, policy)
         except Exception:  # maintenance must never stop the logging
             STORAGE_MAINTENANCE_FAILURES.inc()
             log.exception("storage maintenance failed; retry in %.0fs", interval)
+        else:
+            HOT_STORE_PARTITIONS.labels("created").inc(len(report.partitions.created))
+            HOT_STORE_PARTITIONS.labels("dropped").inc(len(report.partitions.dropped))
+            LABEL_FILES.inc(len(report.label_files))
+            if report.compaction is not None:
+                COMPACTED_FILES.inc(report.compaction.files_replaced)
         await asyncio.sleep(interval)
 
 
@@ -428,22 +444,12 @@ async def run_feature_logger(settings: FeatureLoggerSettings) -> None:
                 max_buffered_rows=settings.max_buffered_rows,
                 specs=specs,
             )
-        compaction = None
-        if store is not None:
-            compaction = functools.partial(
-                compact,
-                prediction_log.pool,
-                store.s3,
-                settings.s3.data_bucket,
-                settle=timedelta(seconds=settings.compaction_settle_seconds),
-            )
         maintenance = asyncio.create_task(
-            maintain_storage(
-                prediction_log,
-                compaction,
-                retention=hot_retention(load_feature_spec(n) for n in declared_feature_specs()),
-                ahead_days=settings.partitions_ahead_days,
-                interval=settings.storage_maintenance_interval_seconds,
+            maintain_periodically(
+                prediction_log.pool,
+                ParquetTarget(store.s3, settings.s3.data_bucket) if store is not None else None,
+                settings.storage_policy(),
+                settings.storage_maintenance_interval_seconds,
             ),
             name=f"{NAME}-storage-maintenance",
         )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Final
@@ -163,16 +163,23 @@ async def ensure_partitions(connection: asyncpg.Connection, days: Iterable[date]
     return created
 
 
+DropGuard = Callable[[asyncpg.Connection, date], Awaitable[bool]]
+"""Whether an expired day may go now (e.g. its labels are in Parquet); asked with the day's
+partitions locked, so nothing can be written to them between the answer and the drop."""
+
+
 async def maintain(
     connection: asyncpg.Connection,
     *,
     retention: timedelta,
     ahead_days: int = 3,
     now: datetime | None = None,
+    may_drop: DropGuard | None = None,
 ) -> MaintenanceReport:
     """Create today's and the next ``ahead_days`` partitions; drop the days past the horizon.
 
-    Skips (``skipped``) when another session holds the schema's lock: that one is doing it.
+    With ``may_drop``, an expired day it refuses is kept until a later run. Skips
+    (``skipped``) when another session holds the schema's lock: that one is doing it.
     """
     if retention <= timedelta(0):
         raise ValueError(f"the hot retention must be positive, got {retention}")
@@ -193,11 +200,18 @@ async def maintain(
         dropped: list[str] = []
         all_days = present["prediction_log"] | present["labels"]
         for day in expired_days(all_days, now=moment, retention=retention):
-            # Labels first: a day of labels never outlives its day of predictions.
-            for table in ("labels", "prediction_log"):
-                if day in present[table]:
-                    await connection.execute(f'DROP TABLE "{partition_name(table, day)}"')
-                    dropped.append(partition_name(table, day))
+            # In the writer's order (predictions, then labels), so the two cannot deadlock.
+            tables = [table for table in PARTITIONED_TABLES if day in present[table]]
+            for table in tables:
+                await connection.execute(
+                    f'LOCK TABLE "{partition_name(table, day)}" IN ACCESS EXCLUSIVE MODE'
+                )
+            if may_drop is not None and not await may_drop(connection, day):
+                log.warning("keeping expired day %s: not ready to drop yet", day)
+                continue
+            for table in tables:
+                await connection.execute(f'DROP TABLE "{partition_name(table, day)}"')
+                dropped.append(partition_name(table, day))
     report = MaintenanceReport(horizon, tuple(created), tuple(dropped))
     if created or dropped:
         log.info(

@@ -25,7 +25,7 @@ import orjson
 from driftloop.consumer_loop import Delivery
 from driftloop.database import open_migrated_pool
 from driftloop.drift.slices import SLICE_COLUMNS, LayoutCache, slice_deltas
-from driftloop.hot_store import MaintenanceReport, ensure_partitions, maintain, partition_day
+from driftloop.hot_store import ensure_partitions, partition_day
 from driftloop.settings import PostgresSettings
 from schemas.events import GroundTruth, PredictionEvent
 
@@ -297,15 +297,6 @@ class PredictionLog:
             unsketched,
             sketch_seconds,
         )
-
-    async def maintain_partitions(self, retention: timedelta, ahead_days: int) -> MaintenanceReport:
-        """Make the next days' partitions and drop the expired ones (``hot_store.maintain``)."""
-        async with self.pool.acquire() as connection:
-            report = await maintain(connection, retention=retention, ahead_days=ahead_days)
-        if report.dropped:
-            # Those days may come back (a late row): the writer must check them again.
-            self._partition_days.clear()
-        return report
 
     async def sweep_pending_labels(self, retention: timedelta) -> SweepCounts:
         """Move pending labels whose prediction arrived; delete those older than ``retention``."""

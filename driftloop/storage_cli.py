@@ -1,10 +1,11 @@
 """``driftloop storage``: the data life cycle by hand (the services do the same on timers).
 
-``driftloop storage maintain`` makes the next days' partitions of ``prediction_log`` and
-``labels``, drops the days past the hot retention (``driftloop.hot_store``) and compacts the
-Parquet files of closed hours (``driftloop.compaction``), with the feature-logger's settings
-(``FEATURE_LOGGER_*``) and the longest ``retention.hot`` of the model declarations. Safe
-beside a running feature-logger: one run of each at a time per schema, every step idempotent.
+``driftloop storage maintain`` runs one storage maintenance (``driftloop.storage_maintenance``):
+label files to Parquet, the next days' partitions of ``prediction_log`` and ``labels`` made and
+the days past the hot retention dropped, the Parquet files of closed hours compacted, with the
+feature-logger's settings (``FEATURE_LOGGER_*``) and the longest ``retention.hot`` of the model
+declarations. Safe beside a running feature-logger: one run of each at a time per schema, and
+every step is idempotent.
 """
 
 from __future__ import annotations
@@ -32,52 +33,51 @@ def _duration(text: str) -> timedelta:
     return duration
 
 
-async def _maintain(
-    retention: timedelta | None, ahead_days: int | None, *, compaction: bool
-) -> bool:
-    import asyncpg
+async def _maintain(retention: timedelta | None, ahead_days: int | None, *, parquet: bool) -> bool:
+    import dataclasses
 
     from consumers.feature_logger import FeatureLoggerSettings
-    from driftloop.compaction import compact
-    from driftloop.database import UNAVAILABLE_ERRORS, open_migrated_pool
-    from driftloop.hot_store import describe, hot_retention, maintain
+    from driftloop.connect import DependencyUnavailableError
+    from driftloop.database import open_migrated_pool
+    from driftloop.hot_store import describe
+    from driftloop.migrations import MigrationError
     from driftloop.objectstore import s3_client
-    from schemas.features import declared_feature_specs, load_feature_spec
+    from driftloop.storage_maintenance import ParquetTarget, maintain_storage
 
     settings = load_settings(FeatureLoggerSettings)
-    chosen = retention or hot_retention(load_feature_spec(n) for n in declared_feature_specs())
-    ahead = settings.partitions_ahead_days if ahead_days is None else ahead_days
+    policy = settings.storage_policy()
+    if retention is not None:
+        policy = dataclasses.replace(policy, hot_retention=retention)
+    if ahead_days is not None:
+        policy = dataclasses.replace(policy, ahead_days=ahead_days)
     try:
         pool = await open_migrated_pool(
-            settings.postgres, settings.db_schema, max_size=1, give_up_after_seconds=10
+            settings.postgres, settings.db_schema, max_size=2, give_up_after_seconds=10
         )
-    except (*UNAVAILABLE_ERRORS, asyncpg.PostgresError) as error:
-        console.print(f"[red]cannot reach Postgres: {error}[/red]")
+    except (DependencyUnavailableError, MigrationError) as error:
+        cause = f" ({error.__cause__})" if error.__cause__ else ""
+        console.print(f"[red]cannot open the platform database: {error}{cause}[/red]")
         return False
     try:
-        async with pool.acquire() as connection:
-            report = await maintain(connection, retention=chosen, ahead_days=ahead)
-        console.print(f"schema {settings.db_schema}, hot retention {chosen}")
-        for line in describe(report):
-            console.print(line)
-        if compaction:
-            async with s3_client(settings.s3) as s3:
-                compacted = await compact(
-                    pool,
-                    s3,
-                    settings.s3.data_bucket,
-                    settle=timedelta(seconds=settings.compaction_settle_seconds),
-                )
-            if compacted.skipped:
-                console.print("compaction: another session is compacting; nothing done")
-            else:
-                console.print(
-                    f"compaction: {compacted.files_replaced} files merged into "
-                    f"{len(compacted.hours)} (one per model-hour), "
-                    f"{compacted.garbage_deleted} replaced objects deleted"
-                )
+        async with s3_client(settings.s3) as s3:
+            target = ParquetTarget(s3, settings.s3.data_bucket) if parquet else None
+            report = await maintain_storage(pool, target, policy)
     finally:
         await pool.close()
+    console.print(f"schema {settings.db_schema}, hot retention {policy.hot_retention}")
+    for line in describe(report.partitions):
+        console.print(line)
+    if parquet:
+        labels = sum(file.rows for file in report.label_files)
+        console.print(f"label files written: {len(report.label_files)} ({labels} labels)")
+    compacted = report.compaction
+    if compacted is not None and compacted.skipped:
+        console.print("compaction: another session is compacting; nothing done")
+    elif compacted is not None:
+        console.print(
+            f"compaction: {compacted.files_replaced} files merged into {len(compacted.hours)} "
+            f"(one per model-hour), {compacted.garbage_deleted} replaced objects deleted"
+        )
     return True
 
 
@@ -91,16 +91,16 @@ def maintain_command(
     ahead_days: int | None = typer.Option(
         None, min=0, max=60, help="Days of partitions to make ahead (default: the setting)."
     ),
-    compaction: bool = typer.Option(
-        True, help="Also merge the Parquet files of each closed model-hour into one."
+    parquet: bool = typer.Option(
+        True,
+        help="Also write the label files and merge each closed model-hour's files into one "
+        "(--no-parquet: partitions only; expired labels then leave without a Parquet copy).",
     ),
 ) -> None:
-    """Make partitions ahead, drop the days past the hot retention, compact closed hours."""
+    """Labels to Parquet, partitions made ahead and expired ones dropped, closed hours compacted."""
     try:
         done = asyncio.run(
-            _maintain(
-                _duration(retention) if retention else None, ahead_days, compaction=compaction
-            )
+            _maintain(_duration(retention) if retention else None, ahead_days, parquet=parquet)
         )
     except SettingsError as error:
         console.print(f"[red]{error}[/red]")

@@ -96,3 +96,18 @@ CREATE TABLE feature_garbage (
     reason     text NOT NULL CHECK (reason IN ('unfinished_compaction', 'replaced')),
     listed_at  timestamptz NOT NULL DEFAULT now()
 );
+
+-- Labels in Parquet (driftloop.label_files): one file per model and day of prediction time,
+-- rewritten whole while labels of that day still arrive, so a training set over months is
+-- one read. watermark: the newest labels.logged_at the file holds.
+CREATE TABLE label_files (
+    model_name text NOT NULL,
+    day        date NOT NULL,
+    object_key text NOT NULL,
+    row_count  integer NOT NULL,
+    watermark  timestamptz NOT NULL,
+    written_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (model_name, day)
+);
+-- The newest label of a day, at the cost of one index probe (has the day's file fallen behind?).
+CREATE INDEX labels_logged_at ON labels (logged_at);
