@@ -40,6 +40,7 @@ from driftloop.consumer_loop import (
     install_stop_signals,
 )
 from driftloop.database import UNAVAILABLE_ERRORS
+from driftloop.drift.report_retention import REPORT_PREFIX
 from driftloop.featurestore import FeatureStore
 from driftloop.hot_store import hot_retention
 from driftloop.migrations import SCHEMA_NAME
@@ -56,7 +57,12 @@ from driftloop.settings import (
     PostgresSettings,
     ServiceSettings,
 )
-from driftloop.storage_maintenance import ParquetTarget, StoragePolicy, maintain_storage
+from driftloop.storage_maintenance import (
+    ModelRetention,
+    ParquetTarget,
+    StoragePolicy,
+    maintain_storage,
+)
 from schemas.events import TOPIC_EVENTS, GroundTruth, PredictionEvent
 from schemas.features import declared_feature_specs, load_feature_spec
 from schemas.topics import Topic
@@ -202,6 +208,13 @@ class FeatureLoggerSettings(ServiceSettings):
         description="FEATURE_LOGGER_LABELS_PREFIX: key prefix of the label files in "
         "S3_DATA_BUCKET (default labels/).",
     )
+    report_prefix: str = Field(
+        default=REPORT_PREFIX,
+        min_length=1,
+        description="FEATURE_LOGGER_REPORT_PREFIX: key prefix of the drift reports whose "
+        "retention maintenance applies; the drift-monitor's DRIFT_MONITOR_REPORT_PREFIX "
+        "(default drift-reports/).",
+    )
 
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     postgres: PostgresSettings = Field(default_factory=PostgresSettings)
@@ -209,13 +222,14 @@ class FeatureLoggerSettings(ServiceSettings):
 
     def storage_policy(self) -> StoragePolicy:
         """Maintenance's policy: these settings and the model declarations' hot retention."""
+        specs = [load_feature_spec(name) for name in declared_feature_specs()]
         return StoragePolicy(
-            hot_retention=hot_retention(
-                load_feature_spec(name) for name in declared_feature_specs()
-            ),
+            hot_retention=hot_retention(specs),
             ahead_days=self.partitions_ahead_days,
             compaction_settle=timedelta(seconds=self.compaction_settle_seconds),
             labels_prefix=self.labels_prefix,
+            models=tuple(ModelRetention.of(spec) for spec in specs),
+            report_prefix=self.report_prefix,
         )
 
 

@@ -300,6 +300,14 @@ class Retention(_Declaration):
     """Predictions and labels in Postgres (ISO 8601, e.g. P14D; at least one day, the
     partition's span): drift windows and recent training rows read them there; older history
     is read from Parquet. Partitions are shared, so the longest declared retention applies."""
+    parquet: timedelta | None = Field(default=None, ge=timedelta(days=1))
+    """Feature and label files in the object store (e.g. P400D); none: kept for good (Parquet
+    is the system of record). Whole days go, once past it."""
+    reports: timedelta = Field(default=timedelta(days=90), ge=timedelta(days=1))
+    """Drift reports, JSON and HTML (default P90D)."""
+    report_html_bytes: int = Field(default=256 * 2**20, ge=0)
+    """Budget of the model's gzipped HTML reports in bytes (default 256 MiB): past it, the
+    oldest HTML files go (their JSON stays)."""
 
 
 class FeatureSpec(_Declaration):

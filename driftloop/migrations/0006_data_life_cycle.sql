@@ -90,10 +90,11 @@ CREATE INDEX labels_observed_at ON labels (observed_at);
 -- Parquet compaction (driftloop.compaction): objects of the store that are in no manifest and
 -- must go. A compaction records its new file here before putting it (a crash leaves it
 -- listed), and its swap of the manifest, in one transaction, removes that entry and lists the
--- files it replaced. The next run deletes every listed object, then its entry.
+-- files it replaced; files past the model's Parquet retention are listed as expired. The next
+-- compaction run deletes every listed object, then its entry.
 CREATE TABLE feature_garbage (
     object_key text PRIMARY KEY,
-    reason     text NOT NULL CHECK (reason IN ('unfinished_compaction', 'replaced')),
+    reason     text NOT NULL CHECK (reason IN ('unfinished_compaction', 'replaced', 'expired')),
     listed_at  timestamptz NOT NULL DEFAULT now()
 );
 
