@@ -14,7 +14,7 @@ from driftloop.demo_cli import demo_app
 from driftloop.settings import SettingsError, load_settings
 from driftloop.stack import lifecycle
 from driftloop.stack.settings import StackSettings
-from driftloop.storage_cli import storage_app
+from driftloop.storage_cli import sql_command, storage_app
 
 app = typer.Typer(help="driftloop: serve, log, watch for drift, retrain and promote models.")
 stack_app = typer.Typer(help="The native stack (no Docker): up, down, status.")
@@ -25,6 +25,7 @@ app.add_typer(model_app, name="model")
 app.add_typer(demo_app, name="demo")
 app.add_typer(drift_app, name="drift")
 app.add_typer(storage_app, name="storage")
+app.command("sql")(sql_command)
 
 console = Console()
 

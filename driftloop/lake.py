@@ -132,7 +132,7 @@ def _dataset(
 
 def query(connection: duckdb.DuckDBPyConnection, sql: str, *parameters: Any) -> pa.Table:
     """Run one statement over the views; the result as Arrow."""
-    result: pa.Table = connection.execute(sql, list(parameters)).to_arrow_table()
+    result: pa.Table = connection.sql(sql, params=list(parameters)).to_arrow_table()
     return result
 
 

@@ -16,6 +16,7 @@ from datetime import timedelta
 import typer
 from pydantic import TypeAdapter, ValidationError
 from rich.console import Console
+from rich.table import Table
 
 from driftloop.settings import SettingsError, load_settings
 
@@ -102,6 +103,68 @@ def maintain_command(
         done = asyncio.run(
             _maintain(_duration(retention) if retention else None, ahead_days, parquet=parquet)
         )
+    except SettingsError as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
+    if not done:
+        raise typer.Exit(1)
+
+
+async def _sql(statement: str, limit: int) -> bool:
+    import duckdb
+    import pyarrow as pa
+
+    from consumers.feature_logger import FeatureLoggerSettings
+    from driftloop import lake
+    from driftloop.connect import DependencyUnavailableError
+    from driftloop.database import create_pool
+
+    settings = load_settings(FeatureLoggerSettings)
+    try:
+        pool = await create_pool(
+            settings.postgres, schema=settings.db_schema, max_size=1, give_up_after_seconds=10
+        )
+    except DependencyUnavailableError as error:
+        console.print(f"[red]cannot open the platform database: {error}[/red]")
+        return False
+    try:
+        files = await lake.all_files(pool)
+    finally:
+        await pool.close()
+    filesystem = lake.s3_filesystem(settings.s3)
+
+    def run() -> pa.Table:
+        connection = lake.open_lake(filesystem, settings.s3.data_bucket, files)
+        try:
+            return lake.query(connection, statement)
+        finally:
+            connection.close()
+
+    try:
+        result = await asyncio.to_thread(run)
+    except duckdb.Error as error:
+        console.print(f"[red]{error}[/red]")
+        return False
+    table = Table(title=f"{result.num_rows} rows")
+    for name in result.column_names:
+        table.add_column(name)
+    for row in result.slice(0, limit).to_pylist():
+        table.add_row(*(str(value) for value in row.values()))
+    console.print(table)
+    if result.num_rows > limit:
+        console.print(f"({result.num_rows - limit} more rows not shown; raise --limit)")
+    return True
+
+
+def sql_command(
+    statement: str = typer.Argument(
+        help="One SQL statement over the views `features` (every prediction) and `labels`."
+    ),
+    limit: int = typer.Option(50, min=1, help="Rows printed."),
+) -> None:
+    """Ad-hoc SQL (DuckDB) over the Parquet layout: views `features` and `labels`."""
+    try:
+        done = asyncio.run(_sql(statement, limit))
     except SettingsError as error:
         console.print(f"[red]{error}[/red]")
         raise typer.Exit(2) from None
