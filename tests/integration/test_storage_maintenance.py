@@ -69,7 +69,8 @@ async def prediction_log(
 async def test_labels_reach_parquet_before_their_day_is_dropped(
     prediction_log: PredictionLog, object_store_settings: ObjectStoreSettings, unique: str
 ) -> None:
-    predictions, labels = [], []
+    predictions: list[Delivery[PredictionEvent]] = []
+    labels: list[GroundTruth] = []
     for day in DAYS:
         for index in range(PER_DAY):
             request_id = f"{day:%m%d}-{index}"
@@ -211,7 +212,7 @@ async def test_lifecycle_expires_parquet_and_reports_past_their_retention(
         assert report.expired_files == 2  # the old day's feature file and label file
         assert report.reports[0].expired == 2
         assert report.reports[0].over_budget == 3
-        listing = set()
+        listing: set[str] = set()
         paginator = s3.get_paginator("list_objects_v2")
         async for page in paginator.paginate(Bucket=bucket, Prefix=f"tests/{unique}/"):
             listing.update(item["Key"] for item in page.get("Contents", []))
