@@ -1,12 +1,12 @@
 """feature-logger: every prediction and label, exactly once, in Postgres and Parquet.
 
-Consumes ``predictions`` and ``labels`` in one group. Each micro-batch is written to Postgres
-(COPY into staging, ``INSERT … ON CONFLICT (request_id)``) and its offsets are committed after
-the database commit; the same predictions are buffered and flushed to the object store as
-Parquet with their own offsets (``driftloop.featurestore``). On a timer it makes the daily
-partitions of the log tables ahead and drops those past the hot retention
-(``driftloop.hot_store``), writes the labels to Parquet and compacts the Parquet files of
-closed hours (``driftloop.storage_maintenance``). Run with
+Consumes ``predictions`` and ``labels`` in one group. Each micro-batch is written to
+Postgres (COPY into staging, ``INSERT … ON CONFLICT``, unique by request id) and its offsets
+are committed after the database commit; the same predictions are buffered and flushed to
+the object store as Parquet with their own offsets (``driftloop.featurestore``). On a timer
+it runs storage maintenance (``driftloop.storage_maintenance``): daily partitions of the log
+tables made ahead and dropped past the hot retention, labels written to Parquet, retention
+of files and reports applied, closed hours compacted. Run with
 ``python -m consumers.feature_logger``; metrics on ``FEATURE_LOGGER_METRICS_PORT`` (9101).
 """
 
