@@ -2,7 +2,7 @@
 
     uv run python bench/airflow_trigger.py [--runs 5] [--dag platform_healthcheck] [--poll 0.25]
 
-Runs are triggered one after another with ``driftloop.airflow_client.AirflowClient`` (the
+Runs are triggered one after another with ``driftloop.orchestration.airflow.AirflowClient`` (the
 retrain trigger's client), each with a fresh ``bench-…`` run id, and polled until they finish.
 "started" and "finished" are Airflow's own ``start_date`` / ``end_date`` minus the wall-clock
 time the trigger request was sent (same machine, same clock); "seen" columns are when a poll
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import orjson
 
-from driftloop.airflow_client import AirflowClient
+from driftloop.orchestration.airflow import AirflowClient
 from driftloop.settings import AirflowApiSettings, load_settings
 
 RESULTS = Path(__file__).resolve().parent / "results"

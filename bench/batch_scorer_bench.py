@@ -4,7 +4,7 @@ pass-through consumer (consume -> produce the same messages, no model) in the sa
     uv run python bench/batch_scorer_bench.py [--rows 50000]
 
 A 200-tree bikeshare model is registered as champion of a unique model name. Each contender
-runs as its own process on its own topic set; the client (``driftloop.batch_scoring``) sends
+runs as its own process on its own topic set; the client (``driftloop.serving.batch_client``) sends
 the rows and waits for all results. The pass-through worker runs the same consumer loop and
 produces the same two messages per request (a result and a prediction event), with a fixed
 score instead of the model, so the ratio isolates the cost of decoding rows and scoring.
@@ -27,9 +27,9 @@ from typing import Any
 
 from aiokafka.structs import TopicPartition
 
-from driftloop import kafka
-from driftloop.batch_scoring import score_rows
-from driftloop.consumer_loop import ConsumerLoop, Delivery, LoopOptions, install_stop_signals
+from driftloop.events import kafka
+from driftloop.events.consumer_loop import ConsumerLoop, Delivery, LoopOptions, install_stop_signals
+from driftloop.serving.batch_client import score_rows
 from driftloop.settings import KafkaSettings, MlflowSettings, load_settings
 from schemas.events import TOPIC_EVENTS, PredictionEvent, ScoringRequest, ScoringResult
 from schemas.fields import utc_now
@@ -134,8 +134,8 @@ def free_port() -> int:
 
 
 def rows(count: int) -> list[dict[str, Any]]:
-    from consumers.batch_cli import rows_from_records
-    from driftloop.training import read_dataset
+    from driftloop.training.trainer import read_dataset
+    from driftloop_tools.cli.batch import rows_from_records
     from schemas.features import load_feature_spec
 
     spec = load_feature_spec("bikeshare")
@@ -185,7 +185,7 @@ async def main() -> None:
     if options.worker:
         await pass_through_worker(options.worker)
         return
-    from driftloop.training import read_dataset, train_champion
+    from driftloop.training.trainer import read_dataset, train_champion
     from schemas.features import load_feature_spec
 
     tag = f"b{uuid.uuid4().hex[:10]}"

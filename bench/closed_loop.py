@@ -5,8 +5,9 @@
 Against the running native stack and its own services (gateway, feature-logger, drift-monitor,
 retrain-trigger, Airflow ``retrain_model``), exactly as ``make demo`` runs them: each run
 trains a fresh January-March champion of ``bikeshare`` (``--force``), replays April-June
-through the gateway with labels, and follows the loop with ``driftloop.loop_watch`` until the
-gateway serves the promoted version. It prints the time of each stage from the end of the
+through the gateway with labels, and follows the loop with
+``driftloop_tools.demo.loop_watch`` until the gateway serves the promoted version. It prints
+the time of each stage from the end of the
 first drifted window (the moment its last row was logged), the loop's total against the
 3-minute target, and, as the reference measured in the same run, Airflow's own overhead: a
 one-task DAG (``platform_healthcheck``) from trigger to finish. Results go to
@@ -32,15 +33,15 @@ from pathlib import Path
 import httpx
 import orjson
 
-from driftloop.airflow_client import AirflowClient
-from driftloop.bootstrap import bootstrap_model
-from driftloop.bootstrap_cli import announce_promotion
 from driftloop.drift.store import open_drift_store
-from driftloop.loop_watch import LoopTimeline, LoopWatcher
-from driftloop.replay import Replayer, day_of_year, load_replay_hours, new_replay_id
-from driftloop.retrain_ledger import open_retrain_ledger
+from driftloop.orchestration.airflow import AirflowClient
+from driftloop.orchestration.ledger import open_retrain_ledger
 from driftloop.settings import load_settings
-from driftloop.stack.settings import StackSettings
+from driftloop.training.bootstrap import bootstrap_model
+from driftloop_tools.cli.model import announce_promotion
+from driftloop_tools.demo.loop_watch import LoopTimeline, LoopWatcher
+from driftloop_tools.demo.replay import Replayer, day_of_year, load_replay_hours, new_replay_id
+from driftloop_tools.stack.settings import StackSettings
 from schemas.features import load_feature_spec
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -49,16 +49,16 @@ import httpx
 import orjson
 import psutil
 
-from driftloop import kafka
-from driftloop.bootstrap import bootstrap_model
 from driftloop.drift.assessment import WindowEvaluation, evaluate_window, window_bounds
-from driftloop.drift.champions import RegistryChampions
 from driftloop.drift.policy import DriftPolicy
+from driftloop.drift.reference import RegistryChampions
 from driftloop.drift.reports import render_report
 from driftloop.drift.store import open_drift_store
-from driftloop.kafka import create_topics
-from driftloop.replay import load_replay_hours
+from driftloop.events import kafka
+from driftloop.events.kafka import create_topics
 from driftloop.settings import KafkaSettings, MlflowSettings, PostgresSettings, load_settings
+from driftloop.training.bootstrap import bootstrap_model
+from driftloop_tools.demo.replay import load_replay_hours
 from schemas.events import PredictionEvent, uuid4_text
 from schemas.features import load_feature_spec
 from schemas.topics import Topic

@@ -27,7 +27,7 @@ import asyncpg
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from driftloop import kafka
+from driftloop.events import kafka
 from driftloop.settings import KafkaSettings, PostgresSettings, load_settings
 from schemas.events import PredictionEvent
 from schemas.fields import FeatureValue

@@ -44,9 +44,9 @@ from pathlib import Path
 import httpx
 import orjson
 
-from driftloop import training
-from driftloop.kafka import create_topics
+from driftloop.events.kafka import create_topics
 from driftloop.settings import KafkaSettings, MlflowSettings, load_settings
+from driftloop.training import trainer
 from gateway.contract import example_row
 from schemas.features import load_feature_spec
 from schemas.topics import Topic
@@ -175,9 +175,9 @@ def main() -> None:
         create_topics(kafka_settings, [Topic.PREDICTIONS, Topic.LABELS, Topic.MODEL_EVENTS])
     )
 
-    frame = training.read_dataset(spec, months=["Jan", "Feb", "March"])
+    frame = trainer.read_dataset(spec, months=["Jan", "Feb", "March"])
     name = f"bench-gateway-{stamp}"
-    first = training.train_champion(
+    first = trainer.train_champion(
         spec,
         frame,
         tracking_uri=mlflow_settings.tracking_uri,
@@ -251,7 +251,7 @@ def main() -> None:
     ):
         warm(url, body)
         runs["steady (before swap)"] = wrk("steady (before swap)", url, body, 8)
-        training.train_champion(
+        trainer.train_champion(
             spec,
             frame,
             tracking_uri=mlflow_settings.tracking_uri,

@@ -30,9 +30,9 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer
 
-from driftloop import kafka
+from driftloop.events import kafka
+from driftloop.events.spool import Spool, SpoolRecord
 from driftloop.settings import KafkaSettings, load_settings
-from driftloop.spool import Spool, SpoolRecord
 from gateway.publishing import EventPublisher, ModelKey, PredictionRecords, datetime_of
 from schemas.topics import Topic
 

@@ -5,7 +5,7 @@ DuckDB against today's pandas path, on the dev stack's Postgres and S3 server.
    from the bundled Bike Sharing data) as the feature-logger does: one committed file per
    flush and model-hour (``--flushes-per-hour`` files an hour), in a schema and key prefix of
    their own, half of the rows labelled (label files).
-2. Compacts them (``driftloop.compaction``) and prints bytes per row and files per model-hour
+2. Compacts them (``driftloop.storage.compaction``) and prints bytes per row and files per model-hour
    before and after (targets: at most 60 bytes a row, at most 2 files per model-hour).
 3. Reads the whole span as one window, in interleaved rounds, each path in a fresh process
    so its peak memory (max RSS) is its own: ``duckdb`` (``load_duckdb_window``) and ``pandas``
@@ -38,13 +38,13 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from driftloop.compaction import compact
-from driftloop.database import open_migrated_pool
-from driftloop.featurestore import BASE_SCHEMA, PartitionKey, feature_column, parquet_file
-from driftloop.label_files import LABEL_SCHEMA, label_file_key
-from driftloop.objectstore import s3_client
 from driftloop.settings import ObjectStoreSettings, PostgresSettings, load_settings
-from driftloop.training import read_dataset
+from driftloop.storage.compaction import compact
+from driftloop.storage.database import open_migrated_pool
+from driftloop.storage.featurestore import BASE_SCHEMA, PartitionKey, feature_column, parquet_file
+from driftloop.storage.label_files import LABEL_SCHEMA, label_file_key
+from driftloop.storage.objectstore import s3_client
+from driftloop.training.trainer import read_dataset
 from schemas.features import load_feature_spec
 
 START = datetime(2026, 11, 1, tzinfo=UTC)
@@ -54,10 +54,10 @@ RESULTS = Path(__file__).parent / "results"
 READER = """
 import asyncio, json, resource, sys, time
 from datetime import datetime
-from driftloop import lake
-from driftloop.database import create_pool
+from driftloop.storage import lake
+from driftloop.storage.database import create_pool
 from driftloop.drift.parquet_windows import load_duckdb_window, load_parquet_window
-from driftloop.objectstore import s3_client
+from driftloop.storage.objectstore import s3_client
 from driftloop.settings import ObjectStoreSettings, PostgresSettings, load_settings
 from schemas.features import load_feature_spec
 

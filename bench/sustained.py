@@ -55,10 +55,10 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from prometheus_client.parser import text_string_to_metric_families
 
-from driftloop import training
-from driftloop.kafka import create_topics
+from driftloop.events.kafka import create_topics
 from driftloop.settings import KafkaSettings, MlflowSettings, PostgresSettings, load_settings
-from driftloop.stack.settings import StackSettings
+from driftloop.training import trainer
+from driftloop_tools.stack.settings import StackSettings
 from gateway.contract import example_row
 from schemas.features import load_feature_spec
 from schemas.topics import Topic, topic_specs
@@ -540,9 +540,9 @@ async def run(arguments: argparse.Namespace) -> None:
 
     spec = load_feature_spec("bikeshare")
     model_name = f"bench-sustained-{stamp}"
-    training.train_champion(
+    trainer.train_champion(
         spec,
-        training.read_dataset(spec, months=["Jan", "Feb", "March"]),
+        trainer.read_dataset(spec, months=["Jan", "Feb", "March"]),
         tracking_uri=mlflow.tracking_uri,
         model_name=model_name,
         work_dir=work,

@@ -1,9 +1,9 @@
 """batch-scorer: scores ``scoring.requests`` in vectorised batches with the current champion.
 
 Each batch is checked, encoded and scored in one ``Booster.predict`` call by the scoring
-service the gateway's /predict uses too (``driftloop.scoring``), with the champion
-``driftloop.champion`` loads and hot-swaps, and answered with a ``ScoringResult`` per request
-on ``scoring.results`` (keyed by batch id) and a ``PredictionEvent`` per scored row on
+service the gateway's /predict uses too (``driftloop.serving.scoring``), with the champion
+``driftloop.serving.champion`` loads and hot-swaps, and answered with a ``ScoringResult`` per
+request on ``scoring.results`` (keyed by batch id) and a ``PredictionEvent`` per scored row on
 ``predictions`` (source ``batch``), so batch traffic is logged and drift-checked like HTTP
 traffic. Offsets are committed only after every produced message is acknowledged: a crash
 replays the batch, and readers de-duplicate results by request id (the feature logger does so
@@ -30,9 +30,8 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from consumers.service import serve
-from driftloop import kafka
-from driftloop.champion import Champion, ChampionHolder, ModelRegistry
-from driftloop.consumer_loop import (
+from driftloop.events import kafka
+from driftloop.events.consumer_loop import (
     RECORDS_OUT,
     WRITE_SECONDS,
     ConsumerLoop,
@@ -40,8 +39,9 @@ from driftloop.consumer_loop import (
     LoopOptions,
     install_stop_signals,
 )
-from driftloop.model_events import ModelEventFollower
-from driftloop.scoring import NoModelError, ScoringService
+from driftloop.serving.champion import Champion, ChampionHolder, ModelRegistry
+from driftloop.serving.hot_swap import ModelEventFollower
+from driftloop.serving.scoring import NoModelError, ScoringService
 from driftloop.settings import (
     KafkaSettings,
     MlflowSettings,

@@ -25,16 +25,14 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from consumers.service import serve
-from driftloop import kafka
-from driftloop.consumer_loop import install_stop_signals
-from driftloop.drift.champions import RegistryChampions
 from driftloop.drift.monitor import DriftMonitor, MonitorOptions
 from driftloop.drift.policy import DriftPolicy
+from driftloop.drift.reference import RegistryChampions
 from driftloop.drift.reports import REPORT_PREFIX, ReportDocuments, ReportKeys, put_report
 from driftloop.drift.store import open_drift_store
+from driftloop.events import kafka
+from driftloop.events.consumer_loop import install_stop_signals
 from driftloop.leader import LeaderLock
-from driftloop.migrations import SCHEMA_NAME
-from driftloop.objectstore import s3_client
 from driftloop.settings import (
     KafkaSettings,
     MlflowSettings,
@@ -44,6 +42,8 @@ from driftloop.settings import (
     ServiceSettings,
     chosen_models,
 )
+from driftloop.storage.migrations import SCHEMA_NAME
+from driftloop.storage.objectstore import s3_client
 from schemas.events import DriftDetected
 from schemas.topics import Topic
 

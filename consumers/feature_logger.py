@@ -3,8 +3,8 @@
 Consumes ``predictions`` and ``labels`` in one group. Each micro-batch is written to
 Postgres (COPY into staging, ``INSERT … ON CONFLICT``, unique by request id) and its offsets
 are committed after the database commit; the same predictions are buffered and flushed to
-the object store as Parquet with their own offsets (``driftloop.featurestore``). On a timer
-it runs storage maintenance (``driftloop.storage_maintenance``): daily partitions of the log
+the object store as Parquet with their own offsets (``driftloop.storage.featurestore``). On a timer
+it runs storage maintenance (``driftloop.storage.maintenance``): daily partitions of the log
 tables made ahead and dropped past the hot retention, labels written to Parquet, retention
 of files and reports applied, closed hours compacted. Run with
 ``python -m consumers.feature_logger``; metrics on ``FEATURE_LOGGER_METRICS_PORT`` (9101).
@@ -29,8 +29,9 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from consumers.service import serve
-from driftloop import kafka
-from driftloop.consumer_loop import (
+from driftloop.drift.report_retention import REPORT_PREFIX
+from driftloop.events import kafka
+from driftloop.events.consumer_loop import (
     DUPLICATES,
     RECORDS_OUT,
     WRITE_SECONDS,
@@ -39,29 +40,28 @@ from driftloop.consumer_loop import (
     LoopOptions,
     install_stop_signals,
 )
-from driftloop.database import UNAVAILABLE_ERRORS
-from driftloop.drift.report_retention import REPORT_PREFIX
-from driftloop.featurestore import FeatureStore
-from driftloop.hot_store import hot_retention
-from driftloop.migrations import SCHEMA_NAME
-from driftloop.objectstore import UNAVAILABLE_ERRORS as OBJECT_STORE_ERRORS
-from driftloop.objectstore import s3_client
-from driftloop.prediction_log import (
-    PredictionLog,
-    WriteCounts,
-    open_prediction_log,
-)
 from driftloop.settings import (
     KafkaSettings,
     ObjectStoreSettings,
     PostgresSettings,
     ServiceSettings,
 )
-from driftloop.storage_maintenance import (
+from driftloop.storage.database import UNAVAILABLE_ERRORS
+from driftloop.storage.featurestore import FeatureStore
+from driftloop.storage.hot_store import hot_retention
+from driftloop.storage.maintenance import (
     ModelRetention,
     ParquetTarget,
     StoragePolicy,
     maintain_storage,
+)
+from driftloop.storage.migrations import SCHEMA_NAME
+from driftloop.storage.objectstore import UNAVAILABLE_ERRORS as OBJECT_STORE_ERRORS
+from driftloop.storage.objectstore import s3_client
+from driftloop.storage.prediction_log import (
+    PredictionLog,
+    WriteCounts,
+    open_prediction_log,
 )
 from schemas.events import TOPIC_EVENTS, GroundTruth, PredictionEvent
 from schemas.features import declared_feature_specs, load_feature_spec

@@ -29,8 +29,16 @@ from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from consumers.service import serve
-from driftloop import kafka
-from driftloop.airflow_client import (
+from driftloop.events import kafka
+from driftloop.events.consumer_loop import (
+    RECORDS_OUT,
+    ConsumerLoop,
+    Delivery,
+    LoopOptions,
+    install_stop_signals,
+)
+from driftloop.leader import LeaderLock
+from driftloop.orchestration.airflow import (
     AirflowAuthError,
     AirflowClient,
     AirflowError,
@@ -38,17 +46,7 @@ from driftloop.airflow_client import (
     AirflowUnavailableError,
     TriggerOutcome,
 )
-from driftloop.consumer_loop import (
-    RECORDS_OUT,
-    ConsumerLoop,
-    Delivery,
-    LoopOptions,
-    install_stop_signals,
-)
-from driftloop.database import UNAVAILABLE_ERRORS
-from driftloop.leader import LeaderLock
-from driftloop.migrations import SCHEMA_NAME
-from driftloop.retrain_ledger import (
+from driftloop.orchestration.ledger import (
     Decision,
     RetrainLedger,
     TriggerState,
@@ -64,6 +62,8 @@ from driftloop.settings import (
     ServiceSettings,
     chosen_models,
 )
+from driftloop.storage.database import UNAVAILABLE_ERRORS
+from driftloop.storage.migrations import SCHEMA_NAME
 from schemas.events import TOPIC_EVENTS, DriftDetected
 from schemas.topics import Topic
 

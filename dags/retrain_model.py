@@ -2,8 +2,8 @@
 
 Triggered by the retrain-trigger, one run per drift episode (run id ``drift-<episode id>``),
 or by hand with the conf ``{"model_name": "bikeshare"}``. Wiring only: each task calls one
-step of ``driftloop.retraining``, where the training-set policy, the holdout and the promotion
-safety are described; the promotion rule is in ``driftloop.retrain_policy``.
+step of ``driftloop.training.retrain``, where the training-set policy, the holdout and the promotion
+safety are described; the promotion rule is in ``driftloop.training.policy``.
 
 **Tasks**: ``extract`` (validate the conf, find the champion, read the labelled rows it served,
 cut the holdout, write the training set and the holdout to the object store) ▸ ``train``
@@ -32,7 +32,7 @@ from typing import Any
 
 from airflow.sdk import Param, dag, get_current_context, task
 
-from driftloop.retrain_policy import RetrainPolicy, RetrainRefusedError
+from driftloop.training.policy import RetrainPolicy, RetrainRefusedError
 
 
 @contextmanager
@@ -64,12 +64,12 @@ def refusals_fail_fast() -> Iterator[None]:
 def retrain_model() -> None:
     @task(multiple_outputs=False)
     def extract() -> dict[str, Any]:
-        from driftloop import retraining
+        from driftloop.training import retrain
 
         context = get_current_context()
         dag_run = context["dag_run"]
         with refusals_fail_fast():
-            extracted = retraining.extract_step(
+            extracted = retrain.extract_step(
                 dag_run.conf,
                 context["params"],
                 dag_run_id=dag_run.run_id,
@@ -79,20 +79,20 @@ def retrain_model() -> None:
 
     @task(multiple_outputs=False)
     def train(extracted: dict[str, Any]) -> dict[str, Any]:
-        from driftloop import retraining
+        from driftloop.training import retrain
 
         with refusals_fail_fast():
-            challenger = retraining.train_step(retraining.Extracted.model_validate(extracted))
+            challenger = retrain.train_step(retrain.Extracted.model_validate(extracted))
         return challenger.model_dump(mode="json")
 
     @task(multiple_outputs=False)
     def evaluate(extracted: dict[str, Any], challenger: dict[str, Any]) -> dict[str, Any]:
-        from driftloop import retraining
+        from driftloop.training import retrain
 
         with refusals_fail_fast():
-            evaluation = retraining.evaluate_step(
-                retraining.Extracted.model_validate(extracted),
-                retraining.Challenger.model_validate(challenger),
+            evaluation = retrain.evaluate_step(
+                retrain.Extracted.model_validate(extracted),
+                retrain.Challenger.model_validate(challenger),
             )
         return evaluation.model_dump(mode="json")
 
@@ -100,20 +100,20 @@ def retrain_model() -> None:
     def decide(
         extracted: dict[str, Any], challenger: dict[str, Any], evaluation: dict[str, Any]
     ) -> dict[str, Any]:
-        from driftloop import retraining
+        from driftloop.training import retrain
 
         with refusals_fail_fast():
-            decision = retraining.decide_step(
-                retraining.Extracted.model_validate(extracted),
-                retraining.Challenger.model_validate(challenger),
-                retraining.Evaluation.model_validate(evaluation),
+            decision = retrain.decide_step(
+                retrain.Extracted.model_validate(extracted),
+                retrain.Challenger.model_validate(challenger),
+                retrain.Evaluation.model_validate(evaluation),
             )
         return decision.model_dump(mode="json")
 
     @task(retries=0)
     def cleanup(extracted: dict[str, Any]) -> int:
         # The light module: this task need not import pandas, LightGBM and MLflow.
-        from driftloop.retrain_work import delete_work_objects
+        from driftloop.training.workspace import delete_work_objects
 
         return delete_work_objects(extracted["bucket"], extracted["prefix"])
 

@@ -24,8 +24,8 @@ import asyncpg
 from prometheus_client import Gauge
 
 from driftloop.connect import connect_with_retry
-from driftloop.database import UNAVAILABLE_ERRORS
 from driftloop.settings import PostgresSettings
+from driftloop.storage.database import UNAVAILABLE_ERRORS
 
 T = TypeVar("T")
 

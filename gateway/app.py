@@ -14,8 +14,8 @@ from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp
 
-from driftloop.champion import ChampionSource
-from driftloop.scoring import NoModelError
+from driftloop.serving.champion import ChampionSource
+from driftloop.serving.scoring import NoModelError
 from driftloop.settings import load_settings
 from gateway.contract import (
     ADMIN_BEARER,

@@ -1,7 +1,7 @@
 """The HTTP contract of the gateway: response and feedback models, and the OpenAPI additions.
 
 The /predict request body is the feature declaration's row model (one row or a list of them);
-it is checked by ``driftloop.scoring`` and described here in the OpenAPI document, with an
+it is checked by ``driftloop.serving.scoring`` and described here in the OpenAPI document, with an
 example built from the declaration.
 """
 

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from driftloop.champion import Champion, LoadEvent
+from driftloop.serving.champion import Champion, LoadEvent
 from gateway.publishing import PublisherState, PublisherStatus
 from schemas.events import ModelDecision, ModelPromoted
 

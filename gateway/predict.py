@@ -1,7 +1,7 @@
 """POST /predict, the gateway's hot path: one request body in, one answer out.
 
-``answer`` is the HTTP transport of the one scoring service (``driftloop.scoring``): it reads
-the body, asks the service for scores, records and publishes them (``Gateway.record``) and
+``answer`` is the HTTP transport of the one scoring service (``driftloop.serving.scoring``): it
+reads the body, asks the service for scores, records and publishes them (``Gateway.record``) and
 writes the JSON answer. ``PredictEndpoint`` serves it as a bare ASGI endpoint:
 ``GatewayMiddleware`` hands every ``POST /predict`` straight to it, past Starlette's router and
 FastAPI's per-route machinery (exception middleware, exit stack, route matching, dependency

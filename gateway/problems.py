@@ -14,7 +14,7 @@ from typing import Final
 
 import orjson
 
-from driftloop.scoring import NoModelError
+from driftloop.serving.scoring import NoModelError
 from schemas.validation import Problem, capped, describe
 
 PROBLEM_MEDIA_TYPE: Final = "application/problem+json"

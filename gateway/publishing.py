@@ -41,9 +41,9 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from pydantic import BaseModel, ConfigDict
 
-from driftloop import kafka
+from driftloop.events import kafka
+from driftloop.events.spool import Spool, SpoolRecord
 from driftloop.settings import KafkaSettings
-from driftloop.spool import Spool, SpoolRecord
 from schemas.events import Event, PredictionEncoder, PredictionEvent, PredictionSource
 from schemas.fields import FeatureValue
 

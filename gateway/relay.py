@@ -41,8 +41,8 @@ from typing import BinaryIO, Final
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from driftloop.events.spool import Spool, SpoolRecord
 from driftloop.settings import KafkaSettings
-from driftloop.spool import Spool, SpoolRecord
 from gateway.publishing import (
     Answer,
     EventPublisher,

@@ -8,8 +8,8 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from driftloop.champion import Champion
-from driftloop.scoring import NoModelError
+from driftloop.serving.champion import Champion
+from driftloop.serving.scoring import NoModelError
 from gateway.bodies import read_feedback
 from gateway.contract import (
     BatchPredictionResponse,

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaProducer
 from prometheus_client import Counter, Histogram
 
-from driftloop.champion import (
+from driftloop.events.spool import Spool
+from driftloop.serving.champion import (
     Champion,
     ChampionHolder,
     ChampionSource,
@@ -21,9 +22,8 @@ from driftloop.champion import (
     LoadOutcome,
     ModelRegistry,
 )
-from driftloop.model_events import FollowerState, ModelEventFollower
-from driftloop.scoring import ScoringService
-from driftloop.spool import Spool
+from driftloop.serving.hot_swap import FollowerState, ModelEventFollower
+from driftloop.serving.scoring import ScoringService
 from gateway.metrics import GatewayMetrics
 from gateway.problems import RequestProblemError
 from gateway.publishing import Answer, EventPublisher, ModelKey, PredictionRecords, Publisher

@@ -6,7 +6,7 @@ files instead, found through their manifest (``feature_files``: one row per comm
 partitioned by model, date and hour), so no listing of the bucket and no file of an unfinished
 flush is read. Labels come from Postgres (``labels``), joined by request id, as they stand.
 
-``load_duckdb_window`` reads the same files through DuckDB (``driftloop.lake``): the filter and
+``load_duckdb_window`` reads the same files through DuckDB (``driftloop.storage.lake``): the filter and
 the projection are pushed into the scan, rows stream in parallel, and labels come from the
 Parquet label files (written by storage maintenance, so at most one interval behind), joined
 in SQL. It is the path for months of traffic; ``load_parquet_window`` is the reference the
@@ -27,10 +27,10 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from driftloop import lake
 from driftloop.drift.assessment import PREDICTION_COLUMN
 from driftloop.drift.store import PREDICTED_AT_COLUMN
-from driftloop.featurestore import feature_column
+from driftloop.storage import lake
+from driftloop.storage.featurestore import feature_column
 from schemas.features import FeatureSpec
 
 if TYPE_CHECKING:

@@ -20,10 +20,10 @@ import asyncpg
 import orjson
 import pandas as pd
 
-from driftloop.database import open_migrated_pool
 from driftloop.drift.assessment import PREDICTION_COLUMN, DriftAssessment, WindowRefused
 from driftloop.drift.episodes import EpisodeState, EpisodeStep
 from driftloop.settings import PostgresSettings
+from driftloop.storage.database import open_migrated_pool
 from schemas.features import FeatureSpec
 
 PREDICTED_AT_COLUMN: Final = "predicted_at"

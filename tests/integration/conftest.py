@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from driftloop.replay import wait_for_champion
 from driftloop.settings import (
     AirflowApiSettings,
     KafkaSettings,
@@ -18,7 +17,8 @@ from driftloop.settings import (
     PostgresSettings,
     load_settings,
 )
-from driftloop.stack.settings import StackSettings
+from driftloop_tools.demo.replay import wait_for_champion
+from driftloop_tools.stack.settings import StackSettings
 from gateway.settings import GatewaySettings
 from schemas.features import load_feature_spec
 from tests.integration.consumer_support import ensure_champion

@@ -17,11 +17,11 @@ from pathlib import Path
 import httpx
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
-from driftloop import kafka
+from driftloop.events import kafka
 from driftloop.settings import KafkaSettings, MlflowSettings
-from driftloop.stack import readiness
-from driftloop.stack.settings import StackSettings
-from driftloop.training import RegisteredModel, read_dataset, train_champion
+from driftloop.training.trainer import RegisteredModel, read_dataset, train_champion
+from driftloop_tools.stack import readiness
+from driftloop_tools.stack.settings import StackSettings
 from schemas.events import Event
 from schemas.features import FeatureSpec, load_feature_spec
 from schemas.topics import Topic
@@ -264,8 +264,8 @@ async def ensure_champion(
     spec: FeatureSpec, model: str, mlflow_settings: MlflowSettings, kafka_settings: KafkaSettings
 ) -> None:
     """The stack's model needs a champion; a fresh stack gets the bootstrap one, announced."""
-    from driftloop.bootstrap import ChampionExistsError, bootstrap_model, current_champion
-    from driftloop.bootstrap_cli import announce_promotion
+    from driftloop.training.bootstrap import ChampionExistsError, bootstrap_model, current_champion
+    from driftloop_tools.cli.model import announce_promotion
 
     tracking_uri = mlflow_settings.tracking_uri
     if await asyncio.to_thread(current_champion, tracking_uri, model) is not None:

@@ -13,12 +13,12 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from consumers.batch_cli import batch_app, rows_from_records
-from driftloop.batch_scoring import score_rows
-from driftloop.kafka import create_topics
+from driftloop.events.kafka import create_topics
+from driftloop.serving.batch_client import score_rows
 from driftloop.settings import KafkaSettings, MlflowSettings
-from driftloop.stack.settings import StackSettings
-from driftloop.training import RegisteredModel, read_dataset
+from driftloop.training.trainer import RegisteredModel, read_dataset
+from driftloop_tools.cli.batch import batch_app, rows_from_records
+from driftloop_tools.stack.settings import StackSettings
 from schemas.events import PredictionEvent, ScoringRequest, ScoringResult
 from schemas.features import load_feature_spec
 from schemas.fields import FeatureValue

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from driftloop import bootstrap, training
 from driftloop.drift.assessment import DriftAssessment, assess_window
 from driftloop.drift.policy import DriftPolicy
 from driftloop.settings import MlflowSettings
+from driftloop.training import bootstrap, trainer
 from schemas.features import load_feature_spec
 
 
@@ -29,7 +29,7 @@ def test_bootstrap_registers_a_champion_with_its_reference(
         assert run.data.params["training_months"] == "Jan,Feb,March"
         artifacts = {item.path for item in client.list_artifacts(result.model.run_id)}
         # MLflow 3 stores the model itself as a LoggedModel, outside the run's artifacts.
-        assert {training.FEATURE_SPEC_FILE, "reference"} <= artifacts
+        assert {trainer.FEATURE_SPEC_FILE, "reference"} <= artifacts
 
         reference = bootstrap.load_reference(uri, name, result.model.version)
         assert len(reference) == result.reference_rows

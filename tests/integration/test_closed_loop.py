@@ -25,19 +25,19 @@ import orjson
 import pandas as pd
 import pytest
 
-from driftloop.bootstrap import bootstrap_model, current_champion
-from driftloop.database import create_pool
 from driftloop.drift.parquet_windows import load_parquet_window
 from driftloop.drift.store import DriftRun, DriftStore, open_drift_store
-from driftloop.kafka import create_topics
-from driftloop.objectstore import s3_client
-from driftloop.replay import Replayer, ReplayStats, day_of_year, load_replay_hours
+from driftloop.events.kafka import create_topics
 from driftloop.settings import (
     KafkaSettings,
     MlflowSettings,
     ObjectStoreSettings,
     PostgresSettings,
 )
+from driftloop.storage.database import create_pool
+from driftloop.storage.objectstore import s3_client
+from driftloop.training.bootstrap import bootstrap_model, current_champion
+from driftloop_tools.demo.replay import Replayer, ReplayStats, day_of_year, load_replay_hours
 from schemas.events import DriftDetected, ModelPromoted, ModelRejected, decode_model_event
 from schemas.features import load_feature_spec
 from schemas.topics import Topic

@@ -21,11 +21,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from driftloop.compaction import compact
-from driftloop.database import open_migrated_pool
-from driftloop.featurestore import BASE_SCHEMA, PartitionKey, parquet_file
-from driftloop.objectstore import s3_client
 from driftloop.settings import ObjectStoreSettings, PostgresSettings
+from driftloop.storage.compaction import compact
+from driftloop.storage.database import open_migrated_pool
+from driftloop.storage.featurestore import BASE_SCHEMA, PartitionKey, parquet_file
+from driftloop.storage.objectstore import s3_client
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -42,9 +42,9 @@ HOURS = [NOW - timedelta(hours=3), NOW - timedelta(hours=2), NOW]
 RUNNER = """
 import asyncio, sys
 from datetime import datetime
-from driftloop.compaction import compact
-from driftloop.database import create_pool
-from driftloop.objectstore import s3_client
+from driftloop.storage.compaction import compact
+from driftloop.storage.database import create_pool
+from driftloop.storage.objectstore import s3_client
 from driftloop.settings import ObjectStoreSettings, PostgresSettings, load_settings
 
 schema, bucket, stop_at, now = sys.argv[1:5]

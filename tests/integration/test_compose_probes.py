@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from driftloop.stack.settings import StackSettings
+from driftloop_tools.stack.settings import StackSettings
 from tests.integration.consumer_support import eventually
 
 pytestmark = pytest.mark.integration

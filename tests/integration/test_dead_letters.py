@@ -12,9 +12,9 @@ import asyncpg
 import pytest
 from typer.testing import CliRunner
 
-from consumers.dlq_cli import dlq_app, read_dead_letters, replay_dead_letters, select
-from driftloop.kafka import create_topics
+from driftloop.events.kafka import create_topics
 from driftloop.settings import KafkaSettings, MlflowSettings, PostgresSettings
+from driftloop_tools.cli.dlq import dlq_app, read_dead_letters, replay_dead_letters, select
 from schemas.events import (
     DeadLetter,
     FailureKind,

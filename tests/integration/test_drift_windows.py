@@ -14,17 +14,17 @@ import asyncpg
 import orjson
 import pytest
 
-from driftloop.bootstrap import bootstrap_model
 from driftloop.drift.store import DriftRun, DriftStore, open_drift_store
-from driftloop.kafka import create_topics
-from driftloop.objectstore import s3_client
-from driftloop.replay import load_replay_hours
+from driftloop.events.kafka import create_topics
 from driftloop.settings import (
     KafkaSettings,
     MlflowSettings,
     ObjectStoreSettings,
     PostgresSettings,
 )
+from driftloop.storage.objectstore import s3_client
+from driftloop.training.bootstrap import bootstrap_model
+from driftloop_tools.demo.replay import load_replay_hours
 from schemas.events import PredictionEvent
 from schemas.features import load_feature_spec
 from schemas.topics import Topic

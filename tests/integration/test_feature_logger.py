@@ -19,10 +19,10 @@ import httpx
 import pyarrow.parquet as pq
 import pytest
 
-from driftloop.kafka import create_topics
-from driftloop.objectstore import s3_client
+from driftloop.events.kafka import create_topics
 from driftloop.settings import KafkaSettings, ObjectStoreSettings, PostgresSettings
-from driftloop.stack.settings import StackSettings
+from driftloop.storage.objectstore import s3_client
+from driftloop_tools.stack.settings import StackSettings
 from schemas.events import GroundTruth, PredictionEvent
 from schemas.topics import Topic
 from tests.integration.consumer_support import (

@@ -17,7 +17,7 @@ import schemathesis
 from hypothesis import strategies
 
 from driftloop.settings import load_settings
-from driftloop.stack.settings import StackSettings
+from driftloop_tools.stack.settings import StackSettings
 from gateway.settings import GatewaySettings
 
 

@@ -13,9 +13,10 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from driftloop import kafka, training
+from driftloop.events import kafka
 from driftloop.settings import KafkaSettings, MlflowSettings
-from driftloop.stack.settings import StackSettings
+from driftloop.training import trainer
+from driftloop_tools.stack.settings import StackSettings
 from gateway.app import create_app
 from gateway.contract import example_row
 from gateway.settings import GatewaySettings
@@ -34,10 +35,10 @@ def spec() -> FeatureSpec:
 
 def _register(
     spec: FeatureSpec, mlflow_settings: MlflowSettings, name: str, rounds: int, work_dir: Path
-) -> training.RegisteredModel:
-    return training.train_champion(
+) -> trainer.RegisteredModel:
+    return trainer.train_champion(
         spec,
-        training.read_dataset(spec, months=["Jan", "Feb"]),
+        trainer.read_dataset(spec, months=["Jan", "Feb"]),
         tracking_uri=mlflow_settings.tracking_uri,
         model_name=name,
         work_dir=work_dir,

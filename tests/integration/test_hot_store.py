@@ -14,11 +14,11 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from driftloop.consumer_loop import Delivery
-from driftloop.hot_store import existing_days, maintain
-from driftloop.migrations import MIGRATIONS_DIR, apply_migrations
-from driftloop.prediction_log import PredictionLog, open_prediction_log
+from driftloop.events.consumer_loop import Delivery
 from driftloop.settings import PostgresSettings
+from driftloop.storage.hot_store import existing_days, maintain
+from driftloop.storage.migrations import MIGRATIONS_DIR, apply_migrations
+from driftloop.storage.prediction_log import PredictionLog, open_prediction_log
 from schemas.events import GroundTruth, PredictionEvent
 
 pytestmark = pytest.mark.integration

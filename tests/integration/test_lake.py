@@ -12,11 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from driftloop import lake
 from driftloop.drift.parquet_windows import load_duckdb_window, load_parquet_window
-from driftloop.hot_store import ensure_partitions
-from driftloop.label_files import LABEL_SCHEMA, label_file_key
 from driftloop.settings import ObjectStoreSettings
+from driftloop.storage import lake
+from driftloop.storage.hot_store import ensure_partitions
+from driftloop.storage.label_files import LABEL_SCHEMA, label_file_key
 from schemas.features import FeatureSpec
 from tests.integration.test_compaction import (
     FILES_PER_HOUR,

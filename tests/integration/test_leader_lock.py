@@ -11,7 +11,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from driftloop import kafka
+from driftloop.events import kafka
 from driftloop.leader import SESSION_KEEPALIVES, LeaderLock, LeadershipLostError, run_as_leader
 from driftloop.settings import KafkaSettings, PostgresSettings
 from schemas.topics import Topic

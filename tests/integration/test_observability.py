@@ -28,11 +28,11 @@ import httpx
 import pytest
 import yaml
 
-from driftloop import kafka
-from driftloop.replay import ReplayHour, load_replay_hours, wait_for_champion
+from driftloop.events import kafka
 from driftloop.settings import KafkaSettings, MlflowSettings, load_settings
-from driftloop.stack.prometheus_config import scrape_ports
-from driftloop.stack.settings import StackSettings
+from driftloop_tools.demo.replay import ReplayHour, load_replay_hours, wait_for_champion
+from driftloop_tools.stack.prometheus_config import scrape_ports
+from driftloop_tools.stack.settings import StackSettings
 from gateway.settings import GatewaySettings
 from schemas.events import ScoringRequest
 from schemas.features import FeatureSpec, load_feature_spec

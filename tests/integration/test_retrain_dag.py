@@ -27,17 +27,17 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from consumers.retrain_trigger import dag_run_conf
-from driftloop import bootstrap, retrain_work, retraining, training
-from driftloop.database import open_migrated_pool
-from driftloop.hot_store import ensure_partitions, partition_day
-from driftloop.kafka import create_topics
-from driftloop.objectstore import s3_client
+from driftloop.events.kafka import create_topics
 from driftloop.settings import (
     KafkaSettings,
     MlflowSettings,
     ObjectStoreSettings,
     PostgresSettings,
 )
+from driftloop.storage.database import open_migrated_pool
+from driftloop.storage.hot_store import ensure_partitions, partition_day
+from driftloop.storage.objectstore import s3_client
+from driftloop.training import bootstrap, retrain, trainer, workspace
 from schemas.events import DriftDetected, ModelPromoted, ModelRejected, decode_model_event
 from schemas.features import FeatureSpec, load_feature_spec
 from schemas.topics import Topic
@@ -52,7 +52,7 @@ class RetrainSetup:
     unique: str
     spec: FeatureSpec
     model_name: str
-    champion: training.RegisteredModel
+    champion: trainer.RegisteredModel
     uri: str
     kafka: KafkaSettings
     pool: asyncpg.Pool
@@ -93,15 +93,15 @@ class RetrainSetup:
         """Log the months' hours as served by the champion (its real predictions), minutes
         apart and ending now, with the true ``bikers`` as labels for the first ``labelled``
         (all by default); returns the rows logged."""
-        frame = training.read_dataset(self.spec, months=list(months))
+        frame = trainer.read_dataset(self.spec, months=list(months))
         champion = await asyncio.to_thread(
-            retraining.load_version,
+            retrain.load_version,
             self.uri,
             self.model_name,
             self.champion.version,
             self.tmp_path / "champion",
         )
-        predictions = champion.predict(training.feature_matrix(self.spec, frame))
+        predictions = champion.predict(trainer.feature_matrix(self.spec, frame))
         first = datetime.now(UTC) - timedelta(minutes=len(frame) + 1)
         predictions_rows = []
         label_rows = []
@@ -153,7 +153,7 @@ class RetrainSetup:
         async with s3_client(self.object_store) as s3:
             listing = await s3.list_objects_v2(
                 Bucket=self.object_store.data_bucket,
-                Prefix=f"{retrain_work.WORK_PREFIX}/{self.model_name}/",
+                Prefix=f"{workspace.WORK_PREFIX}/{self.model_name}/",
             )
         return [item["Key"] for item in listing.get("Contents", [])]
 
@@ -276,7 +276,7 @@ async def test_a_better_challenger_is_promoted_and_announced(
     assert states == dict.fromkeys(["extract", "train", "evaluate", "decide", "cleanup"], "success")
     challenger = setup.champion.version + 1
     assert setup.versions() == [setup.champion.version, challenger]
-    assert training.current_champion(setup.uri, setup.model_name) == challenger
+    assert trainer.current_champion(setup.uri, setup.model_name) == challenger
     [event] = await decisions(setup, expected=1)
     assert isinstance(event, ModelPromoted)
     assert event.model_name == setup.model_name
@@ -289,19 +289,19 @@ async def test_a_better_challenger_is_promoted_and_announced(
     assert event.episode_id == conf["episode_id"]
     version = setup.client.get_model_version(setup.model_name, str(challenger))
     assert version.run_id == event.run_id
-    assert version.tags[retraining.DECISION_TAG] == "promoted"
-    assert version.tags[retraining.DAG_RUN_TAG] == run_id
-    assert version.tags[retraining.EPISODE_TAG] == conf["episode_id"]
+    assert version.tags[retrain.DECISION_TAG] == "promoted"
+    assert version.tags[retrain.DAG_RUN_TAG] == run_id
+    assert version.tags[retrain.EPISODE_TAG] == conf["episode_id"]
     run_data = setup.client.get_run(event.run_id).data
     assert run_data.metrics["holdout_rmse"] == pytest.approx(event.challenger_score)
     assert run_data.metrics["champion_holdout_rmse"] == pytest.approx(event.champion_score)
     assert run_data.params["promotion_margin"] == "0.02"
     # The drift monitor and the next retraining find the challenger's reference.
     reference = await asyncio.to_thread(
-        training.load_reference, setup.uri, setup.model_name, challenger
+        trainer.load_reference, setup.uri, setup.model_name, challenger
     )
     winter = await asyncio.to_thread(
-        training.load_reference, setup.uri, setup.model_name, setup.champion.version
+        trainer.load_reference, setup.uri, setup.model_name, setup.champion.version
     )
     assert len(reference) == len(winter) + logged
     holdout_rows = int((reference["split"] == "holdout").sum())
@@ -328,7 +328,7 @@ async def test_a_challenger_short_of_a_huge_margin_is_rejected_on_a_manual_run(
 
     assert run["state"] == "success"
     challenger = setup.champion.version + 1
-    assert training.current_champion(setup.uri, setup.model_name) == setup.champion.version
+    assert trainer.current_champion(setup.uri, setup.model_name) == setup.champion.version
     [event] = await decisions(setup, expected=1)
     assert isinstance(event, ModelRejected)
     assert event.model_version == challenger
@@ -336,8 +336,8 @@ async def test_a_challenger_short_of_a_huge_margin_is_rejected_on_a_manual_run(
     assert event.episode_id is None
     assert "short of the 99.0% margin" in event.reason
     tags = setup.client.get_model_version(setup.model_name, str(challenger)).tags
-    assert tags[retraining.DECISION_TAG] == "rejected"
-    assert tags[retraining.DECISION_REASON_TAG] == event.reason
+    assert tags[retrain.DECISION_TAG] == "rejected"
+    assert tags[retrain.DECISION_REASON_TAG] == event.reason
 
 
 async def test_too_few_labels_fails_at_once_and_the_champion_stays(
@@ -358,7 +358,7 @@ async def test_too_few_labels_fails_at_once_and_the_champion_stays(
     log = await task_log(airflow_client, run_id, "extract", 1)
     assert "too few labels to retrain: 120 labelled rows" in log
     assert setup.versions() == [setup.champion.version]
-    assert training.current_champion(setup.uri, setup.model_name) == setup.champion.version
+    assert trainer.current_champion(setup.uri, setup.model_name) == setup.champion.version
     assert await read_topic(setup.kafka, setup.topic, expected=1, within=3) == []
 
 
@@ -382,6 +382,6 @@ async def test_airflow_refuses_a_policy_param_of_the_wrong_type_at_trigger(
 
 def test_summer_rows_are_enough_for_the_default_policy() -> None:
     """The fixture data meets the defaults the DAG runs with (guards the tests above)."""
-    frame: pd.DataFrame = training.read_dataset(load_feature_spec("bikeshare"), months=SUMMER)
+    frame: pd.DataFrame = trainer.read_dataset(load_feature_spec("bikeshare"), months=SUMMER)
 
     assert len(frame) >= 4 * 200

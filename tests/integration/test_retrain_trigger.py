@@ -24,8 +24,8 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from consumers.retrain_trigger import NAME
-from driftloop.kafka import create_topics
-from driftloop.retrain_ledger import (
+from driftloop.events.kafka import create_topics
+from driftloop.orchestration.ledger import (
     PriorTrigger,
     TriggerState,
     dag_run_id_for,

@@ -13,16 +13,16 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from mlflow.tracking import MlflowClient
 
-from driftloop import kafka
-from driftloop.database import create_pool
-from driftloop.objectstore import s3_client
+from driftloop.events import kafka
 from driftloop.settings import (
     KafkaSettings,
     MlflowSettings,
     ObjectStoreSettings,
     PostgresSettings,
 )
-from driftloop.stack.settings import StackSettings
+from driftloop.storage.database import create_pool
+from driftloop.storage.objectstore import s3_client
+from driftloop_tools.stack.settings import StackSettings
 from schemas.events import PredictionEvent
 
 
@@ -198,7 +198,7 @@ async def test_prometheus_answers_queries(stack_settings: StackSettings) -> None
 async def test_stack_reports_every_service_ready(
     stack_settings: StackSettings, service: str
 ) -> None:
-    from driftloop.stack.readiness import check
+    from driftloop_tools.stack.readiness import check
 
     readiness = await check(service, stack_settings)
     assert readiness.ready, readiness.detail

@@ -14,19 +14,19 @@ from datetime import UTC, date, datetime, timedelta
 import pyarrow.parquet as pq
 import pytest
 
-from driftloop.consumer_loop import Delivery
 from driftloop.drift.reports import report_keys
-from driftloop.hot_store import existing_days
-from driftloop.label_files import label_file_key
-from driftloop.objectstore import s3_client
-from driftloop.prediction_log import PredictionLog, open_prediction_log
+from driftloop.events.consumer_loop import Delivery
 from driftloop.settings import ObjectStoreSettings, PostgresSettings
-from driftloop.storage_maintenance import (
+from driftloop.storage.hot_store import existing_days
+from driftloop.storage.label_files import label_file_key
+from driftloop.storage.maintenance import (
     ModelRetention,
     ParquetTarget,
     StoragePolicy,
     maintain_storage,
 )
+from driftloop.storage.objectstore import s3_client
+from driftloop.storage.prediction_log import PredictionLog, open_prediction_log
 from schemas.events import GroundTruth, PredictionEvent
 from tests.integration.test_compaction import ROWS_PER_FILE, Layout, put_flush_file
 

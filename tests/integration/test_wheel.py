@@ -28,7 +28,7 @@ import asyncpg
 import httpx
 import pytest
 
-from driftloop import kafka
+from driftloop.events import kafka
 from driftloop.settings import KafkaSettings, PostgresSettings
 from gateway.contract import example_row
 from schemas.features import load_feature_spec
@@ -39,7 +39,7 @@ pytestmark = pytest.mark.integration
 
 # Every deployable the image runs, imported by the compose and Helm commands.
 RUNTIME_MODULES = (
-    "driftloop.cli",
+    "driftloop_tools.cli.app",
     "gateway.__main__",
     "consumers.feature_logger",
     "consumers.batch_scorer",

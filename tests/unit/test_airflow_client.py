@@ -12,7 +12,7 @@ import orjson
 import pytest
 from pydantic import SecretStr
 
-from driftloop.airflow_client import (
+from driftloop.orchestration.airflow import (
     FALLBACK_TOKEN_LIFETIME_SECONDS,
     AirflowAuthError,
     AirflowClient,

@@ -13,7 +13,7 @@ import pytest
 from aiokafka.structs import TopicPartition
 from prometheus_client import REGISTRY
 
-from driftloop.consumer_loop import ConsumerLoop, Delivery, LoopOptions
+from driftloop.events.consumer_loop import ConsumerLoop, Delivery, LoopOptions
 from schemas.events import TOPIC_EVENTS, FailureKind, PredictionEvent
 from schemas.topics import Topic
 

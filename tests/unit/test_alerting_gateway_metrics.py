@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from driftloop.champion import Champion, ChampionCache, ChampionRef, ModelRegistry
-from driftloop.model_events import ModelEventFollower
+from driftloop.events.spool import Spool
+from driftloop.serving.champion import Champion, ChampionCache, ChampionRef, ModelRegistry
+from driftloop.serving.hot_swap import ModelEventFollower
 from driftloop.settings import KafkaSettings
-from driftloop.spool import Spool
 from gateway.metrics import GatewayMetrics
 from gateway.publishing import EventPublisher
 from schemas.events import ModelDecision, ModelPromoted, ModelRejected

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from driftloop import bootstrap, training
 from driftloop.drift.assessment import PREDICTION_COLUMN
+from driftloop.training import bootstrap, trainer
 from schemas.features import FeatureSpec, load_feature_spec
 
 
@@ -18,7 +18,7 @@ def spec() -> FeatureSpec:
 
 @pytest.fixture(scope="module")
 def window(spec: FeatureSpec) -> pd.DataFrame:
-    return training.read_dataset(spec, months=bootstrap.TRAINING_MONTHS)
+    return trainer.read_dataset(spec, months=bootstrap.TRAINING_MONTHS)
 
 
 def test_the_window_is_the_winter_quarter(window: pd.DataFrame) -> None:
@@ -66,7 +66,7 @@ def test_reference_has_features_prediction_target_and_split(
     spec: FeatureSpec, window: pd.DataFrame
 ) -> None:
     train, holdout = bootstrap.split_holdout(spec, window, holdout_days=14)
-    booster = training.train_booster(spec, train, num_boost_round=5)
+    booster = trainer.train_booster(spec, train, num_boost_round=5)
 
     reference = bootstrap.reference_frame(spec, [("train", train), ("holdout", holdout)], booster)
 

@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from driftloop import training
-from driftloop.champion import (
+from driftloop.serving.champion import (
     ChampionHolder,
     ChampionLoadError,
     ChampionRef,
@@ -19,6 +18,7 @@ from driftloop.champion import (
     LoadSource,
     load_champion,
 )
+from driftloop.training import trainer
 from schemas.features import FeatureSpec, load_feature_spec
 
 RUN_1 = "1" * 32
@@ -54,11 +54,11 @@ def spec() -> FeatureSpec:
 
 @pytest.fixture(scope="module")
 def model_dirs(spec: FeatureSpec, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
-    frame = training.read_dataset(spec, months=["Jan", "Feb"])
+    frame = trainer.read_dataset(spec, months=["Jan", "Feb"])
     root = tmp_path_factory.mktemp("models")
     return {
-        version: training.save_model(
-            training.train_booster(spec, frame, num_boost_round=rounds), spec, root / str(version)
+        version: trainer.save_model(
+            trainer.train_booster(spec, frame, num_boost_round=rounds), spec, root / str(version)
         )
         for version, rounds in ((1, 5), (2, 40))
     }
@@ -100,9 +100,9 @@ async def test_predicts_on_the_declared_matrix(
     holder = _holder(registry, tmp_path, spec, [])
     champion = await holder.start()
     assert champion is not None
-    frame = training.read_dataset(spec, months=["March"]).head(4)
+    frame = trainer.read_dataset(spec, months=["March"]).head(4)
 
-    scores = champion.predict(training.feature_matrix(spec, frame))
+    scores = champion.predict(trainer.feature_matrix(spec, frame))
 
     assert scores.shape == (4,)
     assert np.isfinite(scores).all()
@@ -224,7 +224,7 @@ async def test_single_row_fast_path_matches_the_booster(
 ) -> None:
     champion = await _holder(registry, tmp_path, spec, []).start()
     assert champion is not None
-    matrix = training.feature_matrix(spec, training.read_dataset(spec, months=["April"]))
+    matrix = trainer.feature_matrix(spec, trainer.read_dataset(spec, months=["April"]))
     matrix[::5, spec.feature_names.index("temp")] = np.nan
 
     one_by_one = np.array([champion.predict(matrix[i : i + 1].copy())[0] for i in range(200)])

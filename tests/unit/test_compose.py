@@ -24,7 +24,7 @@ from driftloop.settings import (
     ObjectStoreSettings,
     PostgresSettings,
 )
-from driftloop.stack.programs import MLFLOW_CLIENT_ENVIRONMENT
+from driftloop_tools.stack.programs import MLFLOW_CLIENT_ENVIRONMENT
 from schemas.topics import topic_specs
 
 pytestmark = pytest.mark.unit
@@ -509,7 +509,7 @@ def _ignored(directory: str, names: list[str]) -> set[str]:
 
 
 def _command_modules(services: dict[str, dict[str, Any]]) -> set[str]:
-    modules = {"driftloop.cli"}  # the `driftloop` console script
+    modules = {"driftloop_tools.cli.app"}  # the `driftloop` console script
     for service in services.values():
         if "build" not in service or not isinstance(service.get("command"), list):
             continue
@@ -552,14 +552,14 @@ def test_image_wheel_carries_contracts_and_seed_data(image_wheel: Path) -> None:
     for relative in (
         "schemas/models/bikeshare.yaml",
         "schemas/jsonschema/PredictionEvent.v1.json",
-        "driftloop/migrations/0001_prediction_log.sql",
+        "driftloop/storage/migrations/0001_prediction_log.sql",
         "driftloop/data/bikeshare/Bikeshare.csv",
         "driftloop/data/bikeshare/ATTRIBUTION.md",
     ):
         assert (image_wheel / relative).is_file(), relative
     assert not (image_wheel / "bench").exists(), "benchmarks run from a checkout, not the image"
     entry_points = next(image_wheel.glob("driftloop-*.dist-info/entry_points.txt")).read_text()
-    assert "driftloop = driftloop.cli:app" in entry_points
+    assert "driftloop = driftloop_tools.cli.app:app" in entry_points
 
 
 def test_image_dag_folder_is_the_wheel_one() -> None:

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from consumers.batch_cli import rows_from_records
 from consumers.batch_scorer import BatchScorer
-from consumers.dlq_cli import StoredLetter, select
-from driftloop.consumer_loop import Delivery
-from driftloop.scoring import NoModelError
+from driftloop.events.consumer_loop import Delivery
+from driftloop.serving.scoring import NoModelError
+from driftloop_tools.cli.batch import rows_from_records
+from driftloop_tools.cli.dlq import StoredLetter, select
 from schemas.events import (
     DeadLetter,
     FailureKind,

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from aiokafka.structs import TopicPartition
 
-from driftloop.consumer_loop import ConsumerLoop, Delivery, LoopOptions
+from driftloop.events.consumer_loop import ConsumerLoop, Delivery, LoopOptions
 from schemas.events import TOPIC_EVENTS, DeadLetter, FailureKind, GroundTruth, PredictionEvent
 from schemas.topics import Topic
 

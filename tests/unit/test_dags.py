@@ -63,7 +63,7 @@ def test_retrain_model_wires_its_tasks_in_order(dagbag: object) -> None:
 
 
 def test_retrain_model_params_are_the_policy_defaults(dagbag: object) -> None:
-    from driftloop.retrain_policy import RetrainPolicy
+    from driftloop.training.policy import RetrainPolicy
 
     dag = dagbag.dags["retrain_model"]  # type: ignore[attr-defined]
 

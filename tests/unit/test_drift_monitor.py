@@ -17,7 +17,6 @@ import orjson
 import pandas as pd
 import pytest
 
-from driftloop import training
 from driftloop.drift.assessment import PREDICTION_COLUMN, DriftAssessment, RefusalReason
 from driftloop.drift.baseline import DriftBaseline, calibrate, reference_arrays
 from driftloop.drift.episodes import EpisodeState
@@ -27,6 +26,7 @@ from driftloop.drift.reports import ReportDocuments
 from driftloop.drift.sketch import SketchLayout, WindowSketch
 from driftloop.drift.slices import encode
 from driftloop.drift.store import PREDICTED_AT_COLUMN, WindowRecord, WindowSlices
+from driftloop.training import trainer
 from schemas.events import DriftDetected
 from schemas.features import FeatureSpec, load_feature_spec
 
@@ -187,7 +187,7 @@ class Rig:
 
 @pytest.fixture(scope="module")
 def seasons() -> dict[str, pd.DataFrame]:
-    data = training.read_dataset(SPEC)
+    data = trainer.read_dataset(SPEC)
     return {
         "winter": data[data["mnth"].isin(["Jan", "Feb"])].reset_index(drop=True),
         "summer": data[data["mnth"].isin(["July", "Aug"])].reset_index(drop=True),

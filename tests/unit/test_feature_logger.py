@@ -18,10 +18,10 @@ from aiokafka.structs import TopicPartition
 from pydantic import ValidationError
 
 from consumers.feature_logger import FeatureLogger, FeatureLoggerSettings
-from driftloop.consumer_loop import Delivery
-from driftloop.featurestore import FeatureStore, PartitionKey, feature_column, parquet_file
-from driftloop.migrations import MigrationError, shipped_migrations
-from driftloop.prediction_log import PredictionLog, SweepCounts, WriteCounts
+from driftloop.events.consumer_loop import Delivery
+from driftloop.storage.featurestore import FeatureStore, PartitionKey, feature_column, parquet_file
+from driftloop.storage.migrations import MigrationError, shipped_migrations
+from driftloop.storage.prediction_log import PredictionLog, SweepCounts, WriteCounts
 from schemas.events import PredictionEvent
 from schemas.features import load_feature_spec
 

@@ -19,9 +19,9 @@ from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from driftloop import training
-from driftloop.champion import ChampionLoadError, ChampionRef
+from driftloop.serving.champion import ChampionLoadError, ChampionRef
 from driftloop.settings import KafkaSettings, MlflowSettings
+from driftloop.training import trainer
 from gateway.app import create_app
 from gateway.contract import ProblemDetails, example_row
 from gateway.settings import GatewaySettings
@@ -117,11 +117,11 @@ def spec() -> FeatureSpec:
 
 @pytest.fixture(scope="module")
 def model_dirs(spec: FeatureSpec, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
-    frame = training.read_dataset(spec, months=["Jan", "Feb"])
+    frame = trainer.read_dataset(spec, months=["Jan", "Feb"])
     root = tmp_path_factory.mktemp("models")
     return {
-        version: training.save_model(
-            training.train_booster(spec, frame, num_boost_round=rounds), spec, root / str(version)
+        version: trainer.save_model(
+            trainer.train_booster(spec, frame, num_boost_round=rounds), spec, root / str(version)
         )
         for version, rounds in ((1, 5), (2, 30))
     }

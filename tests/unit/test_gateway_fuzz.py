@@ -17,9 +17,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from driftloop import training
-from driftloop.champion import ChampionRef
+from driftloop.serving.champion import ChampionRef
 from driftloop.settings import KafkaSettings, MlflowSettings
+from driftloop.training import trainer
 from gateway.app import create_app
 from gateway.contract import example_row
 from gateway.settings import GatewaySettings
@@ -57,8 +57,8 @@ def spec() -> FeatureSpec:
 @pytest.fixture(scope="module")
 def app(spec: FeatureSpec, tmp_path_factory: pytest.TempPathFactory) -> FastAPI:
     root = tmp_path_factory.mktemp("fuzz")
-    booster = training.train_booster(
-        spec, training.read_dataset(spec, months=["Jan"]), num_boost_round=5
+    booster = trainer.train_booster(
+        spec, trainer.read_dataset(spec, months=["Jan"]), num_boost_round=5
     )
     settings = GatewaySettings(
         admin_token=SecretStr("fuzz-admin-token"),
@@ -73,7 +73,7 @@ def app(spec: FeatureSpec, tmp_path_factory: pytest.TempPathFactory) -> FastAPI:
         mlflow=MlflowSettings(tracking_uri="http://127.0.0.1:9"),
     )
     return create_app(
-        settings, registry=LocalRegistry(training.save_model(booster, spec, root / "model"))
+        settings, registry=LocalRegistry(trainer.save_model(booster, spec, root / "model"))
     )
 
 

@@ -9,8 +9,8 @@ from typing import Any
 
 from aiokafka.errors import KafkaTimeoutError
 
+from driftloop.events.spool import Spool, SpoolRecord
 from driftloop.settings import KafkaSettings
-from driftloop.spool import Spool, SpoolRecord
 from gateway.publishing import EventPublisher, PublisherState
 
 

@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from driftloop.events.spool import Spool, SpoolRecord
 from driftloop.settings import KafkaSettings
-from driftloop.spool import Spool, SpoolRecord
 from gateway.publishing import (
     Answer,
     ModelKey,

@@ -19,9 +19,9 @@ import schemathesis
 from hypothesis import strategies
 from pydantic import SecretStr
 
-from driftloop import training
-from driftloop.champion import ChampionRef
+from driftloop.serving.champion import ChampionRef
 from driftloop.settings import KafkaSettings, MlflowSettings
+from driftloop.training import trainer
 from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from schemas.features import load_feature_spec
@@ -50,8 +50,8 @@ def gateway_schema(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
     (so the model is loaded before any case)."""
     root = tmp_path_factory.mktemp("schemathesis")
     spec = load_feature_spec("bikeshare")
-    booster = training.train_booster(
-        spec, training.read_dataset(spec, months=["Jan"]), num_boost_round=5
+    booster = trainer.train_booster(
+        spec, trainer.read_dataset(spec, months=["Jan"]), num_boost_round=5
     )
     app = create_app(
         GatewaySettings(
@@ -68,7 +68,7 @@ def gateway_schema(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
             kafka=KafkaSettings(bootstrap_servers="127.0.0.1:9"),
             mlflow=MlflowSettings(tracking_uri="http://127.0.0.1:9"),
         ),
-        registry=LocalRegistry(training.save_model(booster, spec, root / "model")),
+        registry=LocalRegistry(trainer.save_model(booster, spec, root / "model")),
     )
     return schemathesis.openapi.from_asgi("/openapi.json", app)
 

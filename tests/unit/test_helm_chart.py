@@ -18,7 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from driftloop.stack.programs import MLFLOW_CLIENT_ENVIRONMENT
+from driftloop_tools.stack.programs import MLFLOW_CLIENT_ENVIRONMENT
 from schemas.topics import Topic, topic_specs
 
 pytestmark = pytest.mark.unit

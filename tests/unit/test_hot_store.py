@@ -9,8 +9,7 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from driftloop.cli import app
-from driftloop.hot_store import (
+from driftloop.storage.hot_store import (
     day_of_partition,
     days_ahead,
     expired_days,
@@ -18,6 +17,7 @@ from driftloop.hot_store import (
     partition_day,
     partition_name,
 )
+from driftloop_tools.cli.app import app
 from schemas.features import DEFAULT_HOT_RETENTION, FeatureSpec, load_feature_spec
 
 pytestmark = pytest.mark.unit

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from driftloop.kafka import KeyPartitioner, Message, send_batched
+from driftloop.events.kafka import KeyPartitioner, Message, send_batched
 
 pytestmark = pytest.mark.unit
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from uuid import uuid4
 
-from driftloop.airflow_client import DagRun
-from driftloop.demo_cli import LoopTally, describe
 from driftloop.drift.store import DriftRun
-from driftloop.loop_watch import (
+from driftloop.orchestration.airflow import DagRun
+from driftloop.orchestration.ledger import LedgerEntry, TriggerState
+from driftloop_tools.demo.cli import LoopTally, describe
+from driftloop_tools.demo.loop_watch import (
     DagRunChanged,
     DriftAnnounced,
     LoopChange,
@@ -19,7 +20,6 @@ from driftloop.loop_watch import (
     TriggerRecorded,
     WindowChecked,
 )
-from driftloop.retrain_ledger import LedgerEntry, TriggerState
 from schemas.events import DriftDetected, ModelPromoted, ModelRejected
 
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)

@@ -15,13 +15,13 @@ import pytest
 import yaml
 
 from driftloop.settings import DEVELOPMENT_FERNET_KEY
-from driftloop.stack.programs import prometheus_program
-from driftloop.stack.prometheus_config import (
+from driftloop_tools.stack.programs import prometheus_program
+from driftloop_tools.stack.prometheus_config import (
     prometheus_config_path,
     render_prometheus_config,
     write_prometheus_config,
 )
-from driftloop.stack.settings import StackSettings
+from driftloop_tools.stack.settings import StackSettings
 
 pytestmark = pytest.mark.unit
 

@@ -10,8 +10,8 @@ import httpx
 import pandas as pd
 import pytest
 
-from driftloop import replay
 from driftloop.seed_data import seed_data_path
+from driftloop_tools.demo import replay
 from schemas.features import FeatureSpec, load_feature_spec
 
 

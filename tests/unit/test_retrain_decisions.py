@@ -16,8 +16,8 @@ from consumers.retrain_trigger import (
     RetrainTriggerSettings,
     dag_run_conf,
 )
-from driftloop.airflow_client import AirflowClient, AirflowUnavailableError
-from driftloop.retrain_ledger import (
+from driftloop.orchestration.airflow import AirflowClient, AirflowUnavailableError
+from driftloop.orchestration.ledger import (
     RUN_ID_MAX_LENGTH,
     Decision,
     LedgerEntry,

@@ -19,8 +19,9 @@ from mlflow.tracking import MlflowClient
 from pydantic import SecretStr
 
 from consumers.retrain_trigger import dag_run_conf
-from driftloop import retrain_work, retraining, training
-from driftloop.retrain_policy import (
+from driftloop.settings import KafkaSettings, MlflowSettings, ObjectStoreSettings, PostgresSettings
+from driftloop.training import retrain, trainer, workspace
+from driftloop.training.policy import (
     LOG_LOSS,
     RMSE,
     HoldoutMetric,
@@ -31,7 +32,7 @@ from driftloop.retrain_policy import (
     holdout_size,
     judge_challenger,
 )
-from driftloop.retraining import (
+from driftloop.training.retrain import (
     Challenger,
     Evaluation,
     Extracted,
@@ -40,7 +41,6 @@ from driftloop.retraining import (
     RetrainConnections,
     RetrainRequest,
 )
-from driftloop.settings import KafkaSettings, MlflowSettings, ObjectStoreSettings, PostgresSettings
 from schemas.events import DriftDetected, ModelPromoted, ModelRejected, decode_model_event
 from schemas.features import FeatureSpec, Task, load_feature_spec
 
@@ -54,7 +54,7 @@ def spec() -> FeatureSpec:
 
 @pytest.fixture(scope="module")
 def summer(spec: FeatureSpec) -> pd.DataFrame:
-    return training.read_dataset(spec, months=["June"])
+    return trainer.read_dataset(spec, months=["June"])
 
 
 def logged_rows(spec: FeatureSpec, frame: pd.DataFrame) -> list[dict[str, Any]]:
@@ -163,9 +163,9 @@ def test_split_keeps_time_order_and_holds_out_the_newest(
 ) -> None:
     rows = logged_rows(spec, summer)
     shuffled = [rows[i] for i in np.random.default_rng(3).permutation(len(rows))]
-    recent, skipped = retraining.labelled_frame(spec, shuffled)
+    recent, skipped = retrain.labelled_frame(spec, shuffled)
 
-    older, holdout = retraining.split_recent(recent, RetrainPolicy())
+    older, holdout = retrain.split_recent(recent, RetrainPolicy())
 
     assert skipped == 0
     assert len(holdout) == math.ceil(len(rows) * 0.25)
@@ -177,10 +177,10 @@ def test_split_keeps_time_order_and_holds_out_the_newest(
 
 
 def test_split_with_too_few_rows_is_too_few_labels(spec: FeatureSpec, summer: pd.DataFrame) -> None:
-    recent, _ = retraining.labelled_frame(spec, logged_rows(spec, summer.head(150)))
+    recent, _ = retrain.labelled_frame(spec, logged_rows(spec, summer.head(150)))
 
     with pytest.raises(TooFewLabelsError):
-        retraining.split_recent(recent, RetrainPolicy())
+        retrain.split_recent(recent, RetrainPolicy())
 
 
 # --- promotion rule ----------------------------------------------------------------------------
@@ -245,15 +245,15 @@ def test_metric_follows_the_task() -> None:
 
 def test_holdout_scores() -> None:
     truth = np.array([1.0, 2.0, 3.0, 4.0])
-    assert retraining.holdout_score(RMSE, truth, np.array([1.0, 2.0, 3.0, 8.0])) == (
+    assert retrain.holdout_score(RMSE, truth, np.array([1.0, 2.0, 3.0, 8.0])) == (
         pytest.approx(2.0)
     )
     labels = np.array([1.0, 0.0])
-    assert retraining.holdout_score(LOG_LOSS, labels, np.array([0.8, 0.2])) == pytest.approx(
+    assert retrain.holdout_score(LOG_LOSS, labels, np.array([0.8, 0.2])) == pytest.approx(
         -math.log(0.8)
     )
     with pytest.raises(ValueError, match="as many"):
-        retraining.holdout_score(RMSE, truth, np.array([1.0]))
+        retrain.holdout_score(RMSE, truth, np.array([1.0]))
 
 
 # --- the run's conf ----------------------------------------------------------------------------
@@ -346,7 +346,7 @@ def test_extract_refuses_a_bad_conf_before_touching_anything() -> None:
     nowhere = unreachable_connections("sqlite:////nonexistent/never.db")
 
     with pytest.raises(InvalidRetrainRequestError, match="postgres_schema"):
-        retraining.extract_step(
+        retrain.extract_step(
             {"model_name": "bikeshare", "postgres_schema": "no-dashes"},
             {},
             dag_run_id="manual__1",
@@ -356,7 +356,7 @@ def test_extract_refuses_a_bad_conf_before_touching_anything() -> None:
 
 
 def test_work_objects_have_safe_keys() -> None:
-    prefix = retrain_work.work_prefix("bikeshare", "manual__2026-06-01T10:00:00+00:00")
+    prefix = workspace.work_prefix("bikeshare", "manual__2026-06-01T10:00:00+00:00")
 
     assert prefix == "retraining/bikeshare/manual__2026-06-01T10_00_00_00_00/"
 
@@ -374,7 +374,7 @@ def test_logged_rows_become_typed_features_in_time_order(
     ).decode()
     rows[5] = broken
 
-    frame, skipped = retraining.labelled_frame(spec, list(reversed(rows)))
+    frame, skipped = retrain.labelled_frame(spec, list(reversed(rows)))
 
     assert skipped == 1
     assert len(frame) == 29
@@ -383,40 +383,40 @@ def test_logged_rows_become_typed_features_in_time_order(
         "predicted_at",
         "request_id",
         *spec.feature_names,
-        training.PREDICTION_COLUMN,
+        trainer.PREDICTION_COLUMN,
         spec.target.name,
     ]
     expected = summer.drop(index=5).head(29).reset_index(drop=True)
     np.testing.assert_allclose(
-        training.feature_matrix(spec, frame), training.feature_matrix(spec, expected)
+        trainer.feature_matrix(spec, frame), trainer.feature_matrix(spec, expected)
     )
-    np.testing.assert_allclose(training.target_vector(spec, frame), expected["bikers"])
+    np.testing.assert_allclose(trainer.target_vector(spec, frame), expected["bikers"])
 
 
 def test_training_set_is_the_reference_then_the_older_recent_rows(
     spec: FeatureSpec, summer: pd.DataFrame, tmp_path: Path
 ) -> None:
-    winter = training.read_dataset(spec, months=["Jan"])
-    booster = training.train_booster(spec, winter, num_boost_round=5)
-    reference = training.reference_frame(
+    winter = trainer.read_dataset(spec, months=["Jan"])
+    booster = trainer.train_booster(spec, winter, num_boost_round=5)
+    reference = trainer.reference_frame(
         spec,
         [("train", winter.iloc[:500]), ("holdout", winter.iloc[500:])],
         booster,
         leading_columns=["day"],
     )
-    recent, _ = retraining.labelled_frame(spec, logged_rows(spec, summer))
-    older, holdout = retraining.split_recent(recent, RetrainPolicy())
+    recent, _ = retrain.labelled_frame(spec, logged_rows(spec, summer))
+    older, holdout = retrain.split_recent(recent, RetrainPolicy())
 
-    training_set = retraining.assemble_training_set(spec, reference, older)
+    training_set = retrain.assemble_training_set(spec, reference, older)
 
     assert list(training_set.columns) == [
-        retraining.ORIGIN_COLUMN,
-        retraining.PREDICTED_AT_COLUMN,
+        retrain.ORIGIN_COLUMN,
+        retrain.PREDICTED_AT_COLUMN,
         *spec.feature_names,
         spec.target.name,
     ]
     assert len(training_set) == len(reference) + len(older)
-    origins = training_set[retraining.ORIGIN_COLUMN].value_counts().to_dict()
+    origins = training_set[retrain.ORIGIN_COLUMN].value_counts().to_dict()
     assert origins == {"seed": len(reference), "logged": len(older)}
     assert training_set.loc[: len(reference) - 1, "predicted_at"].isna().all()
     assert training_set.loc[len(reference) :, "predicted_at"].notna().all()
@@ -425,20 +425,20 @@ def test_training_set_is_the_reference_then_the_older_recent_rows(
     training_set.to_parquet(path, index=False)
     again = pd.read_parquet(path)
     np.testing.assert_allclose(
-        training.feature_matrix(spec, again), training.feature_matrix(spec, training_set)
+        trainer.feature_matrix(spec, again), trainer.feature_matrix(spec, training_set)
     )
-    challenger = training.train_booster(spec, again, num_boost_round=30)
+    challenger = trainer.train_booster(spec, again, num_boost_round=30)
 
     # The challenger's reference is its training set and the holdout; a second generation
     # keeps the origin and time of the rows the first one took from the log.
-    holdout_rows = retraining.holdout_frame(spec, holdout)
-    its_reference = retraining.challenger_reference(spec, again, holdout_rows, challenger)
+    holdout_rows = retrain.holdout_frame(spec, holdout)
+    its_reference = retrain.challenger_reference(spec, again, holdout_rows, challenger)
     assert its_reference["split"].value_counts().to_dict() == {
         "train": len(training_set),
         "holdout": len(holdout),
     }
     assert {*spec.feature_names, "prediction", "bikers", "origin"} <= set(its_reference.columns)
-    next_set = retraining.assemble_training_set(spec, its_reference, older.head(10))
+    next_set = retrain.assemble_training_set(spec, its_reference, older.head(10))
     assert next_set["origin"].value_counts().to_dict() == {
         "seed": len(reference),
         "logged": len(older) + len(holdout) + 10,
@@ -448,21 +448,21 @@ def test_training_set_is_the_reference_then_the_older_recent_rows(
 def test_challenger_trained_on_summer_rows_beats_the_winter_model_on_summer(
     spec: FeatureSpec, summer: pd.DataFrame
 ) -> None:
-    winter = training.read_dataset(spec, months=["Jan", "Feb", "March"])
-    champion = training.train_booster(spec, winter, num_boost_round=60)
-    reference = training.reference_frame(spec, [("train", winter)], champion)
-    recent, _ = retraining.labelled_frame(spec, logged_rows(spec, summer))
-    older, holdout = retraining.split_recent(recent, RetrainPolicy())
-    challenger = training.train_booster(
-        spec, retraining.assemble_training_set(spec, reference, older), num_boost_round=60
+    winter = trainer.read_dataset(spec, months=["Jan", "Feb", "March"])
+    champion = trainer.train_booster(spec, winter, num_boost_round=60)
+    reference = trainer.reference_frame(spec, [("train", winter)], champion)
+    recent, _ = retrain.labelled_frame(spec, logged_rows(spec, summer))
+    older, holdout = retrain.split_recent(recent, RetrainPolicy())
+    challenger = trainer.train_booster(
+        spec, retrain.assemble_training_set(spec, reference, older), num_boost_round=60
     )
 
-    truth = training.target_vector(spec, holdout)
-    matrix = training.feature_matrix(spec, holdout)
-    champion_rmse = retraining.holdout_score(
+    truth = trainer.target_vector(spec, holdout)
+    matrix = trainer.feature_matrix(spec, holdout)
+    champion_rmse = retrain.holdout_score(
         RMSE, truth, np.asarray(champion.predict(matrix), dtype=np.float64)
     )
-    challenger_rmse = retraining.holdout_score(
+    challenger_rmse = retrain.holdout_score(
         RMSE, truth, np.asarray(challenger.predict(matrix), dtype=np.float64)
     )
 
@@ -503,11 +503,11 @@ class Registry:
             run_id = self.client.create_run(experiment_id).info.run_id
             self.client.create_model_version(self.name, (artifacts / run_id).as_uri(), run_id)
             self.run_ids.append(run_id)
-        self.client.set_registered_model_alias(self.name, training.CHAMPION_ALIAS, "1")
+        self.client.set_registered_model_alias(self.name, trainer.CHAMPION_ALIAS, "1")
 
     def champion(self) -> int:
         return int(
-            self.client.get_model_version_by_alias(self.name, training.CHAMPION_ALIAS).version
+            self.client.get_model_version_by_alias(self.name, trainer.CHAMPION_ALIAS).version
         )
 
     def tags(self, version: int) -> dict[str, str]:
@@ -578,7 +578,7 @@ class Published:
 def test_a_better_challenger_is_promoted_tagged_and_announced(registry: Registry) -> None:
     published = Published()
 
-    decision = retraining.decide_step(
+    decision = retrain.decide_step(
         extracted_for(registry),
         challenger_of(registry),
         evaluation_of(80.0),
@@ -590,9 +590,9 @@ def test_a_better_challenger_is_promoted_tagged_and_announced(registry: Registry
     assert decision.alias_version == 2
     assert registry.champion() == 2
     tags = registry.tags(2)
-    assert tags[retraining.DECISION_TAG] == "promoted"
-    assert tags[retraining.EPISODE_TAG] == "ep-1"
-    assert float(tags[retraining.CHALLENGER_SCORE_TAG]) == 80.0
+    assert tags[retrain.DECISION_TAG] == "promoted"
+    assert tags[retrain.EPISODE_TAG] == "ep-1"
+    assert float(tags[retrain.CHALLENGER_SCORE_TAG]) == 80.0
     [event] = published.events
     assert isinstance(event, ModelPromoted)
     assert (event.model_version, event.champion_version) == (2, 1)
@@ -605,11 +605,11 @@ def test_a_better_challenger_is_promoted_tagged_and_announced(registry: Registry
 def test_a_retry_after_the_alias_moved_only_announces_again(registry: Registry) -> None:
     first, second = Published(), Published()
     arguments = (extracted_for(registry), challenger_of(registry), evaluation_of(80.0))
-    retraining.decide_step(
+    retrain.decide_step(
         *arguments, connections=unreachable_connections(registry.uri), publish=first
     )
 
-    again = retraining.decide_step(
+    again = retrain.decide_step(
         *arguments, connections=unreachable_connections(registry.uri), publish=second
     )
 
@@ -623,7 +623,7 @@ def test_a_challenger_short_of_the_margin_is_rejected_and_the_champion_stays(
 ) -> None:
     published = Published()
 
-    decision = retraining.decide_step(
+    decision = retrain.decide_step(
         extracted_for(registry),
         challenger_of(registry),
         evaluation_of(99.0),
@@ -633,8 +633,8 @@ def test_a_challenger_short_of_the_margin_is_rejected_and_the_champion_stays(
 
     assert decision.outcome is Outcome.REJECTED
     assert registry.champion() == 1
-    assert registry.tags(2)[retraining.DECISION_TAG] == "rejected"
-    assert "short of the 2.0% margin" in registry.tags(2)[retraining.DECISION_REASON_TAG]
+    assert registry.tags(2)[retrain.DECISION_TAG] == "rejected"
+    assert "short of the 2.0% margin" in registry.tags(2)[retrain.DECISION_REASON_TAG]
     [event] = published.events
     assert isinstance(event, ModelRejected)
     assert event.reason == decision.reason
@@ -643,10 +643,10 @@ def test_a_challenger_short_of_the_margin_is_rejected_and_the_champion_stays(
 def test_a_champion_moved_during_the_run_rejects_even_a_better_challenger(
     registry: Registry,
 ) -> None:
-    registry.client.set_registered_model_alias(registry.name, training.CHAMPION_ALIAS, "3")
+    registry.client.set_registered_model_alias(registry.name, trainer.CHAMPION_ALIAS, "3")
     published = Published()
 
-    decision = retraining.decide_step(
+    decision = retrain.decide_step(
         extracted_for(registry),
         challenger_of(registry),
         evaluation_of(50.0),
@@ -668,7 +668,7 @@ def test_mlflow_down_fails_the_decision_without_announcing_anything(
     published = Published()
 
     with pytest.raises(MlflowException, match=r"127\.0\.0\.1"):
-        retraining.decide_step(
+        retrain.decide_step(
             extracted_for(registry),
             challenger_of(registry),
             evaluation_of(50.0),
@@ -684,13 +684,13 @@ def test_decision_events_have_stable_ids() -> None:
     challenger = Challenger(model_name="bikeshare", version=2, run_id="a" * 32, reused=False)
     evaluation = evaluation_of(80.0)
 
-    first = retraining.decision_event(
+    first = retrain.decision_event(
         Outcome.PROMOTED, challenger=challenger, evaluation=evaluation, episode_id=None, reason="r"
     )
-    again = retraining.decision_event(
+    again = retrain.decision_event(
         Outcome.PROMOTED, challenger=challenger, evaluation=evaluation, episode_id=None, reason="r"
     )
-    rejected = retraining.decision_event(
+    rejected = retrain.decision_event(
         Outcome.REJECTED, challenger=challenger, evaluation=evaluation, episode_id=None, reason="r"
     )
 
@@ -702,22 +702,22 @@ def test_decision_events_have_stable_ids() -> None:
 
 def test_the_version_of_a_dag_run_is_found_by_its_tag(registry: Registry) -> None:
     run_id = "manual__2026-06-01T10:00:00+00:00"
-    registry.client.set_model_version_tag(registry.name, "2", retraining.DAG_RUN_TAG, run_id)
+    registry.client.set_model_version_tag(registry.name, "2", retrain.DAG_RUN_TAG, run_id)
 
-    assert retraining.version_for_dag_run(registry.client, registry.name, run_id) == 2
-    assert retraining.version_for_dag_run(registry.client, registry.name, "drift-other") is None
+    assert retrain.version_for_dag_run(registry.client, registry.name, run_id) == 2
+    assert retrain.version_for_dag_run(registry.client, registry.name, "drift-other") is None
     with pytest.raises(ValueError, match="quote"):
-        retraining.version_for_dag_run(registry.client, registry.name, "x' or name != '")
+        retrain.version_for_dag_run(registry.client, registry.name, "x' or name != '")
 
 
 def test_a_retried_train_reuses_the_version_registered_for_the_run(registry: Registry) -> None:
     extracted = extracted_for(registry)
     registry.client.set_model_version_tag(
-        registry.name, "2", retraining.DAG_RUN_TAG, extracted.dag_run_id
+        registry.name, "2", retrain.DAG_RUN_TAG, extracted.dag_run_id
     )
 
     # Nothing else is reachable: the step must not read the work objects or train again.
-    challenger = retraining.train_step(extracted, connections=unreachable_connections(registry.uri))
+    challenger = retrain.train_step(extracted, connections=unreachable_connections(registry.uri))
 
     assert challenger == Challenger(
         model_name=registry.name, version=2, run_id=registry.run_ids[1], reused=True

@@ -9,7 +9,7 @@ import numpy as np
 import orjson
 import pytest
 
-from driftloop.scoring import NoModelError, ScoringService
+from driftloop.serving.scoring import NoModelError, ScoringService
 from gateway.contract import ProblemDetails
 from gateway.problems import ScoringFailedError, problem_answer
 from schemas.features import load_feature_spec

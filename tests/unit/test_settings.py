@@ -15,7 +15,7 @@ from driftloop.settings import (
     SettingsError,
     load_settings,
 )
-from driftloop.stack.settings import StackSettings
+from driftloop_tools.stack.settings import StackSettings
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from driftloop.spool import Spool, SpoolInUseError, SpoolRecord
+from driftloop.events.spool import Spool, SpoolInUseError, SpoolRecord
 
 
 def _records(count: int, start: int = 0) -> list[SpoolRecord]:
@@ -91,7 +91,7 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_spool(tmp_path: Pa
         [
             sys.executable,
             "-c",
-            "import sys; from pathlib import Path; from driftloop.spool import Spool; "
+            "import sys; from pathlib import Path; from driftloop.events.spool import Spool; "
             "Spool(Path(sys.argv[1]), max_records=10)",
             str(path),
         ],

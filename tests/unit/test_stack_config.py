@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from driftloop.settings import DEVELOPMENT_FERNET_KEY
-from driftloop.stack import lifecycle
-from driftloop.stack.programs import (
+from driftloop_tools.stack import lifecycle
+from driftloop_tools.stack.programs import (
     Program,
     airflow_environment,
     host_port,
@@ -18,8 +18,8 @@ from driftloop.stack.programs import (
     write_kafka_config,
     write_s3proxy_config,
 )
-from driftloop.stack.settings import StackSettings
-from driftloop.stack.supervisor import render_config
+from driftloop_tools.stack.settings import StackSettings
+from driftloop_tools.stack.supervisor import render_config
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from driftloop import training
 from driftloop.drift.policy import DriftPolicy
+from driftloop.training import trainer
 from schemas.features import FeatureSpec, load_feature_spec
 
 
@@ -25,13 +25,13 @@ def tracking_uri(tmp_path: Path) -> str:
     """A throw-away sqlite registry whose artifacts stay in tmp_path (not ./mlruns)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     MlflowClient(tracking_uri=uri).create_experiment(
-        training.DEFAULT_EXPERIMENT, artifact_location=(tmp_path / "artifacts").as_uri()
+        trainer.DEFAULT_EXPERIMENT, artifact_location=(tmp_path / "artifacts").as_uri()
     )
     return uri
 
 
 def test_reads_the_seed_data_in_time_order(spec: FeatureSpec) -> None:
-    frame = training.read_dataset(spec, months=["Jan"])
+    frame = trainer.read_dataset(spec, months=["Jan"])
 
     assert set(frame["mnth"]) == {"Jan"}
     assert list(frame["day"]) == sorted(frame["day"])
@@ -39,9 +39,9 @@ def test_reads_the_seed_data_in_time_order(spec: FeatureSpec) -> None:
 
 
 def test_feature_matrix_follows_the_declaration(spec: FeatureSpec) -> None:
-    frame = training.read_dataset(spec, months=["Jan"]).head(3)
+    frame = trainer.read_dataset(spec, months=["Jan"]).head(3)
 
-    matrix = training.feature_matrix(spec, frame)
+    matrix = trainer.feature_matrix(spec, frame)
 
     assert matrix.shape == (3, len(spec.features))
     first = frame.iloc[0]
@@ -56,32 +56,32 @@ def _plain(value: object) -> object:
 
 
 def test_feature_matrix_refuses_unknown_categories(spec: FeatureSpec) -> None:
-    frame = training.read_dataset(spec, months=["Jan"]).head(2).copy()
+    frame = trainer.read_dataset(spec, months=["Jan"]).head(2).copy()
     frame.loc[0, "mnth"] = "Smarch"
 
     with pytest.raises(ValueError, match="mnth"):
-        training.feature_matrix(spec, frame)
+        trainer.feature_matrix(spec, frame)
 
 
 def test_missing_values_become_nan(spec: FeatureSpec) -> None:
-    frame = training.read_dataset(spec, months=["Jan"]).head(2).copy()
+    frame = trainer.read_dataset(spec, months=["Jan"]).head(2).copy()
     frame.loc[0, "temp"] = None
     frame.loc[1, "weathersit"] = None
 
-    matrix = training.feature_matrix(spec, frame)
+    matrix = trainer.feature_matrix(spec, frame)
 
     assert np.isnan(matrix[0, spec.feature_names.index("temp")])
     assert np.isnan(matrix[1, spec.feature_names.index("weathersit")])
 
 
 def test_trained_model_beats_the_mean(spec: FeatureSpec) -> None:
-    train = training.read_dataset(spec, months=["Jan", "Feb"])
-    holdout = training.read_dataset(spec, months=["March"])
+    train = trainer.read_dataset(spec, months=["Jan", "Feb"])
+    holdout = trainer.read_dataset(spec, months=["March"])
 
-    booster = training.train_booster(spec, train, num_boost_round=60)
+    booster = trainer.train_booster(spec, train, num_boost_round=60)
 
-    truth = training.target_vector(spec, holdout)
-    predicted = booster.predict(training.feature_matrix(spec, holdout))
+    truth = trainer.target_vector(spec, holdout)
+    predicted = booster.predict(trainer.feature_matrix(spec, holdout))
     model_rmse = float(np.sqrt(np.mean((predicted - truth) ** 2)))
     mean_rmse = float(np.sqrt(np.mean((truth.mean() - truth) ** 2)))
     assert model_rmse < 0.8 * mean_rmse
@@ -89,11 +89,11 @@ def test_trained_model_beats_the_mean(spec: FeatureSpec) -> None:
 
 
 def test_logs_registers_and_promotes(spec: FeatureSpec, tmp_path: Path, tracking_uri: str) -> None:
-    booster = training.train_booster(
-        spec, training.read_dataset(spec, months=["Jan"]), num_boost_round=5
+    booster = trainer.train_booster(
+        spec, trainer.read_dataset(spec, months=["Jan"]), num_boost_round=5
     )
 
-    model = training.log_and_register(
+    model = trainer.log_and_register(
         booster,
         spec,
         tracking_uri=tracking_uri,
@@ -101,14 +101,14 @@ def test_logs_registers_and_promotes(spec: FeatureSpec, tmp_path: Path, tracking
         metrics={"rmse": 1.0},
         work_dir=tmp_path,
     )
-    training.set_champion(model, tracking_uri=tracking_uri)
+    trainer.set_champion(model, tracking_uri=tracking_uri)
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    champion = client.get_model_version_by_alias("bikeshare-unit", training.CHAMPION_ALIAS)
+    champion = client.get_model_version_by_alias("bikeshare-unit", trainer.CHAMPION_ALIAS)
     assert (int(champion.version), champion.run_id) == (model.version, model.run_id)
     logged = yaml.safe_load(
         Path(
-            client.download_artifacts(model.run_id, training.FEATURE_SPEC_FILE, str(tmp_path))
+            client.download_artifacts(model.run_id, trainer.FEATURE_SPEC_FILE, str(tmp_path))
         ).read_text()
     )
     assert FeatureSpec.model_validate(logged) == spec
@@ -117,12 +117,12 @@ def test_logs_registers_and_promotes(spec: FeatureSpec, tmp_path: Path, tracking
 def test_a_version_with_a_reference_carries_its_drift_baseline(
     spec: FeatureSpec, tmp_path: Path, tracking_uri: str
 ) -> None:
-    frame = training.read_dataset(spec, months=["Jan", "Feb"])
+    frame = trainer.read_dataset(spec, months=["Jan", "Feb"])
     (tmp_path / "bare").mkdir()
-    booster = training.train_booster(spec, frame, num_boost_round=5)
-    reference = training.reference_frame(spec, [("train", frame)], booster)
+    booster = trainer.train_booster(spec, frame, num_boost_round=5)
+    reference = trainer.reference_frame(spec, [("train", frame)], booster)
 
-    with_reference = training.log_and_register(
+    with_reference = trainer.log_and_register(
         booster,
         spec,
         tracking_uri=tracking_uri,
@@ -130,7 +130,7 @@ def test_a_version_with_a_reference_carries_its_drift_baseline(
         reference=reference,
         work_dir=tmp_path,
     )
-    without = training.log_and_register(
+    without = trainer.log_and_register(
         booster,
         spec,
         tracking_uri=tracking_uri,
@@ -138,37 +138,37 @@ def test_a_version_with_a_reference_carries_its_drift_baseline(
         work_dir=tmp_path / "bare",
     )
 
-    baseline = training.load_baseline(
+    baseline = trainer.load_baseline(
         tracking_uri, "bikeshare-unit-baseline", with_reference.version
     )
     assert baseline is not None
     assert baseline.reference_rows == len(reference)
     assert baseline.features == spec.monitored_features
     assert baseline.follows(DriftPolicy())
-    assert training.load_baseline(tracking_uri, "bikeshare-unit-baseline", without.version) is None
+    assert trainer.load_baseline(tracking_uri, "bikeshare-unit-baseline", without.version) is None
 
 
 def test_saved_model_has_the_flavour_layout(spec: FeatureSpec, tmp_path: Path) -> None:
-    booster = training.train_booster(
-        spec, training.read_dataset(spec, months=["Jan"]), num_boost_round=3
+    booster = trainer.train_booster(
+        spec, trainer.read_dataset(spec, months=["Jan"]), num_boost_round=3
     )
 
-    directory = training.save_model(booster, spec, tmp_path / "model")
+    directory = trainer.save_model(booster, spec, tmp_path / "model")
 
     assert (directory / "MLmodel").is_file()
     assert (directory / "model.lgb").is_file()
-    assert (directory / "extra_files" / training.FEATURE_SPEC_FILE).is_file()
+    assert (directory / "extra_files" / trainer.FEATURE_SPEC_FILE).is_file()
 
 
 def test_logging_leaves_the_process_tracking_uri_alone(
     spec: FeatureSpec, tmp_path: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    booster = training.train_booster(
-        spec, training.read_dataset(spec, months=["Jan"]), num_boost_round=2
+    booster = trainer.train_booster(
+        spec, trainer.read_dataset(spec, months=["Jan"]), num_boost_round=2
     )
 
-    training.log_and_register(
+    trainer.log_and_register(
         booster,
         spec,
         tracking_uri=tracking_uri,
@@ -181,6 +181,6 @@ def test_logging_leaves_the_process_tracking_uri_alone(
 
 def test_signature_lists_every_declared_feature_in_order() -> None:
     spec = load_feature_spec("bikeshare")
-    signature = training.model_signature(spec)
+    signature = trainer.model_signature(spec)
     assert signature.inputs.input_names() == list(spec.feature_names)
     assert {column.type.name for column in signature.inputs.inputs} == {"double"}

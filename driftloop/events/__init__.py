@@ -1,0 +1,1 @@
+"""Kafka as every driftloop process uses it: clients, the consumer loop, the spool."""

@@ -1,0 +1,1 @@
+"""Retraining orchestrated: the Airflow REST client and the trigger's ledger."""

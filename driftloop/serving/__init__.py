@@ -1,0 +1,1 @@
+"""Serving a model: the scoring core, the champion, hot swaps and batch scoring."""

@@ -1,0 +1,1 @@
+"""Where traffic lands: Postgres (migrations, prediction log) and Parquet in S3."""

@@ -1,0 +1,1 @@
+"""Training, the first model, and retraining a drifted model against its champion."""

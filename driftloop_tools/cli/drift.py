@@ -1,0 +1,168 @@
+"""``driftloop drift check``: judge a long window (days, weeks) of a model version on demand.
+
+Reads the window from the feature-logger's Parquet files through DuckDB
+(``driftloop.drift.parquet_windows``; ``--engine pandas`` loads them whole, the reference path)
+and the version's reference and drift baseline from MLflow, runs Evidently on every row of the
+window with the thresholds calibrated for its size under the monitor's policy
+(``DRIFT_MONITOR_POLICY``), prints the verdict and stores the JSON and HTML report
+under ``drift-reports/long/``. It publishes nothing: episodes and retraining belong to the
+monitor's own windows. The drift modules are imported inside the command: they pull in
+Evidently, MLflow and pandas, which every other ``driftloop`` command would otherwise wait for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from datetime import UTC, datetime, timedelta
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from driftloop.settings import SettingsError, load_settings
+
+drift_app = typer.Typer(help="Drift: judge a long window of logged traffic on demand.")
+console = Console()
+
+LONG_REPORT_PREFIX = "drift-reports/long/"
+
+
+def _moment(text: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as error:
+        raise typer.BadParameter(f"{text!r} is not an ISO-8601 time") from error
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+async def _check(
+    model: str, version: int | None, start: datetime, end: datetime, engine: str
+) -> bool:
+    from consumers.drift_monitor import DriftMonitorSettings
+    from driftloop.drift.assessment import WindowBounds, WindowRefused, evaluate_window
+    from driftloop.drift.baseline import calibrate
+    from driftloop.drift.parquet_windows import load_duckdb_window, load_parquet_window
+    from driftloop.drift.reference import RegistryChampions
+    from driftloop.drift.reports import put_report, render_report, report_keys
+    from driftloop.storage import lake
+    from driftloop.storage.database import create_pool
+    from driftloop.storage.objectstore import s3_client
+
+    settings = load_settings(DriftMonitorSettings)
+    champions = RegistryChampions(settings.mlflow.tracking_uri)
+    chosen = version or await asyncio.to_thread(champions.champion_version, model)
+    if chosen is None:
+        console.print(f"[red]{model} has no champion; name a --version[/red]")
+        return False
+    spec = await asyncio.to_thread(champions.feature_spec, model, chosen)
+    reference = await asyncio.to_thread(champions.reference, model, chosen)
+    baseline = await asyncio.to_thread(champions.baseline, model, chosen)
+    if baseline is None or not baseline.follows(settings.policy):
+        baseline = await asyncio.to_thread(calibrate, spec, reference, settings.policy)
+    pool = await create_pool(
+        settings.postgres, schema=settings.db_schema, max_size=2, give_up_after_seconds=10
+    )
+    try:
+        async with s3_client(settings.s3) as s3:
+            if engine == "duckdb":
+                frame = await load_duckdb_window(
+                    pool,
+                    lake.s3_filesystem(settings.s3),
+                    settings.s3.data_bucket,
+                    spec,
+                    model,
+                    chosen,
+                    start=start,
+                    end=end,
+                )
+            else:
+                frame = await load_parquet_window(
+                    pool, s3, settings.s3.data_bucket, spec, model, chosen, start=start, end=end
+                )
+            console.print(
+                f"[cyan]drift[/cyan] {model} v{chosen}: {len(frame)} rows from Parquet ({engine}) "
+                "between "
+                f"{start:%Y-%m-%d %H:%M} and {end:%Y-%m-%d %H:%M} UTC; reference "
+                f"{len(reference)} rows"
+            )
+            evaluation = await asyncio.to_thread(
+                functools.partial(
+                    evaluate_window,
+                    reference,
+                    frame,
+                    spec,
+                    settings.policy,
+                    thresholds=baseline.thresholds(len(frame)),
+                )
+            )
+            if isinstance(evaluation, WindowRefused):
+                console.print(
+                    f"[yellow]refused[/yellow] ({evaluation.reason}): {evaluation.detail}"
+                )
+                return False
+            window = WindowBounds(start=start, end=end)
+            documents = await asyncio.to_thread(
+                functools.partial(
+                    render_report,
+                    evaluation,
+                    model_name=model,
+                    model_version=chosen,
+                    window=window,
+                    baseline=baseline,
+                    sample_rows=len(frame),
+                )
+            )
+            keys = report_keys(model, chosen, end, prefix=LONG_REPORT_PREFIX)
+            uri = await put_report(s3, settings.s3.data_bucket, keys, documents)
+    finally:
+        await pool.close()
+    assessment = evaluation.assessment
+    table = Table(title=f"{model} v{chosen}: drift share {assessment.drift_share:.2f}")
+    table.add_column("column")
+    table.add_column("test")
+    table.add_column("score", justify="right")
+    table.add_column("threshold", justify="right")
+    table.add_column("drifted")
+    for feature in (*assessment.features, *filter(None, [assessment.prediction])):
+        table.add_row(
+            feature.name,
+            feature.stat_test,
+            f"{feature.score:.3f}",
+            f"{feature.threshold:g}",
+            "[red]yes[/red]" if feature.drifted else "no",
+        )
+    console.print(table)
+    if assessment.quality is not None:
+        figures = ", ".join(f"{k} {v:.3f}" for k, v in assessment.quality.metrics.items())
+        console.print(f"quality on {assessment.labelled_rows} labelled rows: {figures}")
+    console.print(f"report: {uri} (HTML beside it)")
+    return True
+
+
+@drift_app.command()
+def check(
+    model: str = typer.Option("bikeshare", help="Registered model."),
+    version: int | None = typer.Option(None, help="Model version (default: the champion)."),
+    since: str | None = typer.Option(None, help="Window start, ISO-8601 (default: 7 days ago)."),
+    until: str | None = typer.Option(None, help="Window end, ISO-8601 (default: now)."),
+    engine: str = typer.Option(
+        "duckdb",
+        help="duckdb: scan the files in DuckDB, labels from the Parquet label files; pandas: "
+        "load every file, labels from Postgres (the reference path).",
+    ),
+) -> None:
+    """Judge a long window of a model version from the Parquet log; store and print the report."""
+    end = _moment(until) if until else datetime.now(UTC)
+    start = _moment(since) if since else end - timedelta(days=7)
+    if start >= end:
+        raise typer.BadParameter("--since must be before --until")
+    if engine not in {"duckdb", "pandas"}:
+        raise typer.BadParameter(f"--engine is duckdb or pandas, not {engine!r}")
+    try:
+        judged = asyncio.run(_check(model, version, start, end, engine))
+    except SettingsError as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
+    if not judged:
+        raise typer.Exit(1)

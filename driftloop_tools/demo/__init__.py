@@ -1,0 +1,1 @@
+"""The demo: the seed data replayed through the gateway, the closed loop watched."""
