@@ -232,7 +232,7 @@ def main() -> None:
         print(f"ratio check / plain DataDriftPreset (best): {best['check'] / best['preset']:.2f}x")
     print(
         f"report render (JSON {len(documents.json) / 1e3:.0f} kB + HTML "
-        f"{len(documents.html) / 1e6:.1f} MB): {render_seconds:.2f} s, not in the ratio"
+        f"{len(documents.html or b'') / 1e6:.1f} MB): {render_seconds:.2f} s, not in the ratio"
     )
     print(
         f"verdict: drifted={assessment.drifted} share={assessment.drift_share:.2f} "

@@ -114,6 +114,11 @@ class DriftMonitorSettings(ServiceSettings):
         description="DRIFT_MONITOR_REPORT_PREFIX: object key prefix of the reports in the data "
         "bucket (default drift-reports/).",
     )
+    clean_html_share: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.05,
+        description="DRIFT_MONITOR_CLEAN_HTML_SHARE: share of clean windows whose report keeps "
+        "its HTML (chosen by a hash of the window; drifted windows always do; default 0.05).",
+    )
     db_schema: str = Field(
         default="public",
         pattern=SCHEMA_NAME.pattern,
@@ -143,6 +148,7 @@ class DriftMonitorSettings(ServiceSettings):
             sample_rows=self.report_sample_rows,
             champion_refresh=timedelta(seconds=self.champion_refresh_seconds),
             report_prefix=self.report_prefix,
+            clean_html_share=self.clean_html_share,
         )
 
 

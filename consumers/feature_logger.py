@@ -1,15 +1,19 @@
 """feature-logger: every prediction and label, exactly once, in Postgres and Parquet.
 
-Consumes ``predictions`` and ``labels`` in one group. Each micro-batch is written to Postgres
-(COPY into staging, ``INSERT … ON CONFLICT (request_id)``) and its offsets are committed after
-the database commit; the same predictions are buffered and flushed to the object store as
-Parquet with their own offsets (``driftloop.storage.featurestore``). Run with
+Consumes ``predictions`` and ``labels`` in one group. Each micro-batch is written to
+Postgres (COPY into staging, ``INSERT … ON CONFLICT``, unique by request id) and its offsets
+are committed after the database commit; the same predictions are buffered and flushed to
+the object store as Parquet with their own offsets (``driftloop.storage.featurestore``). On a timer
+it runs storage maintenance (``driftloop.storage.maintenance``): daily partitions of the log
+tables made ahead and dropped past the hot retention, labels written to Parquet, retention
+of files and reports applied, closed hours compacted. Run with
 ``python -m consumers.feature_logger``; metrics on ``FEATURE_LOGGER_METRICS_PORT`` (9101).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -17,6 +21,7 @@ from contextlib import AsyncExitStack
 from datetime import timedelta
 from typing import Annotated, Any, Final, cast
 
+import asyncpg
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.structs import TopicPartition
 from prometheus_client import Counter, Gauge
@@ -24,6 +29,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from consumers.service import serve
+from driftloop.drift.report_retention import REPORT_PREFIX
 from driftloop.events import kafka
 from driftloop.events.consumer_loop import (
     DUPLICATES,
@@ -43,6 +49,13 @@ from driftloop.settings import (
 )
 from driftloop.storage.database import UNAVAILABLE_ERRORS
 from driftloop.storage.featurestore import FeatureStore
+from driftloop.storage.hot_store import hot_retention
+from driftloop.storage.maintenance import (
+    ModelRetention,
+    ParquetTarget,
+    StoragePolicy,
+    maintain_storage,
+)
 from driftloop.storage.migrations import SCHEMA_NAME
 from driftloop.storage.objectstore import UNAVAILABLE_ERRORS as OBJECT_STORE_ERRORS
 from driftloop.storage.objectstore import s3_client
@@ -52,7 +65,7 @@ from driftloop.storage.prediction_log import (
     open_prediction_log,
 )
 from schemas.events import TOPIC_EVENTS, GroundTruth, PredictionEvent
-from schemas.features import load_feature_spec
+from schemas.features import declared_feature_specs, load_feature_spec
 from schemas.topics import Topic
 
 NAME: Final = "feature-logger"
@@ -83,6 +96,23 @@ SKETCH_SECONDS = Counter(
 PARQUET_BUFFERED = Gauge(
     "driftloop_feature_logger_parquet_buffered_rows",
     "Predictions buffered for the next Parquet flush.",
+)
+HOT_STORE_PARTITIONS = Counter(
+    "driftloop_hot_store_partitions_total",
+    "Daily partitions of prediction_log and labels made ahead or dropped past the retention.",
+    ["action"],
+)
+STORAGE_MAINTENANCE_FAILURES = Counter(
+    "driftloop_storage_maintenance_failures_total",
+    "Partition maintenance or compaction runs that failed (retried at the next interval).",
+)
+LABEL_FILES = Counter(
+    "driftloop_parquet_label_files_written_total",
+    "Label files (one per model and day) written or rewritten to the object store.",
+)
+COMPACTED_FILES = Counter(
+    "driftloop_parquet_compacted_files_total",
+    "Parquet flush files merged into one file per model-hour by compaction.",
 )
 PARQUET_FLUSH_FAILURES = Counter(
     "driftloop_feature_logger_parquet_flush_failures_total",
@@ -151,15 +181,57 @@ class FeatureLoggerSettings(ServiceSettings):
         description="FEATURE_LOGGER_PENDING_SWEEP_INTERVAL_SECONDS: how often pending labels "
         "are joined and expired (default 60).",
     )
+    storage_maintenance_interval_seconds: Seconds = Field(
+        default=600.0,
+        description="FEATURE_LOGGER_STORAGE_MAINTENANCE_INTERVAL_SECONDS: how often the daily "
+        "partitions of prediction_log and labels are made ahead and the expired ones dropped, "
+        "then closed hours' Parquet files compacted (default 600; one replica at a time).",
+    )
+    compaction_settle_seconds: Annotated[float, Field(ge=0)] = Field(
+        default=900.0,
+        description="FEATURE_LOGGER_COMPACTION_SETTLE_SECONDS: how long after an hour ends its "
+        "Parquet files are merged into one (default 900; a later flush of it adds a file, "
+        "merged at the next run).",
+    )
+    partitions_ahead_days: Annotated[int, Field(ge=0, le=60)] = Field(
+        default=3,
+        description="FEATURE_LOGGER_PARTITIONS_AHEAD_DAYS: days of partitions made ahead of "
+        "today (default 3).",
+    )
     metrics_port: Annotated[int, Field(ge=0, lt=65536)] = Field(
         default=9101,
         description="FEATURE_LOGGER_METRICS_PORT: Prometheus /metrics port (default 9101; 0 "
         "picks a free port).",
     )
 
+    labels_prefix: str = Field(
+        default="labels/",
+        description="FEATURE_LOGGER_LABELS_PREFIX: key prefix of the label files in "
+        "S3_DATA_BUCKET (default labels/).",
+    )
+    report_prefix: str = Field(
+        default=REPORT_PREFIX,
+        min_length=1,
+        description="FEATURE_LOGGER_REPORT_PREFIX: key prefix of the drift reports whose "
+        "retention maintenance applies; the drift-monitor's DRIFT_MONITOR_REPORT_PREFIX "
+        "(default drift-reports/).",
+    )
+
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     postgres: PostgresSettings = Field(default_factory=PostgresSettings)
     s3: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
+
+    def storage_policy(self) -> StoragePolicy:
+        """Maintenance's policy: these settings and the model declarations' hot retention."""
+        specs = [load_feature_spec(name) for name in declared_feature_specs()]
+        return StoragePolicy(
+            hot_retention=hot_retention(specs),
+            ahead_days=self.partitions_ahead_days,
+            compaction_settle=timedelta(seconds=self.compaction_settle_seconds),
+            labels_prefix=self.labels_prefix,
+            models=tuple(ModelRetention.of(spec) for spec in specs),
+            report_prefix=self.report_prefix,
+        )
 
 
 class FeatureLogger:
@@ -327,6 +399,29 @@ class FeatureLogger:
             log.warning("Parquet flush in flight at the stop failed (%s)", error)
 
 
+async def maintain_periodically(
+    pool: asyncpg.Pool, parquet: ParquetTarget | None, policy: StoragePolicy, interval: float
+) -> None:
+    """Run storage maintenance every ``interval`` seconds until cancelled.
+
+    A failed run is counted and retried at the next interval: the writer makes any missing
+    day itself and readers take any number of files, so logging never waits for this.
+    """
+    while True:
+        try:
+            report = await maintain_storage(pool, parquet, policy)
+        except Exception:  # maintenance must never stop the logging
+            STORAGE_MAINTENANCE_FAILURES.inc()
+            log.exception("storage maintenance failed; retry in %.0fs", interval)
+        else:
+            HOT_STORE_PARTITIONS.labels("created").inc(len(report.partitions.created))
+            HOT_STORE_PARTITIONS.labels("dropped").inc(len(report.partitions.dropped))
+            LABEL_FILES.inc(len(report.label_files))
+            if report.compaction is not None:
+                COMPACTED_FILES.inc(report.compaction.files_replaced)
+        await asyncio.sleep(interval)
+
+
 async def run_feature_logger(settings: FeatureLoggerSettings) -> None:
     """Run the feature logger until SIGTERM/SIGINT (or a non-transient failure)."""
     topics = {
@@ -344,7 +439,9 @@ async def run_feature_logger(settings: FeatureLoggerSettings) -> None:
         max_batch=settings.max_batch,
         poll_timeout_ms=settings.poll_timeout_ms,
     )
-    prediction_log = await open_prediction_log(settings.postgres, settings.db_schema)
+    # Three sessions: the batch writes, the Parquet flush, and storage maintenance (whose
+    # compaction holds its session, and that session's lock, for the whole run).
+    prediction_log = await open_prediction_log(settings.postgres, settings.db_schema, max_size=3)
     async with AsyncExitStack() as stack:
         stack.push_async_callback(_closing, "Postgres pool", prediction_log.close)
         store = None
@@ -362,6 +459,16 @@ async def run_feature_logger(settings: FeatureLoggerSettings) -> None:
                 max_buffered_rows=settings.max_buffered_rows,
                 specs=specs,
             )
+        maintenance = asyncio.create_task(
+            maintain_periodically(
+                prediction_log.pool,
+                ParquetTarget(store.s3, settings.s3.data_bucket) if store is not None else None,
+                settings.storage_policy(),
+                settings.storage_maintenance_interval_seconds,
+            ),
+            name=f"{NAME}-storage-maintenance",
+        )
+        stack.push_async_callback(_cancelled, maintenance)
         producer = EventProducer(settings.kafka, f"{NAME}-dlq")
         await producer.start()
         stack.push_async_callback(_closing, "producer", producer.close)
@@ -390,6 +497,12 @@ async def run_feature_logger(settings: FeatureLoggerSettings) -> None:
         log.info("consumption stopped; flushing Parquet and closing")
         await logger.close()
     log.info("stopped cleanly")
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _closing(what: str, close: Callable[[], Awaitable[None]]) -> None:

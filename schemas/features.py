@@ -289,6 +289,27 @@ class Monitoring(_Declaration):
     are aligned on multiples of it since the Unix epoch, and judged once closed and settled."""
 
 
+DEFAULT_HOT_RETENTION: Final = timedelta(days=14)
+"""How long a model's predictions and labels stay in Postgres when its declaration is silent."""
+
+
+class Retention(_Declaration):
+    """How long the model's data is kept in each store."""
+
+    hot: timedelta = Field(default=DEFAULT_HOT_RETENTION, ge=timedelta(days=1))
+    """Predictions and labels in Postgres (ISO 8601, e.g. P14D; at least one day, the
+    partition's span): drift windows and recent training rows read them there; older history
+    is read from Parquet. Partitions are shared, so the longest declared retention applies."""
+    parquet: timedelta | None = Field(default=None, ge=timedelta(days=1))
+    """Feature and label files in the object store (e.g. P400D); none: kept for good (Parquet
+    is the system of record). Whole days go, once past it."""
+    reports: timedelta = Field(default=timedelta(days=90), ge=timedelta(days=1))
+    """Drift reports, JSON and HTML (default P90D)."""
+    report_html_bytes: int = Field(default=256 * 2**20, ge=0)
+    """Budget of the model's gzipped HTML reports in bytes (default 256 MiB): past it, the
+    oldest HTML files go (their JSON stays)."""
+
+
 class FeatureSpec(_Declaration):
     """The declaration of one model's inputs, target and task."""
 
@@ -308,6 +329,8 @@ class FeatureSpec(_Declaration):
     """Seed data, when the model ships with some."""
     monitoring: Monitoring = Field(default_factory=Monitoring)
     """How drift is watched (the window's span)."""
+    retention: Retention = Field(default_factory=Retention)
+    """How long its data is kept (``hot``: Postgres)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:

@@ -68,7 +68,7 @@ from driftloop.drift.baseline import (
 )
 from driftloop.drift.episodes import EpisodeState, EpisodeStep
 from driftloop.drift.policy import DriftPolicy
-from driftloop.drift.reports import ReportDocuments, render_report, report_keys
+from driftloop.drift.reports import ReportDocuments, keeps_html, render_report, report_keys
 from driftloop.drift.sketch import ColumnDistance, WindowSketch
 from driftloop.drift.slices import align, check_window, decode, encode
 from driftloop.drift.store import WindowRecord, WindowSlices
@@ -274,6 +274,8 @@ class MonitorOptions:
     champion_refresh: timedelta = timedelta(seconds=5)
     """How long a resolved champion version is trusted before asking MLflow again."""
     report_prefix: str = "drift-reports/"
+    clean_html_share: float = 0.05
+    """Share of clean windows whose report keeps its HTML (drifted ones always do)."""
 
     def __post_init__(self) -> None:
         if self.window is not None:
@@ -386,7 +388,14 @@ class DriftMonitor:
             sample_rows = len(sample)
             marked = _stage("sample", marked)
             assessment, documents, agreement = await asyncio.to_thread(
-                _judge, champion, sketch, sample, self.policy, model_name, window
+                _judge,
+                champion,
+                sketch,
+                sample,
+                self.policy,
+                model_name,
+                window,
+                self.options.clean_html_share,
             )
             marked = _stage("judge", marked)
             verdict = assessment
@@ -643,6 +652,7 @@ def _judge(
     policy: DriftPolicy,
     model_name: str,
     window: WindowBounds,
+    clean_html_share: float,
 ) -> tuple[DriftAssessment, ReportDocuments, float]:
     # One worker-thread call: distances, Evidently and the report rendering are CPU work that
     # must not stall the event loop (metrics endpoint, shutdown signals).
@@ -722,6 +732,13 @@ def _judge(
         baseline=baseline,
         sample_rows=len(report_rows),
         left_out_rows=len(sample) - len(report_rows),
+        with_html=keeps_html(
+            model_name,
+            champion.version,
+            window.end,
+            drifted=assessment.drifted,
+            clean_share=clean_html_share,
+        ),
     )
     return assessment, documents, agreement
 

@@ -5,6 +5,12 @@ operator's ``driftloop drift check`` over a week or a month) reads the feature-l
 files instead, found through their manifest (``feature_files``: one row per committed file,
 partitioned by model, date and hour), so no listing of the bucket and no file of an unfinished
 flush is read. Labels come from Postgres (``labels``), joined by request id, as they stand.
+
+``load_duckdb_window`` reads the same files through DuckDB (``driftloop.storage.lake``): the filter and
+the projection are pushed into the scan, rows stream in parallel, and labels come from the
+Parquet label files (written by storage maintenance, so at most one interval behind), joined
+in SQL. It is the path for months of traffic; ``load_parquet_window`` is the reference the
+benchmark compares it with.
 """
 
 from __future__ import annotations
@@ -18,10 +24,12 @@ import asyncpg
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from driftloop.drift.assessment import PREDICTION_COLUMN
 from driftloop.drift.store import PREDICTED_AT_COLUMN
+from driftloop.storage import lake
 from driftloop.storage.featurestore import feature_column
 from schemas.features import FeatureSpec
 
@@ -101,6 +109,43 @@ async def load_parquet_window(
     truth = {row["request_id"]: row["label"] for row in labels}
     frame[spec.target.name] = frame["request_id"].map(truth).astype("float64")
     frame = frame.sort_values(PREDICTED_AT_COLUMN, kind="stable").reset_index(drop=True)
+    return frame[[PREDICTED_AT_COLUMN, *spec.feature_names, PREDICTION_COLUMN, spec.target.name]]
+
+
+async def load_duckdb_window(
+    pool: asyncpg.Pool,
+    filesystem: pafs.FileSystem,
+    bucket: str,
+    spec: FeatureSpec,
+    model_name: str,
+    model_version: int,
+    *,
+    start: datetime,
+    end: datetime,
+) -> pd.DataFrame:
+    """``load_parquet_window``'s rows and columns, read through DuckDB."""
+    if start.tzinfo is None or end.tzinfo is None:
+        raise ValueError("window bounds must be timezone-aware")
+    files = await lake.window_files(pool, model_name, start, end)
+    if not files.features:
+        return _empty(spec)
+    columns = [PREDICTED_AT_COLUMN, PREDICTION_COLUMN, *map(feature_column, spec.feature_names)]
+
+    def read() -> pd.DataFrame:
+        connection = lake.open_lake(filesystem, bucket, files)
+        try:
+            return lake.window_frame(connection, columns, model_version, start, end)
+        finally:
+            connection.close()
+
+    frame = await asyncio.to_thread(read)
+    frame = frame.rename(
+        columns={
+            "label": spec.target.name,
+            **{feature_column(name): name for name in spec.feature_names},
+        }
+    )
+    frame[spec.target.name] = frame[spec.target.name].astype("float64")
     return frame[[PREDICTED_AT_COLUMN, *spec.feature_names, PREDICTION_COLUMN, spec.target.name]]
 
 

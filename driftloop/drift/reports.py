@@ -1,11 +1,17 @@
 """Drift reports: the Evidently snapshots as JSON for machines and HTML for people, stored in S3.
 
-Keys are ``drift-reports/<model>/<version>/<window_end>.json`` and ``.html`` beside it; the
-JSON is written last, so whoever finds it can rely on the HTML being there too.
+Keys are ``drift-reports/<model>/<version>/<window_end>.json`` and ``.html.gz`` beside it; the
+JSON is written last, so whoever finds it can rely on the HTML being there too when the window
+has one. Every window gets its JSON; the HTML (about 4 MB raw, a tenth of that gzipped) is kept
+for drifted windows and a deterministic sample of clean ones (``keeps_html``), gzip-compressed
+(``Content-Encoding: gzip``). Retention and the per-model HTML budget are applied by the
+storage lifecycle (``driftloop.drift.report_retention``).
 """
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import html
 import json
 from dataclasses import dataclass
@@ -18,11 +24,15 @@ from evidently.legacy.renderers.html_widgets import group_widget
 
 from driftloop.drift.assessment import WindowBounds, WindowEvaluation
 from driftloop.drift.baseline import DriftBaseline
+from driftloop.settings import ObjectStoreSettings
+from driftloop.storage.objectstore import s3_client
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
 
-REPORT_PREFIX: Final = "drift-reports/"
+from driftloop.drift.report_retention import REPORT_PREFIX as REPORT_PREFIX
+from driftloop.drift.report_retention import STEM_FORMAT
+
 REPORT_FORMAT: Final = 1
 """Version of the JSON document's layout."""
 
@@ -40,7 +50,8 @@ class ReportDocuments:
     """One window's report, rendered."""
 
     json: bytes
-    html: bytes
+    html: bytes | None
+    """None: the window keeps no HTML (a clean window outside the sample)."""
 
 
 def report_keys(
@@ -49,9 +60,22 @@ def report_keys(
     """Keys of the report of the window ending at ``window_end`` (UTC, to the microsecond)."""
     if window_end.tzinfo is None:
         raise ValueError("window_end must be timezone-aware")
-    stem = window_end.astimezone(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    stem = window_end.astimezone(UTC).strftime(STEM_FORMAT)
     base = f"{prefix}{model_name}/{model_version}/{stem}"
-    return ReportKeys(json=f"{base}.json", html=f"{base}.html")
+    return ReportKeys(json=f"{base}.json", html=f"{base}.html.gz")
+
+
+def keeps_html(
+    model_name: str, model_version: int, window_end: datetime, *, drifted: bool, clean_share: float
+) -> bool:
+    """Whether a window's report keeps its HTML: always when drifted, else for ``clean_share``
+    of clean windows, chosen by a hash of the window (replicas and reruns choose alike)."""
+    if drifted:
+        return True
+    if clean_share <= 0:
+        return False
+    digest = hashlib.sha256(f"{model_name}:{model_version}:{window_end.isoformat()}".encode())
+    return int.from_bytes(digest.digest()[:8], "big") / 2**64 < clean_share
 
 
 def report_uri(bucket: str, key: str) -> str:
@@ -68,13 +92,15 @@ def render_report(
     baseline: DriftBaseline | None = None,
     sample_rows: int | None = None,
     left_out_rows: int = 0,
+    with_html: bool = True,
 ) -> ReportDocuments:
     """The JSON document (assessment, thresholds, Evidently metrics) and the HTML report.
 
     The assessment is the window's verdict; the Evidently snapshots, when ``sample_rows`` is
     given, ran on a uniform sample of that many of the window's rows (None: no sample could be
     judged), less ``left_out_rows`` with values beyond Evidently's reach (judged by the sketch
-    all the same), and ``baseline`` says how the thresholds were calibrated.
+    all the same), and ``baseline`` says how the thresholds were calibrated. Without
+    ``with_html``, no HTML is rendered.
     """
     document = {
         "report_format": REPORT_FORMAT,
@@ -103,17 +129,26 @@ def render_report(
             else _snapshot_dict(evaluation.quality_snapshot),
         },
     }
-    return ReportDocuments(json=orjson.dumps(document), html=_html(evaluation).encode())
+    return ReportDocuments(
+        json=orjson.dumps(document), html=_html(evaluation).encode() if with_html else None
+    )
 
 
 async def put_report(
     s3: S3Client, bucket: str, keys: ReportKeys, documents: ReportDocuments
 ) -> str:
-    """Store the HTML, then the JSON; returns the JSON's URI."""
+    """Store the HTML (gzipped, when the window keeps one), then the JSON; returns its URI."""
     # No "; charset=utf-8" parameter: S3Proxy computes the signature over a Content-Type
     # without it and answers SignatureDoesNotMatch (seen on the dev stack); the HTML declares
     # its charset itself.
-    await s3.put_object(Bucket=bucket, Key=keys.html, Body=documents.html, ContentType="text/html")
+    if documents.html is not None:
+        await s3.put_object(
+            Bucket=bucket,
+            Key=keys.html,
+            Body=gzip.compress(documents.html, compresslevel=6, mtime=0),
+            ContentType="text/html",
+            ContentEncoding="gzip",
+        )
     await s3.put_object(
         Bucket=bucket, Key=keys.json, Body=documents.json, ContentType="application/json"
     )

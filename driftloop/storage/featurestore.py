@@ -302,7 +302,7 @@ class FeatureStore:
             else:
                 table, offsets = self._table(key, file.rows)
             # Encoding and compressing release the GIL: the event loop goes on meanwhile.
-            body = await asyncio.to_thread(_parquet_file, table, offsets)
+            body = await asyncio.to_thread(parquet_file, table, offsets)
             await self.s3.put_object(Bucket=self.bucket, Key=object_key, Body=body)
             manifest.append((object_key, flush_id, key, len(file.rows), offsets))
         async with self.pool.acquire() as connection, connection.transaction():
@@ -509,7 +509,8 @@ def _add_offsets(ranges: dict[str, list[int]], rows: Iterable[Delivery[Any]]) ->
             span[1] = max(span[1], high)
 
 
-def _parquet_file(table: pa.Table, offsets: bytes) -> bytes:
+def parquet_file(table: pa.Table, offsets: bytes) -> bytes:
+    """A zstd Parquet file of ``table`` with its Kafka offsets in the footer metadata."""
     sink = io.BytesIO()
     pq.write_table(
         table.replace_schema_metadata(

@@ -1,12 +1,14 @@
 """The prediction log in Postgres: idempotent micro-batch writes of predictions and labels.
 
 A batch is copied (binary ``COPY``) into session-local staging tables, then inserted with
-``ON CONFLICT (request_id)`` in the same transaction, so a batch replayed after a crash adds
-nothing. The rows a batch logged first are sketched for the drift monitor by slice of
-prediction time (``driftloop.drift.slices``), and the sketches written in that transaction
-too. A label whose prediction is not logged yet waits in ``pending_labels``; it moves to
-``labels`` when its prediction arrives (or at the next sweep), and is deleted after the
-retention.
+``ON CONFLICT`` in the same transaction, so a batch replayed after a crash adds nothing. Both
+tables are partitioned by day of prediction time (``driftloop.storage.hot_store``): a batch creates the
+partitions of its days when they are missing, and a request id stays unique across partitions
+(see ``_INSERT_PREDICTIONS``). The rows a batch logged first are sketched for the drift
+monitor by slice of prediction time (``driftloop.drift.slices``), and the sketches written in
+that transaction too. A label whose prediction is not logged yet waits in
+``pending_labels``; it moves to ``labels`` when its prediction arrives (or at the next sweep),
+and is deleted after the retention.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import date, timedelta
 from typing import Final
 
 import asyncpg
@@ -24,6 +26,7 @@ from driftloop.drift.slices import SLICE_COLUMNS, LayoutCache, slice_deltas
 from driftloop.events.consumer_loop import Delivery
 from driftloop.settings import PostgresSettings
 from driftloop.storage.database import open_migrated_pool
+from driftloop.storage.hot_store import ensure_partitions, partition_day
 from schemas.events import GroundTruth, PredictionEvent
 
 PREDICTION_COLUMNS: Final = (
@@ -50,14 +53,30 @@ CREATE TEMP TABLE IF NOT EXISTS staged_predictions
 CREATE TEMP TABLE IF NOT EXISTS staged_labels
     (LIKE pending_labels INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;
 """
+# Partitions are by prediction time, so the primary key is (request_id, predicted_at): a replay
+# of the same event meets its first copy there. Another event reusing a logged request id (a
+# client retrying with the same X-Request-ID, so another timestamp) is refused by the anti-join,
+# which probes the primary key's index (request_id first) of each partition; the first record
+# of a request within the batch wins, as it would one by one.
 _INSERT_PREDICTIONS = """
 INSERT INTO prediction_log (request_id, event_id, predicted_at, model_name, model_version,
                             run_id, features, prediction, latency_ms, source,
                             kafka_partition, kafka_offset)
-SELECT request_id, event_id, predicted_at, model_name, model_version,
-       run_id, features, prediction, latency_ms, source, kafka_partition, kafka_offset
-FROM staged_predictions
-ON CONFLICT (request_id) DO NOTHING
+SELECT DISTINCT ON (s.request_id)
+       s.request_id, s.event_id, s.predicted_at, s.model_name, s.model_version,
+       s.run_id, s.features, s.prediction, s.latency_ms, s.source, s.kafka_partition,
+       s.kafka_offset
+FROM staged_predictions s
+WHERE NOT EXISTS (SELECT 1 FROM prediction_log p WHERE p.request_id = s.request_id)
+ORDER BY s.request_id, s.kafka_partition, s.kafka_offset
+ON CONFLICT (request_id, predicted_at) DO NOTHING
+"""
+# The anti-join above sees only committed rows: two writers of the same Kafka partition (a
+# rebalance hands it over while the old owner still writes) take turns. The topic is keyed by
+# request id, so every event of one request is on one partition.
+_LOCK_KAFKA_PARTITIONS = """
+SELECT pg_advisory_xact_lock(hashtext('driftloop.storage.prediction_log.' || current_schema()), k)
+FROM (SELECT DISTINCT kafka_partition AS k FROM staged_predictions ORDER BY 1) AS partitions
 """
 # Which records of the batch logged their request first (a replayed or duplicate record did not).
 _FIRST_RECORDS = """
@@ -67,12 +86,14 @@ WHERE p.kafka_partition = s.kafka_partition AND p.kafka_offset = s.kafka_offset
 """
 # A later observation of the same request's label replaces an earlier one; a replay of the same
 # label changes nothing. DISTINCT ON keeps one row per key, as ON CONFLICT DO UPDATE requires.
+# A label is stored in its prediction's day (labels.predicted_at), so both leave together.
 _INSERT_KNOWN_LABELS = """
-INSERT INTO labels (request_id, label, observed_at, event_id)
-SELECT DISTINCT ON (s.request_id) s.request_id, s.label, s.observed_at, s.event_id
+INSERT INTO labels (request_id, predicted_at, label, observed_at, event_id)
+SELECT DISTINCT ON (s.request_id) s.request_id, p.predicted_at, s.label, s.observed_at,
+       s.event_id
 FROM staged_labels s JOIN prediction_log p USING (request_id)
 ORDER BY s.request_id, s.observed_at DESC
-ON CONFLICT (request_id) DO UPDATE
+ON CONFLICT (request_id, predicted_at) DO UPDATE
 SET label = EXCLUDED.label, observed_at = EXCLUDED.observed_at, event_id = EXCLUDED.event_id
 WHERE labels.observed_at < EXCLUDED.observed_at
 """
@@ -94,10 +115,12 @@ WITH moved AS (
     WHERE l.request_id = s.request_id
     RETURNING l.request_id, l.label, l.observed_at, l.event_id
 )
-INSERT INTO labels (request_id, label, observed_at, event_id)
-SELECT DISTINCT ON (request_id) request_id, label, observed_at, event_id FROM moved
-ORDER BY request_id
-ON CONFLICT (request_id) DO UPDATE
+INSERT INTO labels (request_id, predicted_at, label, observed_at, event_id)
+SELECT DISTINCT ON (m.request_id) m.request_id, p.predicted_at, m.label, m.observed_at,
+       m.event_id
+FROM moved m JOIN prediction_log p USING (request_id)
+ORDER BY m.request_id
+ON CONFLICT (request_id, predicted_at) DO UPDATE
 SET label = EXCLUDED.label, observed_at = EXCLUDED.observed_at, event_id = EXCLUDED.event_id
 WHERE labels.observed_at < EXCLUDED.observed_at
 """
@@ -105,11 +128,11 @@ _MOVE_ALL_PENDING = """
 WITH moved AS (
     DELETE FROM pending_labels l USING prediction_log p
     WHERE l.request_id = p.request_id
-    RETURNING l.request_id, l.label, l.observed_at, l.event_id
+    RETURNING l.request_id, p.predicted_at, l.label, l.observed_at, l.event_id
 )
-INSERT INTO labels (request_id, label, observed_at, event_id)
-SELECT request_id, label, observed_at, event_id FROM moved
-ON CONFLICT (request_id) DO UPDATE
+INSERT INTO labels (request_id, predicted_at, label, observed_at, event_id)
+SELECT request_id, predicted_at, label, observed_at, event_id FROM moved
+ON CONFLICT (request_id, predicted_at) DO UPDATE
 SET label = EXCLUDED.label, observed_at = EXCLUDED.observed_at, event_id = EXCLUDED.event_id
 WHERE labels.observed_at < EXCLUDED.observed_at
 """
@@ -178,6 +201,8 @@ class PredictionLog:
         self.pool = pool
         self.schema = schema
         self.layouts: LayoutCache | None = LayoutCache(self._layout) if sketches else None
+        self._partition_days: set[date] = set()
+        """Days known to have their partitions (maintenance may drop one: see ``write``)."""
 
     async def _layout(self, model_name: str, model_version: int) -> str | None:
         document: str | None = await self.pool.fetchval(_LAYOUT, model_name, model_version)
@@ -190,6 +215,29 @@ class PredictionLog:
         self, predictions: Sequence[Delivery[PredictionEvent]], labels: Sequence[GroundTruth]
     ) -> WriteCounts:
         """Insert a batch in one transaction; rows already logged are left as they are."""
+        days = {partition_day(delivery.event.occurred_at) for delivery in predictions}
+        await self._ensure_partitions(days - self._partition_days)
+        try:
+            return await self._write(predictions, labels)
+        except asyncpg.CheckViolationError as error:
+            # Maintenance dropped a day this process still knew (a row later than the hot
+            # retention): the transaction rolled back whole; make the day again and rewrite.
+            if "no partition" not in str(error):
+                raise
+            self._partition_days.clear()
+            await self._ensure_partitions(days)
+            return await self._write(predictions, labels)
+
+    async def _ensure_partitions(self, days: set[date]) -> None:
+        if not days:
+            return
+        async with self.pool.acquire() as connection:
+            await ensure_partitions(connection, days)
+        self._partition_days |= days
+
+    async def _write(
+        self, predictions: Sequence[Delivery[PredictionEvent]], labels: Sequence[GroundTruth]
+    ) -> WriteCounts:
         inserted = labelled = pending = sketched = unsketched = 0
         sketch_seconds = 0.0
         first_records: frozenset[tuple[int, int]] | None = None
@@ -206,6 +254,7 @@ class PredictionLog:
                     records=[_prediction_row(delivery) for delivery in predictions],
                     columns=PREDICTION_COLUMNS,
                 )
+                await connection.execute(_LOCK_KAFKA_PARTITIONS)
                 inserted = _affected(await connection.execute(_INSERT_PREDICTIONS))
                 if inserted < len(predictions):
                     first_records = frozenset(

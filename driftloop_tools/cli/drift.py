@@ -1,6 +1,7 @@
 """``driftloop drift check``: judge a long window (days, weeks) of a model version on demand.
 
-Reads the window from the feature-logger's Parquet files (``driftloop.drift.parquet_windows``)
+Reads the window from the feature-logger's Parquet files through DuckDB
+(``driftloop.drift.parquet_windows``; ``--engine pandas`` loads them whole, the reference path)
 and the version's reference and drift baseline from MLflow, runs Evidently on every row of the
 window with the thresholds calibrated for its size under the monitor's policy
 (``DRIFT_MONITOR_POLICY``), prints the verdict and stores the JSON and HTML report
@@ -34,13 +35,16 @@ def _moment(text: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-async def _check(model: str, version: int | None, start: datetime, end: datetime) -> bool:
+async def _check(
+    model: str, version: int | None, start: datetime, end: datetime, engine: str
+) -> bool:
     from consumers.drift_monitor import DriftMonitorSettings
     from driftloop.drift.assessment import WindowBounds, WindowRefused, evaluate_window
     from driftloop.drift.baseline import calibrate
-    from driftloop.drift.parquet_windows import load_parquet_window
+    from driftloop.drift.parquet_windows import load_duckdb_window, load_parquet_window
     from driftloop.drift.reference import RegistryChampions
     from driftloop.drift.reports import put_report, render_report, report_keys
+    from driftloop.storage import lake
     from driftloop.storage.database import create_pool
     from driftloop.storage.objectstore import s3_client
 
@@ -60,11 +64,24 @@ async def _check(model: str, version: int | None, start: datetime, end: datetime
     )
     try:
         async with s3_client(settings.s3) as s3:
-            frame = await load_parquet_window(
-                pool, s3, settings.s3.data_bucket, spec, model, chosen, start=start, end=end
-            )
+            if engine == "duckdb":
+                frame = await load_duckdb_window(
+                    pool,
+                    lake.s3_filesystem(settings.s3),
+                    settings.s3.data_bucket,
+                    spec,
+                    model,
+                    chosen,
+                    start=start,
+                    end=end,
+                )
+            else:
+                frame = await load_parquet_window(
+                    pool, s3, settings.s3.data_bucket, spec, model, chosen, start=start, end=end
+                )
             console.print(
-                f"[cyan]drift[/cyan] {model} v{chosen}: {len(frame)} rows from Parquet between "
+                f"[cyan]drift[/cyan] {model} v{chosen}: {len(frame)} rows from Parquet ({engine}) "
+                "between "
                 f"{start:%Y-%m-%d %H:%M} and {end:%Y-%m-%d %H:%M} UTC; reference "
                 f"{len(reference)} rows"
             )
@@ -128,13 +145,20 @@ def check(
     version: int | None = typer.Option(None, help="Model version (default: the champion)."),
     since: str | None = typer.Option(None, help="Window start, ISO-8601 (default: 7 days ago)."),
     until: str | None = typer.Option(None, help="Window end, ISO-8601 (default: now)."),
+    engine: str = typer.Option(
+        "duckdb",
+        help="duckdb: scan the files in DuckDB, labels from the Parquet label files; pandas: "
+        "load every file, labels from Postgres (the reference path).",
+    ),
 ) -> None:
     """Judge a long window of a model version from the Parquet log; store and print the report."""
     end = _moment(until) if until else datetime.now(UTC)
     start = _moment(since) if since else end - timedelta(days=7)
     if start >= end:
         raise typer.BadParameter("--since must be before --until")
+    if engine not in {"duckdb", "pandas"}:
+        raise typer.BadParameter(f"--engine is duckdb or pandas, not {engine!r}")
     with usage_errors():
-        judged = asyncio.run(_check(model, version, start, end))
+        judged = asyncio.run(_check(model, version, start, end, engine))
     if not judged:
         raise typer.Exit(1)

@@ -35,6 +35,7 @@ from driftloop.settings import (
     PostgresSettings,
 )
 from driftloop.storage.database import open_migrated_pool
+from driftloop.storage.hot_store import ensure_partitions, partition_day
 from driftloop.storage.objectstore import s3_client
 from driftloop.training import bootstrap, retrain, trainer, workspace
 from schemas.events import DriftDetected, ModelPromoted, ModelRejected, decode_model_event
@@ -125,7 +126,12 @@ class RetrainSetup:
                 )
             )
             if labelled is None or position < labelled:
-                label_rows.append((request_id, float(record["bikers"]), predicted_at, uuid.uuid4()))
+                label_rows.append(
+                    (request_id, predicted_at, float(record["bikers"]), predicted_at, uuid.uuid4())
+                )
+        async with self.pool.acquire() as connection:
+            # The log is partitioned by day of prediction time: the days these rows fall in.
+            await ensure_partitions(connection, {partition_day(row[2]) for row in predictions_rows})
         async with self.pool.acquire() as connection, connection.transaction():
             await connection.executemany(
                 """
@@ -137,8 +143,8 @@ class RetrainSetup:
                 predictions_rows,
             )
             await connection.executemany(
-                "INSERT INTO labels (request_id, label, observed_at, event_id) "
-                "VALUES ($1, $2, $3, $4)",
+                "INSERT INTO labels (request_id, predicted_at, label, observed_at, event_id) "
+                "VALUES ($1, $2, $3, $4, $5)",
                 label_rows,
             )
         return len(frame)

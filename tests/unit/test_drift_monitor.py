@@ -216,7 +216,8 @@ def rig(
 
     async def store_report(json_key: str, html_key: str, documents: ReportDocuments) -> str:
         reports[json_key] = documents.json
-        reports[html_key] = documents.html
+        if documents.html is not None:
+            reports[html_key] = documents.html
         return f"s3://bucket/{json_key}"
 
     monitor = DriftMonitor(

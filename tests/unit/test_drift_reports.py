@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,11 @@ import pytest
 
 from driftloop.drift.assessment import WindowBounds, WindowEvaluation, evaluate_window
 from driftloop.drift.policy import DriftPolicy
+from driftloop.drift.report_retention import window_end_of
 from driftloop.drift.reports import (
     ReportDocuments,
     ReportKeys,
+    keeps_html,
     put_report,
     render_report,
     report_keys,
@@ -58,7 +61,7 @@ def test_keys_name_model_version_and_window_end() -> None:
 
     assert keys == ReportKeys(
         json="drift-reports/bikeshare/3/20110708T123000.000000Z.json",
-        html="drift-reports/bikeshare/3/20110708T123000.000000Z.html",
+        html="drift-reports/bikeshare/3/20110708T123000.000000Z.html.gz",
     )
 
 
@@ -93,6 +96,7 @@ def test_json_report_holds_the_assessment_and_evidently_metrics(
 
 def test_html_report_shows_drift_and_quality(evaluation: WindowEvaluation) -> None:
     documents = render_report(evaluation, model_name="bikeshare", model_version=3, window=WINDOW)
+    assert documents.html is not None
     html = documents.html.decode()
 
     assert html.lstrip().lower().startswith("<html") or "<html" in html[:500].lower()
@@ -100,21 +104,48 @@ def test_html_report_shows_drift_and_quality(evaluation: WindowEvaluation) -> No
     assert f"Quality on the {evaluation.assessment.labelled_rows} labelled rows" in html
 
 
-async def test_put_report_writes_the_html_before_the_json() -> None:
+async def test_put_report_writes_the_gzipped_html_before_the_json() -> None:
     s3 = RecordingS3()
     keys = report_keys("bikeshare", 3, WINDOW.end)
-    documents = ReportDocuments(json=b"{}", html=b"<html></html>")
+    documents = ReportDocuments(json=b"{}", html=b"<html>" + b"<p>drift</p>" * 1000 + b"</html>")
 
     uri = await put_report(s3, "driftloop-data", keys, documents)  # type: ignore[arg-type]
 
     assert uri == report_uri("driftloop-data", keys.json)
     assert uri == "s3://driftloop-data/drift-reports/bikeshare/3/20110708T000000.000000Z.json"
-    assert [(put["Key"], put["Body"]) for put in s3.puts] == [
-        (keys.html, documents.html),
-        (keys.json, documents.json),
-    ]
-    assert [put["ContentType"] for put in s3.puts] == [
-        "text/html",
-        "application/json",
-    ]
+    assert [put["Key"] for put in s3.puts] == [keys.html, keys.json]
+    html_put, json_put = s3.puts
+    assert gzip.decompress(html_put["Body"]) == documents.html
+    assert len(html_put["Body"]) < len(documents.html) / 10
+    assert (html_put["ContentType"], html_put["ContentEncoding"]) == ("text/html", "gzip")
+    assert (json_put["Body"], json_put["ContentType"]) == (documents.json, "application/json")
     assert {put["Bucket"] for put in s3.puts} == {"driftloop-data"}
+
+
+async def test_a_window_without_html_stores_its_json_only(evaluation: WindowEvaluation) -> None:
+    documents = render_report(
+        evaluation, model_name="bikeshare", model_version=3, window=WINDOW, with_html=False
+    )
+    assert documents.html is None
+    s3 = RecordingS3()
+    keys = report_keys("bikeshare", 3, WINDOW.end)
+    await put_report(s3, "driftloop-data", keys, documents)  # type: ignore[arg-type]
+    assert [put["Key"] for put in s3.puts] == [keys.json]
+
+
+def test_drifted_windows_keep_html_and_clean_ones_are_sampled_by_window() -> None:
+    ends = [WINDOW.end + timedelta(hours=hour) for hour in range(2000)]
+    assert all(keeps_html("m", 1, end, drifted=True, clean_share=0.0) for end in ends)
+    kept = [end for end in ends if keeps_html("m", 1, end, drifted=False, clean_share=0.05)]
+    # A hash of the window chooses: about the share, and the same windows every time.
+    assert 60 <= len(kept) <= 140
+    assert kept == [end for end in ends if keeps_html("m", 1, end, drifted=False, clean_share=0.05)]
+    assert not any(keeps_html("m", 1, end, drifted=False, clean_share=0.0) for end in ends)
+    assert all(keeps_html("m", 1, end, drifted=False, clean_share=1.0) for end in ends)
+
+
+def test_report_keys_give_back_their_window_end() -> None:
+    keys = report_keys("bikeshare", 3, WINDOW.end)
+    assert window_end_of(keys.json) == WINDOW.end
+    assert window_end_of(keys.html) == WINDOW.end
+    assert window_end_of("drift-reports/bikeshare/3/notes.txt") is None

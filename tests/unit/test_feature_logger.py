@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from consumers.feature_logger import FeatureLogger, FeatureLoggerSettings
 from driftloop.events.consumer_loop import Delivery
-from driftloop.storage.featurestore import FeatureStore, PartitionKey, _parquet_file, feature_column
+from driftloop.storage.featurestore import FeatureStore, PartitionKey, feature_column, parquet_file
 from driftloop.storage.migrations import MigrationError, shipped_migrations
 from driftloop.storage.prediction_log import PredictionLog, SweepCounts, WriteCounts
 from schemas.events import PredictionEvent
@@ -206,7 +206,7 @@ def test_batches_converted_at_add_make_the_file_table_makes(
     assert offsets == reference_offsets == b'{"predictions:0":[0,4],"predictions:1":[1,5]}'
     assert table.column("event_id").to_pylist() == [str(row.event.event_id) for row in rows]
     assert table.column("predicted_at").to_pylist() == [row.event.occurred_at for row in rows]
-    written = pq.read_table(io.BytesIO(_parquet_file(table, offsets)))
+    written = pq.read_table(io.BytesIO(parquet_file(table, offsets)))
     assert written.schema.metadata[b"driftloop.kafka_offsets"] == offsets
     assert written.column("hr").type == (pa.int64() if converted_at_add else pa.string())
 
