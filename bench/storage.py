@@ -5,8 +5,8 @@ DuckDB against today's pandas path, on the dev stack's Postgres and S3 server.
    from the bundled Bike Sharing data) as the feature-logger does: one committed file per
    flush and model-hour (``--flushes-per-hour`` files an hour), in a schema and key prefix of
    their own, half of the rows labelled (label files).
-2. Compacts them (``driftloop.storage.compaction``) and prints bytes per row and files per model-hour
-   before and after (targets: at most 60 bytes a row, at most 2 files per model-hour).
+2. Compacts them (``driftloop.storage.compaction``) and prints bytes per row and files per
+model-hour before and after (targets: at most 60 bytes a row, at most 2 files per model-hour).
 3. Reads the whole span as one window, in interleaved rounds, each path in a fresh process
    so its peak memory (max RSS) is its own: ``duckdb`` (``load_duckdb_window``) and ``pandas``
    (``load_parquet_window``, the reference). Prints best seconds and peak MiB of each and the

@@ -6,8 +6,8 @@ files instead, found through their manifest (``feature_files``: one row per comm
 partitioned by model, date and hour), so no listing of the bucket and no file of an unfinished
 flush is read. Labels come from Postgres (``labels``), joined by request id, as they stand.
 
-``load_duckdb_window`` reads the same files through DuckDB (``driftloop.storage.lake``): the filter and
-the projection are pushed into the scan, rows stream in parallel, and labels come from the
+``load_duckdb_window`` reads the same files through DuckDB (``driftloop.storage.lake``): the filter
+and the projection are pushed into the scan, rows stream in parallel, and labels come from the
 Parquet label files (written by storage maintenance, so at most one interval behind), joined
 in SQL. It is the path for months of traffic; ``load_parquet_window`` is the reference the
 benchmark compares it with.

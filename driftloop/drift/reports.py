@@ -24,8 +24,6 @@ from evidently.legacy.renderers.html_widgets import group_widget
 
 from driftloop.drift.assessment import WindowBounds, WindowEvaluation
 from driftloop.drift.baseline import DriftBaseline
-from driftloop.settings import ObjectStoreSettings
-from driftloop.storage.objectstore import s3_client
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client

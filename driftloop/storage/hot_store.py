@@ -7,8 +7,8 @@ day is older than the hot retention. Partitions are shared by every model, so a 
 when it has left the longest retention declared (``retention.hot`` in the model declarations):
 a model's rows stay at least as long as it declares. Older history is read from Parquet.
 
-The writer (``driftloop.storage.prediction_log``) also creates a missing day on demand, so a row never
-waits for maintenance. Maintenance runs in the feature-logger on a timer and as
+The writer (``driftloop.storage.prediction_log``) also creates a missing day on demand, so a row
+never waits for maintenance. Maintenance runs in the feature-logger on a timer and as
 ``driftloop storage maintain``; one run at a time per schema (a transaction advisory lock the
 others skip), and every step is idempotent.
 """

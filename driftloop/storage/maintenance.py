@@ -2,8 +2,8 @@
 both do it: label files, the hot store's partitions, Parquet and report retention, then
 Parquet compaction.
 
-The order matters: a day's labels are written to Parquet (``driftloop.storage.label_files``) before the
-hot store may drop that day, and the drop asks again with the day locked (``may_drop``), so no
+The order matters: a day's labels are written to Parquet (``driftloop.storage.label_files``) before
+the hot store may drop that day, and the drop asks again with the day locked (``may_drop``), so no
 label leaves Postgres without being in Parquet. Without an object store (Parquet disabled) the
 hot store is maintained alone and expired labels are dropped with their day.
 

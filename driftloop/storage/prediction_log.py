@@ -2,8 +2,8 @@
 
 A batch is copied (binary ``COPY``) into session-local staging tables, then inserted with
 ``ON CONFLICT`` in the same transaction, so a batch replayed after a crash adds nothing. Both
-tables are partitioned by day of prediction time (``driftloop.storage.hot_store``): a batch creates the
-partitions of its days when they are missing, and a request id stays unique across partitions
+tables are partitioned by day of prediction time (``driftloop.storage.hot_store``): a batch creates
+the partitions of its days when they are missing, and a request id stays unique across partitions
 (see ``_INSERT_PREDICTIONS``). The rows a batch logged first are sketched for the drift
 monitor by slice of prediction time (``driftloop.drift.slices``), and the sketches written in
 that transaction too. A label whose prediction is not logged yet waits in

@@ -29,7 +29,6 @@ app.add_typer(storage_app, name="storage")
 app.command("sql")(sql_command)
 
 
-
 def _stack_settings() -> StackSettings:
     return settings_or_exit(StackSettings)
 
