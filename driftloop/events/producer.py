@@ -128,6 +128,8 @@ class EventProducer:
             "linger.ms": linger_ms,
             "message.timeout.ms": max(1, int(delivery_timeout_seconds * 1000)),
             "error_cb": self._client_error,
+            # librdkafka's own log lines go through logging (from the poll thread), not stderr.
+            "logger": log,
         }
         options.update(config or {})
         self._producer = Producer(options)
