@@ -88,7 +88,12 @@ def test_three_replicas_each_get_their_own_port_spool_and_cache(
     assert service_of("feature-logger") == "feature-logger"
     assert service_of("airflow-api-server") == "airflow-api-server"
     # `down` stops every replica with the platform's services, before what they write to.
-    assert set(programs) <= set(lifecycle.stop_stages(settings)[0])
+    stages = lifecycle.stop_stages(settings)
+    platform_stage = next(stage for stage in stages if "gateway" in stage)
+    assert set(programs) <= set(platform_stage)
+    assert stages.index(platform_stage) < next(
+        index for index, stage in enumerate(stages) if "airflow-scheduler" in stage
+    )
 
 
 def test_prometheus_scrapes_every_replica_on_its_own_port(
