@@ -125,6 +125,12 @@ async def _start_stage(
     # nginx belongs to the gateway's probe (it checks nginx and every replica).
     if "nginx" in names and supervisor.state("nginx").state not in {"RUNNING", "STARTING"}:
         raise NotReadyError(f"nginx exited while starting; see {settings.logs / 'nginx.log'}")
+    # A program answers its probe before supervisord counts it started (startsecs): wait for
+    # RUNNING, so the status `up` returns is not a transient STARTING.
+    for _ in range(75):  # startsecs is 3 s; 15 s at the most
+        if all(supervisor.state(name).state != "STARTING" for name in names):
+            break
+        await asyncio.sleep(0.2)
     for result in results:
         report(f"{result.service:<14} ready at {result.address}")
 
