@@ -188,14 +188,14 @@ class EventPublisher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._to_spool: list[SpoolRecord] = []
         self._spool_flush: asyncio.TimerHandle | None = None
-        # Failed deliveries, handed over from librdkafka's poll thread.
+        # Failed deliveries, taken over from delivery reports in one batch per loop turn.
         self._failures: deque[tuple[Keyed, KafkaError]] = deque()
         self._failures_scheduled = False
         self._spooled = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._dropped_warned = False
-        # Written by the poll thread only; a new topic's key is added under the lock that
+        # Written by delivery reports only; a new topic's key is added under the lock that
         # ``status`` reads under, so a copy never sees the dict change size.
         self._published: dict[str, int] = {}
         self._published_lock = threading.Lock()
@@ -271,7 +271,7 @@ class EventPublisher:
         self._spool(records)
 
     def _delivered(self, record: Keyed, error: KafkaError | None) -> None:
-        # On librdkafka's poll thread: count, or hand the failure to the event loop.
+        # A delivery report, on the event loop: count, or queue the failure for the spool.
         if error is None:
             topic = record.topic
             if topic in self._published:
