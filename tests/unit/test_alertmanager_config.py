@@ -4,7 +4,6 @@ settings), Prometheus pointed at it, and the rules' ``for:`` overrides."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import stat
 import subprocess
@@ -14,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from driftloop.settings import DEVELOPMENT_FERNET_KEY, SettingsError, load_settings
+from driftloop.settings import SettingsError, load_settings
 from driftloop_tools.stack.alertmanager_config import (
     alertmanager_config_path,
     render_alertmanager_config,
@@ -42,22 +41,6 @@ pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_ALERTMANAGER = ROOT / "prometheus" / "alertmanager.compose.yml"
-
-
-@pytest.fixture
-def stack_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A clean environment for StackSettings: no .env, no inherited STACK_* variables."""
-    monkeypatch.chdir(tmp_path)
-    for name in list(os.environ):
-        if name.startswith(("KAFKA_", "POSTGRES_", "S3_", "MLFLOW_", "AIRFLOW_", "STACK_")):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("POSTGRES_PASSWORD", "pg-secret")
-    monkeypatch.setenv("S3_SECRET_ACCESS_KEY", "s3-secret")
-    monkeypatch.setenv("AIRFLOW_API_PASSWORD", "af-secret")
-    monkeypatch.setenv("AIRFLOW_JWT_SECRET", "jwt-secret")
-    monkeypatch.setenv("AIRFLOW_FERNET_KEY", DEVELOPMENT_FERNET_KEY)
-    monkeypatch.setenv("STACK_HOME", str(tmp_path / "stack"))
-    return tmp_path
 
 
 def _rendered(settings: StackSettings) -> dict[str, Any]:

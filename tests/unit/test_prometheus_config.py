@@ -4,7 +4,6 @@ tests cover every alert, firing and quiet."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -14,7 +13,6 @@ from typing import Any
 import pytest
 import yaml
 
-from driftloop.settings import DEVELOPMENT_FERNET_KEY
 from driftloop_tools.stack.programs import prometheus_program
 from driftloop_tools.stack.prometheus_config import (
     prometheus_config_path,
@@ -56,22 +54,6 @@ SHIFTED_PORTS = {
     "STACK_ALERTMANAGER_PORT": ("alertmanager", 19095),
     "STACK_ALERT_RECEIVER_PORT": ("alert-receiver", 19099),
 }
-
-
-@pytest.fixture
-def stack_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A clean environment for StackSettings: no .env, no inherited STACK_* variables."""
-    monkeypatch.chdir(tmp_path)
-    for name in list(os.environ):
-        if name.startswith(("KAFKA_", "POSTGRES_", "S3_", "MLFLOW_", "AIRFLOW_", "STACK_")):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("POSTGRES_PASSWORD", "pg-secret")
-    monkeypatch.setenv("S3_SECRET_ACCESS_KEY", "s3-secret")
-    monkeypatch.setenv("AIRFLOW_API_PASSWORD", "af-secret")
-    monkeypatch.setenv("AIRFLOW_JWT_SECRET", "jwt-secret")
-    monkeypatch.setenv("AIRFLOW_FERNET_KEY", DEVELOPMENT_FERNET_KEY)
-    monkeypatch.setenv("STACK_HOME", str(tmp_path / "stack"))
-    return tmp_path
 
 
 def _promtool() -> str:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import configparser
-import os
 from pathlib import Path
 
 import pytest
 
-from driftloop.settings import DEVELOPMENT_FERNET_KEY
 from driftloop_tools.stack import lifecycle
 from driftloop_tools.stack.programs import (
     Program,
@@ -23,19 +21,9 @@ from driftloop_tools.stack.supervisor import render_config
 
 
 @pytest.fixture
-def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> StackSettings:
-    monkeypatch.chdir(tmp_path)
-    # Only what this fixture sets counts: no .env, no inherited connection variables.
-    for name in list(os.environ):
-        if name.startswith(("KAFKA_", "POSTGRES_", "S3_", "MLFLOW_", "AIRFLOW_", "STACK_")):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("POSTGRES_PASSWORD", "pg-secret")
-    monkeypatch.setenv("S3_SECRET_ACCESS_KEY", "s3-secret")
-    monkeypatch.setenv("AIRFLOW_API_PASSWORD", "af-secret")
-    monkeypatch.setenv("AIRFLOW_JWT_SECRET", "jwt-secret")
-    monkeypatch.setenv("AIRFLOW_FERNET_KEY", DEVELOPMENT_FERNET_KEY)
+def settings(stack_env: Path, monkeypatch: pytest.MonkeyPatch) -> StackSettings:
+    # Only what stack_env and this fixture set counts: no .env, no inherited variables.
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "localhost:19092")
-    monkeypatch.setenv("STACK_HOME", str(tmp_path / "stack"))
     stack = StackSettings()
     stack.run.mkdir(parents=True)
     return stack

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,7 +10,6 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from driftloop.settings import DEVELOPMENT_FERNET_KEY
 from driftloop_tools.stack import lifecycle, partitions
 from driftloop_tools.stack.nginx import nginx_config_path, nginx_prefix, write_nginx_config
 from driftloop_tools.stack.programs import platform_programs, replica_name, service_of
@@ -20,22 +18,6 @@ from driftloop_tools.stack.settings import StackSettings
 from schemas.topics import Topic
 
 pytestmark = pytest.mark.unit
-
-
-@pytest.fixture
-def stack_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A clean environment for StackSettings: no .env, no inherited STACK_* variables."""
-    monkeypatch.chdir(tmp_path)
-    for name in list(os.environ):
-        if name.startswith(("KAFKA_", "POSTGRES_", "S3_", "MLFLOW_", "AIRFLOW_", "STACK_")):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("POSTGRES_PASSWORD", "pg-secret")
-    monkeypatch.setenv("S3_SECRET_ACCESS_KEY", "s3-secret")
-    monkeypatch.setenv("AIRFLOW_API_PASSWORD", "af-secret")
-    monkeypatch.setenv("AIRFLOW_JWT_SECRET", "jwt-secret")
-    monkeypatch.setenv("AIRFLOW_FERNET_KEY", DEVELOPMENT_FERNET_KEY)
-    monkeypatch.setenv("STACK_HOME", str(tmp_path / "stack"))
-    return tmp_path
 
 
 def _three(monkeypatch: pytest.MonkeyPatch) -> StackSettings:
