@@ -140,6 +140,32 @@ def server(
             process.wait()
 
 
+# Registers the bench's champion with a checkout's own trainer (run with PYTHONPATH on it).
+REFERENCE_TRAINER = """
+import sys
+from pathlib import Path
+from driftloop import training
+from schemas.features import load_feature_spec
+
+name, trees, work = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+work.mkdir(parents=True, exist_ok=True)
+spec = load_feature_spec("bikeshare")
+frame = training.read_dataset(spec, months=["Jan", "Feb", "March"])
+model = training.train_champion(spec, frame, tracking_uri=sys.argv[4], model_name=name,
+                                work_dir=work, num_boost_round=trees)
+print(model.version)
+"""
+
+
+def _register_with(checkout: Path, name: str, trees: int, work: Path, env: dict[str, str]) -> None:
+    """Train and register ``name`` as champion with the trainer of ``checkout``."""
+    subprocess.run(
+        [str(VENV_BIN / "python"), "-c", REFERENCE_TRAINER, name, str(trees),
+         str(work / "reference"), env["MLFLOW_TRACKING_URI"]],
+        cwd=checkout.resolve(), env={**env, "PYTHONPATH": str(checkout.resolve())}, check=True,
+    )  # fmt: skip
+
+
 def reload_after(delay: float, port: int, answers: list[object]) -> None:
     """Ask the gateway to reload its champion after ``delay`` seconds (the swap under load)."""
     time.sleep(delay)
@@ -245,7 +271,16 @@ def main() -> None:
             ["git", "-C", str(reference), "log", "-1", "--format=%h"],
             capture_output=True, text=True, check=True,
         ).stdout.strip()  # fmt: skip
-        reference_env = {**gateway_env(18105, True), "PYTHONPATH": str(reference.resolve())}
+        # The reference serves a model registered by its own trainer: its gateway refuses the
+        # artifacts of later declarations (fields it does not know), and the two trainers fit
+        # the same booster on the same rows.
+        reference_name = f"{name}-reference"
+        _register_with(reference, reference_name, arguments.trees, work, env)
+        reference_env = {
+            **gateway_env(18105, True),
+            "PYTHONPATH": str(reference.resolve()),
+            "GATEWAY_MODEL_NAME": reference_name,
+        }
         targets.append(
             (f"gateway at {revision}, publishing on", gateway_command,
              "http://127.0.0.1:18105/health/ready", reference_env,
