@@ -39,7 +39,7 @@ from driftloop.events.consumer_loop import (
 )
 from driftloop.events.producer import DeliveryError, EventProducer, Record, RecordProducer
 from driftloop.serving.champion import Champion, ChampionHolder, ModelRegistry
-from driftloop.serving.hot_swap import ModelEventFollower
+from driftloop.serving.hot_swap import ModelEventFollower, refresh_on_promotion
 from driftloop.serving.scoring import NoModelError, ScoringService
 from driftloop.settings import (
     KafkaSettings,
@@ -237,7 +237,7 @@ async def run_batch_scorer(settings: BatchScorerSettings) -> None:
         poller = asyncio.create_task(holder.poll(settings.model_poll_seconds), name="champion-poll")
         stack.push_async_callback(_cancel, poller)
         # ModelPromoted swaps the model between batches within a second; polling is the net.
-        follower = ModelEventFollower(settings.kafka, holder, reader=NAME)
+        follower = ModelEventFollower(settings.kafka, refresh_on_promotion(holder), reader=NAME)
         following = asyncio.create_task(follower.run(), name="model-events")
         stack.push_async_callback(_cancel, following)
         # Results of one batch share a partition (keyed by batch id), so large batches. A failed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -38,13 +39,23 @@ from gateway.problems import (
     problem_answer,
 )
 from gateway.responses import JSONBytesResponse
-from gateway.routes import router
-from gateway.service import Gateway
+from gateway.routes import model_predict_path, router
+from gateway.service import Gateway, ServedModel
 from gateway.settings import GatewaySettings
 from schemas.features import load_feature_spec
 from schemas.validation import Problem, problems_of
 
 _REF_TEMPLATE = "#/components/schemas/{model}"
+MODEL_PREDICT_TEMPLATE = "/models/{name}/predict"
+# The per-model paths also answer 404 (a model this gateway does not serve).
+_NOT_SERVED: dict[str, Any] = {
+    "404": {
+        "description": "No model of that name is served here.",
+        "content": {
+            PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/ProblemDetails"}}
+        },
+    }
+}
 
 
 class _GatewayApp(FastAPI):
@@ -89,18 +100,31 @@ def create_app(
 
     app = _GatewayApp(
         title="driftloop gateway",
-        summary=f"Predictions of the {spec.name} model: {spec.description}",
+        summary=f"Predictions of every declared model; /predict serves {spec.name}: "
+        f"{spec.description}",
         version="1",
         lifespan=lifespan,
         default_response_class=JSONBytesResponse,
     )
     app.state.gateway = service
     app.include_router(router)
+    # Each model's predict path is served past the router (gateway.predict); a model the
+    # gateway starts serving while it runs gets its path here, and the document is redone.
+    direct: dict[tuple[str, str], tuple[str, ASGIApp]] = {
+        ("POST", "/predict"): ("/predict", PredictEndpoint(service, service.default))
+    }
+
+    def model_added(model: ServedModel) -> None:
+        endpoint = PredictEndpoint(service, model)
+        direct[("POST", model_predict_path(model.name))] = (MODEL_PREDICT_TEMPLATE, endpoint)
+        app.openapi_schema = None
+
+    service.on_model_added.append(model_added)
     app.front = partial(
         GatewayMiddleware,
         metrics=metrics,
         max_body_bytes=settings.max_body_bytes,
-        direct={("POST", "/predict"): PredictEndpoint(service)},
+        direct=direct,
     )
 
     async def refused(request: Request, error: Exception) -> Response:
@@ -132,7 +156,8 @@ def create_app(
         )
         components = document.setdefault("components", {})
         schemas = components.setdefault("schemas", {})
-        schemas.update(row_schemas(spec))
+        for served in service.models.values():
+            schemas.update(row_schemas(served.spec))
         schemas["Feedback"] = Feedback.model_json_schema(ref_template=_REF_TEMPLATE)
         problem = ProblemDetails.model_json_schema(ref_template=_REF_TEMPLATE)
         schemas.update(problem.pop("$defs", {}))
@@ -147,6 +172,19 @@ def create_app(
         if service.requires_api_key:
             for path in ("/predict", "/feedback"):
                 paths[path]["post"]["security"] = [{API_KEY: []}]
+        # One documented path per served model, each with its own declaration's rows.
+        for name, served in sorted(service.models.items()):
+            predict = copy.deepcopy(paths["/predict"]["post"])
+            predict["summary"] = f"Score rows with the {name} model"
+            predict["operationId"] = f"predict_{name}"
+            predict["requestBody"] = predict_request_body(served.spec, settings.max_rows)
+            predict["responses"].update(_NOT_SERVED)
+            feedback = copy.deepcopy(paths["/feedback"]["post"])
+            feedback["summary"] = f"Send the true values of earlier {name} predictions"
+            feedback["operationId"] = f"feedback_{name}"
+            feedback["responses"].update(_NOT_SERVED)
+            paths[model_predict_path(name)] = {"post": predict}
+            paths[f"/models/{name}/feedback"] = {"post": feedback}
         app.openapi_schema = document
         return document
 

@@ -100,6 +100,22 @@ class CurrentModel(BaseModel):
     loaded_at: datetime
 
 
+class ServedModelState(BaseModel):
+    """One model this gateway serves, and its champion (null until one is loaded)."""
+
+    name: ModelName
+    task: str = Field(description="regression or classification, from its declaration.")
+    predict_path: str
+    champion: CurrentModel | None
+
+
+class ServedModels(BaseModel):
+    """Every model this gateway serves; ``default`` is the one of /predict and /feedback."""
+
+    default: ModelName
+    models: list[ServedModelState]
+
+
 class Readiness(BaseModel):
     """Whether the gateway can answer /predict, and the state of its dependencies."""
 

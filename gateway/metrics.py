@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -71,6 +72,7 @@ class GatewayMetrics:
         self.model_loaded_at = Gauge(
             "gateway_model_loaded_timestamp_seconds",
             "When the serving model was loaded (Unix time).",
+            ("model_name",),
             registry=registry,
         )
         self.model_version = Gauge(
@@ -86,6 +88,8 @@ class GatewayMetrics:
             ("model_name",),
             registry=registry,
         )
+        # The gateway_model_info labels of each model's serving version, removed on a swap.
+        self._info_labels: dict[str, tuple[str, str, str]] = {}
         self.model_decisions = Counter(
             "gateway_model_decisions",
             "Retrain decisions read from model.events, by model and decision (promoted, rejected).",
@@ -99,15 +103,23 @@ class GatewayMetrics:
         self.model_loads.labels(event.outcome.value, event.source.value, event.reason).inc()
 
     def record_champion(self, champion: Champion) -> None:
-        """Make ``champion`` the serving model of ``gateway_model_info`` and its siblings."""
-        self.model_info.clear()
-        self.model_info.labels(champion.name, str(champion.version), champion.run_id).set(1)
-        self.model_loaded_at.set(champion.loaded_at.timestamp())
-        self.model_version.clear()
-        self.model_version.labels(champion.name).set(champion.version)
-        self.model_registered_at.clear()
+        """Make ``champion`` its model's serving version in ``gateway_model_info`` and its
+        siblings (each served model has its own series)."""
+        name = champion.name
+        previous = self._info_labels.pop(name, None)
+        if previous is not None:
+            with contextlib.suppress(KeyError):
+                self.model_info.remove(*previous)
+        labels = (name, str(champion.version), champion.run_id)
+        self.model_info.labels(*labels).set(1)
+        self._info_labels[name] = labels
+        self.model_loaded_at.labels(name).set(champion.loaded_at.timestamp())
+        self.model_version.labels(name).set(champion.version)
         if champion.registered_at is not None:
-            self.model_registered_at.labels(champion.name).set(champion.registered_at.timestamp())
+            self.model_registered_at.labels(name).set(champion.registered_at.timestamp())
+        else:
+            with contextlib.suppress(KeyError):
+                self.model_registered_at.remove(name)
 
     def expect_decisions(self, model_name: str) -> None:
         """Export the decision counters of ``model_name`` at 0 before its first decision."""

@@ -1,7 +1,7 @@
 """One ASGI middleware for every request: request id, body size limit, request metrics.
 
 Pure ASGI rather than ``BaseHTTPMiddleware``: it adds no task and no body copy per request.
-It also hands the few hot endpoints it is given (``direct``: ``POST /predict``) straight to
+It also hands the hot endpoints it is given (``direct``: each model's predict path) straight to
 their ASGI handler, past the router and FastAPI's per-route machinery.
 """
 
@@ -35,13 +35,16 @@ class GatewayMiddleware:
         *,
         metrics: GatewayMetrics,
         max_body_bytes: int,
-        direct: Mapping[tuple[str, str], ASGIApp] | None = None,
+        direct: Mapping[tuple[str, str], tuple[str, ASGIApp]] | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
-        # (method, path) -> endpoint served without the router; the path is its metrics label.
-        self.direct = dict(direct or {})
+        # (method, path) -> (route template, endpoint) served without the router. Held, not
+        # copied: the gateway adds the predict path of a model it starts serving at run time.
+        self.direct: Mapping[tuple[str, str], tuple[str, ASGIApp]] = (
+            direct if direct is not None else {}
+        )
         # Labelled children resolved once per (route, method, status): labels() takes a lock.
         self._children: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
 
@@ -91,9 +94,9 @@ class GatewayMiddleware:
             if declared_length is not None and declared_length > self.max_body_bytes:
                 await _reject(send_with_id, 413, "body", f"larger than {self.max_body_bytes} bytes")
                 return
-            endpoint = self.direct.get((scope["method"], scope["path"]))
-            if endpoint is not None:
-                template = scope["path"]
+            direct = self.direct.get((scope["method"], scope["path"]))
+            if direct is not None:
+                template, endpoint = direct
                 await endpoint(scope, self._limited(receive), send_with_id)
             else:
                 await self.app(scope, self._limited(receive), send_with_id)

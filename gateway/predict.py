@@ -1,4 +1,4 @@
-"""POST /predict, the gateway's hot path: one request body in, one answer out.
+"""POST /predict and /models/{name}/predict, the gateway's hot path: one body in, one answer out.
 
 ``answer`` is the HTTP transport of the one scoring service (``driftloop.serving.scoring``): it
 reads the body, asks the service for scores, records and publishes them (``Gateway.record``) and
@@ -26,7 +26,7 @@ from gateway.problems import (
     ScoringFailedError,
     problem_answer,
 )
-from gateway.service import Gateway
+from gateway.service import Gateway, ServedModel
 from schemas.validation import Problem
 
 _JSON = b"application/json"
@@ -34,12 +34,18 @@ _PROBLEM = PROBLEM_MEDIA_TYPE.encode()
 
 
 def answer(
-    service: Gateway, body: bytes, content_type: str | None, request_id: str, started: float
+    service: Gateway,
+    model: ServedModel,
+    body: bytes,
+    content_type: str | None,
+    request_id: str,
+    started: float,
 ) -> bytes:
-    """The JSON answer to a /predict body (raises a refusal ``problem_answer`` answers)."""
+    """The JSON answer of ``model`` to a predict body (raises a refusal ``problem_answer``
+    answers)."""
     require_json(content_type)
     rows, single = one_or_many(parse_json(body), max_items=service.settings.max_rows, what="row")
-    scores = service.scoring.score(rows)
+    scores = model.scoring.score(rows)
     if scores.refused:
         raise RequestProblemError(
             422,
@@ -74,14 +80,16 @@ def answer(
 
 
 class PredictEndpoint:
-    """``POST /predict`` as a bare ASGI endpoint (see the module docstring).
+    """A model's predict path (``/predict``, ``/models/{name}/predict``) as a bare ASGI
+    endpoint (see the module docstring).
 
     Expects what ``GatewayMiddleware`` puts in the scope's state (``request_id``, ``started``)
     and a ``receive`` that enforces the body limit.
     """
 
-    def __init__(self, service: Gateway) -> None:
+    def __init__(self, service: Gateway, model: ServedModel) -> None:
         self.service = service
+        self.model = model
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         service = self.service
@@ -100,7 +108,9 @@ class PredictEndpoint:
             if body is None:
                 return  # the client went away; there is no one to answer
             status, media_type = 200, _JSON
-            payload = answer(service, body, content_type, state["request_id"], state["started"])
+            payload = answer(
+                service, self.model, body, content_type, state["request_id"], state["started"]
+            )
         except Exception as error:
             problem = problem_answer(error)
             if problem is None:

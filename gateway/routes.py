@@ -18,11 +18,12 @@ from gateway.contract import (
     Liveness,
     PredictionResponse,
     Readiness,
+    ServedModels,
 )
 from gateway.predict import answer
 from gateway.problems import PROBLEM_MEDIA_TYPE
 from gateway.responses import JSONBytesResponse
-from gateway.service import Gateway
+from gateway.service import Gateway, ServedModel
 from schemas.events import GroundTruth
 from schemas.fields import utc_now
 
@@ -32,6 +33,7 @@ _REFUSALS: dict[int, str] = {
     400: "Not JSON, or an invalid X-Request-ID.",
     401: "API key (or bearer token) missing or unknown.",
     403: "Wrong admin token.",
+    404: "No model of that name is served here.",
     409: "Publishing is off on this gateway.",
     413: "Body larger than the limit (GATEWAY_MAX_BODY_BYTES).",
     415: "The body is not JSON (Content-Type): the problem names the type sent.",
@@ -69,9 +71,14 @@ def _current_model(service: Gateway, champion: Champion) -> dict[str, Any]:
         "name": champion.name,
         "version": champion.version,
         "run_id": champion.run_id,
-        "alias": service.holder.alias,
+        "alias": service.settings.model_alias,
         "loaded_at": champion.loaded_at.isoformat(),
     }
+
+
+def model_predict_path(name: str) -> str:
+    """Where model ``name`` answers predictions."""
+    return f"/models/{name}/predict"
 
 
 @router.post(
@@ -89,11 +96,22 @@ async def predict(request: Request) -> Response:
     calls the same ``answer``; this route documents it (and serves it without the middleware).
     """
     service = gateway(request)
+    return await _predict(service, service.default, request)
+
+
+@router.post("/models/{name}/predict", include_in_schema=False)
+async def predict_model(name: str, request: Request) -> Response:
+    """Score rows with model ``name`` (documented per model: see ``gateway.app``)."""
+    service = gateway(request)
+    return await _predict(service, service.model(name), request)
+
+
+async def _predict(service: Gateway, model: ServedModel, request: Request) -> Response:
     service.check_api_key(request.headers.get("x-api-key"))
     state = request.scope["state"]
     body = await request.body()
     content_type = request.headers.get("content-type")
-    payload = answer(service, body, content_type, state["request_id"], state["started"])
+    payload = answer(service, model, body, content_type, state["request_id"], state["started"])
     return Response(payload, media_type="application/json")
 
 
@@ -107,7 +125,20 @@ async def predict(request: Request) -> Response:
 )
 async def feedback(request: Request) -> Response:
     """Publish each label as a GroundTruth event to the labels topic."""
+    return await _feedback(gateway(request), request)
+
+
+@router.post("/models/{name}/feedback", include_in_schema=False, status_code=202)
+async def feedback_model(name: str, request: Request) -> Response:
+    """Labels of model ``name``'s predictions (documented per model: see ``gateway.app``)."""
     service = gateway(request)
+    service.model(name)
+    # A label names its prediction by request id; the feature-logger joins it to that
+    # prediction's row whatever model made it, so every model's labels share one topic.
+    return await _feedback(service, request)
+
+
+async def _feedback(service: Gateway, request: Request) -> Response:
     service.check_api_key(request.headers.get("x-api-key"))
     labels = read_feedback(
         await request.body(),
@@ -142,6 +173,30 @@ async def current_model(request: Request) -> Response:
     return JSONBytesResponse(_current_model(service, champion))
 
 
+@router.get(
+    "/models",
+    summary="Every model this gateway serves",
+    response_model=ServedModels,
+    responses=_problems(400),
+    tags=["models"],
+)
+async def served_models(request: Request) -> Response:
+    """Each served model's name, task, predict path and champion (null until loaded)."""
+    service = gateway(request)
+    models = []
+    for name, served in sorted(service.models.items()):
+        champion = served.holder.current
+        models.append(
+            {
+                "name": name,
+                "task": served.spec.task.value,
+                "predict_path": model_predict_path(name),
+                "champion": _current_model(service, champion) if champion else None,
+            }
+        )
+    return JSONBytesResponse({"default": service.model_name, "models": models})
+
+
 @router.post(
     "/admin/reload",
     summary="Reload the champion from the registry now",
@@ -150,10 +205,13 @@ async def current_model(request: Request) -> Response:
     tags=["admin"],
 )
 async def reload_model(request: Request) -> Response:
-    """Resolve the alias and load its version if it is not the one serving (bearer token)."""
+    """Serve any model declared since the start, then resolve every served model's alias and
+    load its version if it is not the one serving (bearer token); answers with the default
+    model."""
     service = gateway(request)
     service.check_admin(request.headers.get("authorization"))
-    champion = await service.holder.refresh("admin")
+    await service.discover()
+    champion = (await service.refresh_all("admin"))[service.model_name]
     if champion is None:
         raise NoModelError(f"no model could be loaded for {service.model_name}")
     return JSONBytesResponse(_current_model(service, champion))

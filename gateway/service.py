@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from prometheus_client import Counter, Histogram
 
@@ -22,14 +23,19 @@ from driftloop.serving.champion import (
     LoadOutcome,
     ModelRegistry,
 )
-from driftloop.serving.hot_swap import FollowerState, ModelEventFollower
+from driftloop.serving.hot_swap import RELOAD_REASON, FollowerState, ModelEventFollower
 from driftloop.serving.scoring import ScoringService
 from gateway.metrics import GatewayMetrics
 from gateway.problems import RequestProblemError
 from gateway.publishing import Answer, EventPublisher, ModelKey, PredictionRecords
 from gateway.settings import GatewaySettings
 from schemas.events import Event
-from schemas.features import FeatureSpec
+from schemas.features import (
+    FeatureSpec,
+    FeatureSpecError,
+    declared_feature_specs,
+    load_feature_spec,
+)
 from schemas.fields import FeatureValue
 from schemas.topics import Topic
 from schemas.validation import Problem
@@ -46,8 +52,23 @@ class _ChampionOutputs:
     model: ModelKey
 
 
+@dataclass(frozen=True, slots=True)
+class ServedModel:
+    """One registered model this gateway serves: its declaration, champion and scoring."""
+
+    name: str
+    """Registered model name, the ``{name}`` of ``/models/{name}/predict``."""
+    spec: FeatureSpec
+    holder: ChampionHolder
+    scoring: ScoringService
+
+
 class Gateway:
-    """Champion holder, scorer, publisher, spool and background tasks of one gateway process."""
+    """Served models, publisher, spool and background tasks of one gateway process.
+
+    The default model (``GATEWAY_FEATURE_SPEC``) answers ``/predict``; every model answers
+    ``/models/{name}/predict``. Each has its own champion holder, hot-swapped on its own.
+    """
 
     def __init__(
         self,
@@ -60,48 +81,147 @@ class Gateway:
     ) -> None:
         self.settings = settings
         self._producer_factory = producer_factory
-        self.spec = spec
         self.metrics = metrics
-        self.model_name = settings.model_name or spec.registered_model_name
-        self.holder = ChampionHolder(
-            registry or ModelRegistry(settings.mlflow.tracking_uri),
-            self.model_name,
-            settings.model_cache(),
-            alias=settings.model_alias,
-            expected_spec=spec,
-            on_load=self._model_loaded,
-        )
+        self._registry = registry or ModelRegistry(settings.mlflow.tracking_uri)
+        self.default = self._served(settings.model_name or spec.registered_model_name, spec)
+        self.models: dict[str, ServedModel] = {self.default.name: self.default}
+        self.on_model_added: list[Callable[[ServedModel], None]] = []
         self.spool: Spool | None = None
         self.publisher: EventPublisher | None = None
         self.follower: ModelEventFollower | None = None
         self.labels_topic = settings.kafka.topic(Topic.LABELS)
-        self.scoring = ScoringService(spec, self.holder)
         self._champion_outputs: dict[tuple[str, int], _ChampionOutputs] = {}
         self._api_keys = tuple(key.get_secret_value().encode() for key in settings.api_keys)
         self._admin_token = settings.admin_token.get_secret_value().encode()
         self._tasks: list[asyncio.Task[None]] = []
+        self._started = False
+        self._discovering = asyncio.Lock()
+
+    # The default model's parts, under the names the single-model gateway had.
+    @property
+    def spec(self) -> FeatureSpec:
+        """The default model's declaration."""
+        return self.default.spec
+
+    @property
+    def holder(self) -> ChampionHolder:
+        """The default model's champion holder."""
+        return self.default.holder
+
+    @property
+    def scoring(self) -> ScoringService:
+        """The default model's scoring service."""
+        return self.default.scoring
+
+    @property
+    def model_name(self) -> str:
+        """The default model's registered name."""
+        return self.default.name
+
+    def model(self, name: str) -> ServedModel:
+        """The served model ``name``; a 404 refusal when this gateway serves none of that name."""
+        served = self.models.get(name)
+        if served is None:
+            raise RequestProblemError(
+                404,
+                [
+                    Problem(
+                        "name", f"no model {name!r} is served here; served: {sorted(self.models)}"
+                    )
+                ],
+            )
+        return served
+
+    def _served(self, name: str, spec: FeatureSpec) -> ServedModel:
+        holder = ChampionHolder(
+            self._registry,
+            name,
+            self.settings.model_cache(),
+            alias=self.settings.model_alias,
+            expected_spec=spec,
+            on_load=partial(self._model_loaded, name),
+        )
+        return ServedModel(name, spec, holder, ScoringService(spec, holder))
 
     async def start(self) -> None:
-        """Open the spool, connect Kafka, load the model and start the background tasks."""
+        """Open the spool, connect Kafka, load the models and start the background tasks."""
         if self.settings.publish:
             self.publisher = self._publisher()
             self.metrics.publisher_status = self.publisher.status
             await self.publisher.start(connect_within_seconds=self.settings.kafka_timeout_seconds)
-        await self.holder.start()
+        self._started = True
+        await self._add(self.default)
+        await self.discover()
         self._tasks.append(
             asyncio.create_task(
-                self.holder.poll(self.settings.model_poll_seconds), name="champion-poll"
+                self._poll_declarations(self.settings.model_poll_seconds), name="declarations"
             )
         )
         if self.settings.model_events:
-            self.metrics.expect_decisions(self.model_name)
             self.follower = ModelEventFollower(
                 self.settings.kafka,
-                self.holder,
+                self._promoted,
                 reader="gateway",
                 on_decision=self.metrics.record_decision,
             )
             self._tasks.append(asyncio.create_task(self.follower.run(), name="model-events"))
+
+    async def discover(self) -> list[str]:
+        """Serve every declared model not served yet (``GATEWAY_MODELS`` limits which); the
+        names added. Declarations are read anew, so one added since the start is served."""
+        async with self._discovering:
+            added: list[str] = []
+            for name, spec in (await asyncio.to_thread(self._declared)).items():
+                if name not in self.models:
+                    await self._add(self._served(name, spec))
+                    added.append(name)
+            return added
+
+    def _declared(self) -> dict[str, FeatureSpec]:
+        wanted = set(self.settings.models)
+        declared: dict[str, FeatureSpec] = {}
+        for declaration in declared_feature_specs():
+            try:
+                spec = load_feature_spec(declaration)
+            except FeatureSpecError as error:
+                # One broken declaration must not stop the others from being served.
+                log.warning("declaration %s not served: %s", declaration, error)
+                continue
+            if not wanted or spec.registered_model_name in wanted:
+                declared.setdefault(spec.registered_model_name, spec)
+        return declared
+
+    async def _add(self, served: ServedModel) -> None:
+        self.models[served.name] = served
+        self.metrics.expect_decisions(served.name)
+        await served.holder.start()
+        self._tasks.append(
+            asyncio.create_task(
+                served.holder.poll(self.settings.model_poll_seconds),
+                name=f"champion-poll-{served.name}",
+            )
+        )
+        for listener in self.on_model_added:
+            listener(served)
+
+    async def _promoted(self, model_name: str) -> None:
+        served = self.models.get(model_name)
+        if served is None:
+            # A first version of a model declared since the start: serve it now.
+            await self.discover()
+            return
+        await served.holder.refresh(RELOAD_REASON)
+
+    async def _poll_declarations(self, interval_seconds: float) -> None:
+        """Look for new declarations every ``interval_seconds``: the safety net behind
+        model events for a model declared while Kafka was away."""
+        while True:
+            await asyncio.sleep(interval_seconds)
+            await self.discover()
+
+    async def refresh_all(self, reason: str) -> dict[str, Champion | None]:
+        """Refresh every served model's champion; each model's serving champion afterwards."""
+        return {name: await served.holder.refresh(reason) for name, served in self.models.items()}
 
     async def stop(self) -> None:
         """Stop the background tasks, hand the queued events to Kafka or the spool, close."""
@@ -195,8 +315,9 @@ class Gateway:
         if not hmac.compare_digest(token.encode(), self._admin_token):
             raise RequestProblemError(403, [Problem("Authorization", "wrong admin token")])
 
-    def _model_loaded(self, event: LoadEvent) -> None:
+    def _model_loaded(self, name: str, event: LoadEvent) -> None:
         self.metrics.record_load(event)
-        champion = self.holder.current
+        served = self.models.get(name)
+        champion = served.holder.current if served is not None else None
         if event.outcome is LoadOutcome.LOADED and champion is not None:
             self.metrics.record_champion(champion)

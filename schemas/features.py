@@ -8,6 +8,7 @@ means adding a file to ``schemas/models/``, not code.
 from __future__ import annotations
 
 import math
+import os
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -493,22 +494,43 @@ class EncodedRows:
     row is accepted as it is."""
 
 
+MODELS_DIRS_VARIABLE: Final = "DRIFTLOOP_MODELS_DIRS"
+"""Environment variable: more folders of declarations, separated like ``PATH``, searched before
+the shipped ``schemas/models`` (a deployment's own models, e.g. a mounted ConfigMap)."""
+
+
+def declaration_dirs() -> list[Path]:
+    """The folders of declarations, in the order a name is looked up: configured, then shipped."""
+    configured = os.environ.get(MODELS_DIRS_VARIABLE, "")
+    return [*(Path(part) for part in configured.split(os.pathsep) if part), MODELS_DIR]
+
+
+def _declaration_path(name: str) -> Path | None:
+    for folder in declaration_dirs():
+        path = folder / f"{name}.yaml"
+        if path.is_file():
+            return path
+    return None
+
+
 def declared_feature_specs() -> list[str]:
-    """Names of the declarations shipped in ``schemas/models``."""
-    return sorted(path.stem for path in MODELS_DIR.glob("*.yaml"))
+    """Names of the declarations in every declaration folder (read anew on every call, so a
+    running service sees a declaration added since it started)."""
+    return sorted({path.stem for folder in declaration_dirs() for path in folder.glob("*.yaml")})
 
 
 def load_feature_spec(name_or_path: str | Path) -> FeatureSpec:
-    """Read a declaration: a name from ``schemas/models`` (``"bikeshare"``) or a YAML path."""
+    """Read a declaration: a name in the declaration folders (``"bikeshare"``) or a YAML path."""
     # A bare name (no dot, no slash) names a shipped declaration; anything else is a path.
     named = isinstance(name_or_path, str) and bool(
         re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name_or_path)
     )
-    path = MODELS_DIR / f"{name_or_path}.yaml" if named else Path(name_or_path)
-    if named and not path.is_file():
+    found = _declaration_path(str(name_or_path)) if named else Path(name_or_path)
+    if found is None:
         raise FeatureSpecError(
             f"no feature declaration named {name_or_path!r}; declared: {declared_feature_specs()}"
         )
+    path = found
     try:
         document = yaml.safe_load(path.read_text(encoding="utf-8"))
         spec = FeatureSpec.model_validate(document)

@@ -1,4 +1,4 @@
-"""Following ``model.events``: a ``ModelPromoted`` for the served model triggers a reload.
+"""Following ``model.events``: a ``ModelPromoted`` triggers a reload of the model it names.
 
 Shared by every process that serves the champion (the gateway, the batch-scorer), so a
 promotion reaches all of them within a second; alias polling stays as the safety net.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from enum import StrEnum
 
 from aiokafka import TopicPartition
@@ -40,14 +40,14 @@ class ModelEventFollower:
     def __init__(
         self,
         settings: KafkaSettings,
-        holder: ChampionHolder,
+        on_promoted: Callable[[str], Awaitable[None]],
         *,
         reader: str,
         retry_seconds: float = 2.0,
         on_decision: Callable[[ModelDecision], None] | None = None,
     ) -> None:
         self.settings = settings
-        self.holder = holder
+        self.on_promoted = on_promoted
         self.reader = reader
         self.retry_seconds = retry_seconds
         self.on_decision = on_decision
@@ -94,6 +94,17 @@ class ModelEventFollower:
         if self.on_decision is not None:
             # Every model's decisions, promotions and rejections: what the metrics count.
             self.on_decision(event)
-        if isinstance(event, ModelPromoted) and event.model_name == self.holder.model_name:
+        if isinstance(event, ModelPromoted):
             log.info("model %s version %d promoted", event.model_name, event.model_version)
-            await self.holder.refresh(RELOAD_REASON)
+            await self.on_promoted(event.model_name)
+
+
+def refresh_on_promotion(holder: ChampionHolder) -> Callable[[str], Awaitable[None]]:
+    """The ``on_promoted`` of a process serving one model: reload ``holder`` when its model is
+    promoted, ignore the others."""
+
+    async def promoted(model_name: str) -> None:
+        if model_name == holder.model_name:
+            await holder.refresh(RELOAD_REASON)
+
+    return promoted

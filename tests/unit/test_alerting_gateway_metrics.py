@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from driftloop.events.spool import Spool
 from driftloop.serving.champion import Champion, ChampionCache, ChampionRef, ModelRegistry
-from driftloop.serving.hot_swap import ModelEventFollower
+from driftloop.serving.hot_swap import ModelEventFollower, refresh_on_promotion
 from driftloop.settings import KafkaSettings
 from gateway.metrics import GatewayMetrics
 from gateway.publishing import EventPublisher
@@ -165,7 +165,7 @@ async def test_the_follower_reports_every_decision_and_reloads_on_a_promotion() 
     seen: list[ModelDecision] = []
     follower = ModelEventFollower(
         KafkaSettings(),
-        holder,  # type: ignore[arg-type]
+        refresh_on_promotion(holder),  # type: ignore[arg-type]
         reader="test",
         on_decision=seen.append,
     )
