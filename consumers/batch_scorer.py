@@ -19,7 +19,8 @@ import logging
 import time
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
-from typing import Annotated, Any, ClassVar, Final
+from datetime import datetime
+from typing import Annotated, Any, ClassVar, Final, Protocol
 
 from aiokafka.errors import KafkaError
 from aiokafka.structs import TopicPartition
@@ -38,9 +39,10 @@ from driftloop.events.consumer_loop import (
     install_stop_signals,
 )
 from driftloop.events.producer import DeliveryError, EventProducer, Record, RecordProducer
-from driftloop.serving.champion import Champion, ChampionHolder, ModelRegistry
-from driftloop.serving.hot_swap import ModelEventFollower, refresh_on_promotion
-from driftloop.serving.scoring import NoModelError, ScoringService
+from driftloop.serving.catalog import ModelCatalog, ServedModel
+from driftloop.serving.champion import Champion, ModelRegistry
+from driftloop.serving.hot_swap import ModelEventFollower
+from driftloop.serving.scoring import NoModelError
 from driftloop.settings import (
     KafkaSettings,
     MlflowSettings,
@@ -48,7 +50,7 @@ from driftloop.settings import (
     ServiceSettings,
 )
 from schemas.events import TOPIC_EVENTS, PredictionEvent, ScoringRequest, ScoringResult
-from schemas.features import FeatureSpec, load_feature_spec
+from schemas.features import load_feature_spec
 from schemas.fields import utc_now
 from schemas.topics import Topic
 from schemas.validation import describe
@@ -100,20 +102,36 @@ class BatchScorerSettings(ServiceSettings, ServedModelSettings):
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
 
 
+class ScoringModels(Protocol):
+    """The models a batch scorer serves (``driftloop.serving.catalog.ModelCatalog``)."""
+
+    @property
+    def default(self) -> ServedModel: ...
+
+    @property
+    def models(self) -> dict[str, ServedModel]: ...
+
+    def get(self, name: str | None) -> ServedModel | None: ...
+
+    async def discover(self) -> list[str]: ...
+
+
 class BatchScorer:
-    """The Kafka transport of the scoring service: requests in, results and predictions out."""
+    """The Kafka transport of the scoring service: requests in, results and predictions out.
+
+    A request names its model (``model_name``; null for the default one). The requests of a
+    batch are scored in one vectorised call per model.
+    """
 
     def __init__(
         self,
-        holder: ChampionHolder,
-        spec: FeatureSpec,
+        models: ScoringModels,
         producer: RecordProducer,
         *,
         results_topic: str,
         predictions_topic: str,
     ) -> None:
-        self.holder = holder
-        self.scoring = ScoringService(spec, holder)
+        self.models = models
         self.producer = producer
         self.results_topic = results_topic
         self.predictions_topic = predictions_topic
@@ -124,17 +142,47 @@ class BatchScorer:
     async def write(self, deliveries: Sequence[Delivery[ScoringRequest]]) -> None:
         if not deliveries:
             return
-        requests = [delivery.event for delivery in deliveries]
-        # One call checks, encodes and scores the whole batch with one champion: a hot swap
-        # in the middle never mixes two models.
-        scores = await self.scoring.score_in_thread([request.features for request in requests])
-        champion = scores.champion
-        PREDICT_SECONDS.observe(scores.predict_seconds)
-        share_ms = scores.predict_seconds * 1000 / max(len(scores.scored), 1)
+        by_model: dict[str | None, list[ScoringRequest]] = {}
+        for delivery in deliveries:
+            by_model.setdefault(delivery.event.model_name, []).append(delivery.event)
+        if any(self.models.get(name) is None for name in by_model):
+            # A model declared since the last look: serve it before answering "unknown".
+            await self.models.discover()
         # The batch is answered at one moment, so its events share one timestamp (one clock
         # read and UTC conversion per batch instead of two per row).
         answered_at = utc_now()
         messages: list[Record] = []
+        predicted = 0
+        for name, requests in by_model.items():
+            served = self.models.get(name)
+            if served is None:
+                reason = f"no model {name!r} is served here; served: {sorted(self.models.models)}"
+                messages += [self._unknown_model(request, reason) for request in requests]
+                continue
+            predicted += await self._score(served, requests, answered_at, messages)
+        started = time.perf_counter()
+        # The loop commits the requests' offsets only after Kafka took every record.
+        await self.producer.send(messages)
+        WRITE_SECONDS.labels(NAME, "kafka").observe(time.perf_counter() - started)
+        RECORDS_OUT.labels(NAME, "scoring.results").inc(len(deliveries))
+        RECORDS_OUT.labels(NAME, "predictions").inc(predicted)
+        SCORED.labels("scored").inc(predicted)
+        SCORED.labels("invalid").inc(len(deliveries) - predicted)
+
+    async def _score(
+        self,
+        served: ServedModel,
+        requests: Sequence[ScoringRequest],
+        answered_at: datetime,
+        messages: list[Record],
+    ) -> int:
+        """Score one model's requests in one call; append their records; the rows scored."""
+        # One call checks, encodes and scores the model's rows with one champion: a hot swap
+        # in the middle never mixes two versions.
+        scores = await served.scoring.score_in_thread([request.features for request in requests])
+        champion = scores.champion
+        PREDICT_SECONDS.observe(scores.predict_seconds)
+        share_ms = scores.predict_seconds * 1000 / max(len(scores.scored), 1)
         for position, problems in scores.refused:
             reason = "invalid features: " + describe(
                 [problem.under("", whole="features") for problem in problems]
@@ -183,16 +231,19 @@ class BatchScorer:
                     ),
                 )
             )
-        predicted = len(scores.scored)
-        started = time.perf_counter()
-        # The loop commits the requests' offsets only after Kafka took every record.
-        await self.producer.send(messages)
-        WRITE_SECONDS.labels(NAME, "kafka").observe(time.perf_counter() - started)
-        RECORDS_OUT.labels(NAME, "scoring.results").inc(len(deliveries))
-        RECORDS_OUT.labels(NAME, "predictions").inc(predicted)
-        SCORED.labels("scored").inc(predicted)
-        SCORED.labels("invalid").inc(len(deliveries) - predicted)
-        MODEL_VERSION.set(champion.version)
+        if served is self.models.default:
+            MODEL_VERSION.set(champion.version)
+        return len(scores.scored)
+
+    def _unknown_model(self, request: ScoringRequest, reason: str) -> Record:
+        result = ScoringResult(
+            request_id=request.request_id,
+            batch_id=request.batch_id,
+            model_name=request.model_name or self.models.default.name,
+            model_version=None,
+            error=reason,
+        )
+        return Record(self.results_topic, result.partition_key(), result.to_bytes())
 
     def _refusal(self, request: ScoringRequest, champion: Champion, reason: str) -> Record:
         result = ScoringResult(
@@ -225,19 +276,12 @@ async def run_batch_scorer(settings: BatchScorerSettings) -> None:
         max_batch=settings.max_batch,
         poll_timeout_ms=settings.poll_timeout_ms,
     )
-    holder = ChampionHolder(
-        ModelRegistry(settings.mlflow.tracking_uri),
-        settings.model_name or spec.registered_model_name,
-        settings.model_cache(),
-        alias=settings.model_alias,
-        expected_spec=spec,
-    )
-    await holder.start()
+    models = ModelCatalog(settings, spec, ModelRegistry(settings.mlflow.tracking_uri))
+    await models.start()
     async with AsyncExitStack() as stack:
-        poller = asyncio.create_task(holder.poll(settings.model_poll_seconds), name="champion-poll")
-        stack.push_async_callback(_cancel, poller)
-        # ModelPromoted swaps the model between batches within a second; polling is the net.
-        follower = ModelEventFollower(settings.kafka, refresh_on_promotion(holder), reader=NAME)
+        stack.push_async_callback(models.stop)
+        # ModelPromoted swaps a model between batches within a second; polling is the net.
+        follower = ModelEventFollower(settings.kafka, models.promoted, reader=NAME)
         following = asyncio.create_task(follower.run(), name="model-events")
         stack.push_async_callback(_cancel, following)
         # Results of one batch share a partition (keyed by batch id), so large batches. A failed
@@ -251,8 +295,7 @@ async def run_batch_scorer(settings: BatchScorerSettings) -> None:
         await kafka.start_with_retry(consumer, settings.kafka)
         stack.push_async_callback(consumer.stop)
         scorer = BatchScorer(
-            holder,
-            spec,
+            models,
             producer,
             results_topic=settings.kafka.topic(Topic.SCORING_RESULTS),
             predictions_topic=settings.kafka.topic(Topic.PREDICTIONS),

@@ -116,6 +116,12 @@ class ServedModelSettings(DriftloopSettings):
     model_alias: str = Field(
         default="champion", description="Registry alias scored (default champion)."
     )
+    models: ModelNames = Field(
+        default=(),
+        description="Registered names of the declared models served beside the default one "
+        "(comma-separated); empty serves every declaration, also one added while the service "
+        "runs (default empty).",
+    )
     model_cache_dir: Path | None = Field(
         default=None,
         description="Downloaded model versions, scored after a restart while MLflow is down "

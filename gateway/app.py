@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp
 
 from driftloop.events.producer import RecordProducer
+from driftloop.serving.catalog import ServedModel
 from driftloop.serving.champion import ChampionSource
 from driftloop.serving.scoring import NoModelError
 from driftloop.settings import load_settings
@@ -40,7 +41,7 @@ from gateway.problems import (
 )
 from gateway.responses import JSONBytesResponse
 from gateway.routes import model_predict_path, router
-from gateway.service import Gateway, ServedModel
+from gateway.service import Gateway
 from gateway.settings import GatewaySettings
 from schemas.features import load_feature_spec
 from schemas.validation import Problem, problems_of
@@ -119,7 +120,7 @@ def create_app(
         direct[("POST", model_predict_path(model.name))] = (MODEL_PREDICT_TEMPLATE, endpoint)
         app.openapi_schema = None
 
-    service.on_model_added.append(model_added)
+    service.catalog.on_added.append(model_added)
     app.front = partial(
         GatewayMiddleware,
         metrics=metrics,

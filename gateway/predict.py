@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 from starlette.types import Receive, Scope, Send
 
+from driftloop.serving.catalog import ServedModel
 from gateway.bodies import item_prefix, one_or_many, parse_json, require_json
 from gateway.problems import (
     PROBLEM_MEDIA_TYPE,
@@ -26,7 +27,7 @@ from gateway.problems import (
     ScoringFailedError,
     problem_answer,
 )
-from gateway.service import Gateway, ServedModel
+from gateway.service import Gateway
 from schemas.validation import Problem
 
 _JSON = b"application/json"

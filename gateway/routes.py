@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from driftloop.serving.catalog import ServedModel
 from driftloop.serving.champion import Champion
 from driftloop.serving.scoring import NoModelError
 from gateway.bodies import read_feedback
@@ -23,7 +24,7 @@ from gateway.contract import (
 from gateway.predict import answer
 from gateway.problems import PROBLEM_MEDIA_TYPE
 from gateway.responses import JSONBytesResponse
-from gateway.service import Gateway, ServedModel
+from gateway.service import Gateway
 from schemas.events import GroundTruth
 from schemas.fields import utc_now
 
@@ -210,8 +211,8 @@ async def reload_model(request: Request) -> Response:
     model."""
     service = gateway(request)
     service.check_admin(request.headers.get("authorization"))
-    await service.discover()
-    champion = (await service.refresh_all("admin"))[service.model_name]
+    await service.catalog.discover()
+    champion = (await service.catalog.refresh_all("admin"))[service.model_name]
     if champion is None:
         raise NoModelError(f"no model could be loaded for {service.model_name}")
     return JSONBytesResponse(_current_model(service, champion))

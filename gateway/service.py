@@ -9,12 +9,12 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 
 from prometheus_client import Counter, Histogram
 
 from driftloop.events.producer import RecordProducer
 from driftloop.events.spool import Spool
+from driftloop.serving.catalog import ModelCatalog, ServedModel
 from driftloop.serving.champion import (
     Champion,
     ChampionHolder,
@@ -23,19 +23,14 @@ from driftloop.serving.champion import (
     LoadOutcome,
     ModelRegistry,
 )
-from driftloop.serving.hot_swap import RELOAD_REASON, FollowerState, ModelEventFollower
+from driftloop.serving.hot_swap import FollowerState, ModelEventFollower
 from driftloop.serving.scoring import ScoringService
 from gateway.metrics import GatewayMetrics
 from gateway.problems import RequestProblemError
 from gateway.publishing import Answer, EventPublisher, ModelKey, PredictionRecords
 from gateway.settings import GatewaySettings
 from schemas.events import Event
-from schemas.features import (
-    FeatureSpec,
-    FeatureSpecError,
-    declared_feature_specs,
-    load_feature_spec,
-)
+from schemas.features import FeatureSpec
 from schemas.fields import FeatureValue
 from schemas.topics import Topic
 from schemas.validation import Problem
@@ -52,22 +47,11 @@ class _ChampionOutputs:
     model: ModelKey
 
 
-@dataclass(frozen=True, slots=True)
-class ServedModel:
-    """One registered model this gateway serves: its declaration, champion and scoring."""
-
-    name: str
-    """Registered model name, the ``{name}`` of ``/models/{name}/predict``."""
-    spec: FeatureSpec
-    holder: ChampionHolder
-    scoring: ScoringService
-
-
 class Gateway:
     """Served models, publisher, spool and background tasks of one gateway process.
 
-    The default model (``GATEWAY_FEATURE_SPEC``) answers ``/predict``; every model answers
-    ``/models/{name}/predict``. Each has its own champion holder, hot-swapped on its own.
+    The default model (``GATEWAY_FEATURE_SPEC``) answers ``/predict``; every model of the
+    catalog answers ``/models/{name}/predict``, each hot-swapped on its own.
     """
 
     def __init__(
@@ -82,10 +66,13 @@ class Gateway:
         self.settings = settings
         self._producer_factory = producer_factory
         self.metrics = metrics
-        self._registry = registry or ModelRegistry(settings.mlflow.tracking_uri)
-        self.default = self._served(settings.model_name or spec.registered_model_name, spec)
-        self.models: dict[str, ServedModel] = {self.default.name: self.default}
-        self.on_model_added: list[Callable[[ServedModel], None]] = []
+        self.catalog = ModelCatalog(
+            settings,
+            spec,
+            registry or ModelRegistry(settings.mlflow.tracking_uri),
+            on_load=self._model_loaded,
+        )
+        self.catalog.on_added.append(lambda served: metrics.expect_decisions(served.name))
         self.spool: Spool | None = None
         self.publisher: EventPublisher | None = None
         self.follower: ModelEventFollower | None = None
@@ -94,8 +81,16 @@ class Gateway:
         self._api_keys = tuple(key.get_secret_value().encode() for key in settings.api_keys)
         self._admin_token = settings.admin_token.get_secret_value().encode()
         self._tasks: list[asyncio.Task[None]] = []
-        self._started = False
-        self._discovering = asyncio.Lock()
+
+    @property
+    def default(self) -> ServedModel:
+        """The model of /predict and /feedback."""
+        return self.catalog.default
+
+    @property
+    def models(self) -> dict[str, ServedModel]:
+        """Every served model by registered name."""
+        return self.catalog.models
 
     # The default model's parts, under the names the single-model gateway had.
     @property
@@ -120,7 +115,7 @@ class Gateway:
 
     def model(self, name: str) -> ServedModel:
         """The served model ``name``; a 404 refusal when this gateway serves none of that name."""
-        served = self.models.get(name)
+        served = self.catalog.get(name)
         if served is None:
             raise RequestProblemError(
                 404,
@@ -132,96 +127,21 @@ class Gateway:
             )
         return served
 
-    def _served(self, name: str, spec: FeatureSpec) -> ServedModel:
-        holder = ChampionHolder(
-            self._registry,
-            name,
-            self.settings.model_cache(),
-            alias=self.settings.model_alias,
-            expected_spec=spec,
-            on_load=partial(self._model_loaded, name),
-        )
-        return ServedModel(name, spec, holder, ScoringService(spec, holder))
-
     async def start(self) -> None:
         """Open the spool, connect Kafka, load the models and start the background tasks."""
         if self.settings.publish:
             self.publisher = self._publisher()
             self.metrics.publisher_status = self.publisher.status
             await self.publisher.start(connect_within_seconds=self.settings.kafka_timeout_seconds)
-        self._started = True
-        await self._add(self.default)
-        await self.discover()
-        self._tasks.append(
-            asyncio.create_task(
-                self._poll_declarations(self.settings.model_poll_seconds), name="declarations"
-            )
-        )
+        await self.catalog.start()
         if self.settings.model_events:
             self.follower = ModelEventFollower(
                 self.settings.kafka,
-                self._promoted,
+                self.catalog.promoted,
                 reader="gateway",
                 on_decision=self.metrics.record_decision,
             )
             self._tasks.append(asyncio.create_task(self.follower.run(), name="model-events"))
-
-    async def discover(self) -> list[str]:
-        """Serve every declared model not served yet (``GATEWAY_MODELS`` limits which); the
-        names added. Declarations are read anew, so one added since the start is served."""
-        async with self._discovering:
-            added: list[str] = []
-            for name, spec in (await asyncio.to_thread(self._declared)).items():
-                if name not in self.models:
-                    await self._add(self._served(name, spec))
-                    added.append(name)
-            return added
-
-    def _declared(self) -> dict[str, FeatureSpec]:
-        wanted = set(self.settings.models)
-        declared: dict[str, FeatureSpec] = {}
-        for declaration in declared_feature_specs():
-            try:
-                spec = load_feature_spec(declaration)
-            except FeatureSpecError as error:
-                # One broken declaration must not stop the others from being served.
-                log.warning("declaration %s not served: %s", declaration, error)
-                continue
-            if not wanted or spec.registered_model_name in wanted:
-                declared.setdefault(spec.registered_model_name, spec)
-        return declared
-
-    async def _add(self, served: ServedModel) -> None:
-        self.models[served.name] = served
-        self.metrics.expect_decisions(served.name)
-        await served.holder.start()
-        self._tasks.append(
-            asyncio.create_task(
-                served.holder.poll(self.settings.model_poll_seconds),
-                name=f"champion-poll-{served.name}",
-            )
-        )
-        for listener in self.on_model_added:
-            listener(served)
-
-    async def _promoted(self, model_name: str) -> None:
-        served = self.models.get(model_name)
-        if served is None:
-            # A first version of a model declared since the start: serve it now.
-            await self.discover()
-            return
-        await served.holder.refresh(RELOAD_REASON)
-
-    async def _poll_declarations(self, interval_seconds: float) -> None:
-        """Look for new declarations every ``interval_seconds``: the safety net behind
-        model events for a model declared while Kafka was away."""
-        while True:
-            await asyncio.sleep(interval_seconds)
-            await self.discover()
-
-    async def refresh_all(self, reason: str) -> dict[str, Champion | None]:
-        """Refresh every served model's champion; each model's serving champion afterwards."""
-        return {name: await served.holder.refresh(reason) for name, served in self.models.items()}
 
     async def stop(self) -> None:
         """Stop the background tasks, hand the queued events to Kafka or the spool, close."""
@@ -230,6 +150,7 @@ class Gateway:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.catalog.stop()
         if self.publisher is not None:
             await self.publisher.stop()
         if self.spool is not None:

@@ -8,7 +8,7 @@ from typing import Annotated, ClassVar
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from driftloop.settings import KafkaSettings, MlflowSettings, ModelNames, ServedModelSettings
+from driftloop.settings import KafkaSettings, MlflowSettings, ServedModelSettings
 
 Port = Annotated[int, Field(gt=0, lt=65536)]
 
@@ -25,13 +25,6 @@ class GatewaySettings(ServedModelSettings):
         default=True,
         description="GATEWAY_MODEL_EVENTS: reload on ModelPromoted from model.events "
         "(default true).",
-    )
-    models: ModelNames = Field(
-        default=(),
-        description="GATEWAY_MODELS: comma-separated registered names of the declared models "
-        "served at /models/{name}/predict beside the default one (GATEWAY_FEATURE_SPEC, at "
-        "/predict); empty serves every declaration, including one added while it runs "
-        "(default empty).",
     )
     max_rows: Annotated[int, Field(ge=1, le=100_000)] = Field(
         default=1000, description="GATEWAY_MAX_ROWS: rows in one /predict request (default 1000)."

@@ -370,6 +370,8 @@ class ScoringRequest(Event):
     """Feature values, missing values as null; validated against the model's declaration."""
     batch_id: Identifier | None = None
     """Correlation id echoed in the result, so a producer can collect the answers of its batch."""
+    model_name: ModelName | None = None
+    """Registered model to score with; null: the batch scorer's default model."""
 
     def partition_key(self) -> bytes:
         """Keyed by request id."""
@@ -387,9 +389,9 @@ class ScoringResult(Event):
     batch_id: Identifier | None = None
     """The request's correlation id, echoed."""
     model_name: ModelName
-    """Registered model that scored the request."""
-    model_version: ModelVersion
-    """Registry version of that model."""
+    """Registered model that scored the request (the one it named, when it is not served)."""
+    model_version: ModelVersion | None
+    """Registry version of that model; null when no model of that name is served."""
     prediction: FiniteFloat | None = None
     """The model's output; null when ``error`` is set."""
     error: NonEmptyText | None = None

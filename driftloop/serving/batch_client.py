@@ -49,11 +49,13 @@ async def score_rows(
     request_ids: Sequence[str],
     *,
     batch_id: str,
+    model_name: str | None = None,
     wait_seconds: float = 600.0,
     on_sent: Callable[[int], None] | None = None,
     on_result: Callable[[int], None] | None = None,
 ) -> BatchOutcome:
-    """Send one request per row and wait (at most ``wait_seconds``) for every result."""
+    """Send one request per row, to be scored by ``model_name`` (None: the scorer's default
+    model), and wait (at most ``wait_seconds``) for every result."""
     if len(rows) != len(request_ids) or len(set(request_ids)) != len(request_ids):
         raise ValueError("one distinct request id per row is required")
     outcome = BatchOutcome(batch_id)
@@ -84,7 +86,7 @@ async def score_rows(
         try:
             collector = asyncio.create_task(_collect(consumer, outcome, wanted, on_result))
             try:
-                await _send(producer, settings, rows, request_ids, batch_id, on_sent)
+                await _send(producer, settings, rows, request_ids, batch_id, model_name, on_sent)
                 await asyncio.wait_for(asyncio.shield(collector), wait_seconds)
             except TimeoutError:
                 outcome.missing = sorted(wanted - set(outcome.results))
@@ -116,12 +118,15 @@ async def _send(
     rows: Sequence[Mapping[str, FeatureValue]],
     request_ids: Sequence[str],
     batch_id: str,
+    model_name: str | None,
     on_sent: Callable[[int], None] | None,
 ) -> None:
     topic = settings.topic(Topic.SCORING_REQUESTS)
     window: list[Record] = []
     for request_id, row in zip(request_ids, rows, strict=True):
-        request = ScoringRequest(request_id=request_id, features=dict(row), batch_id=batch_id)
+        request = ScoringRequest(
+            request_id=request_id, features=dict(row), batch_id=batch_id, model_name=model_name
+        )
         window.append(Record(topic, request.partition_key(), request.to_bytes()))
         if len(window) >= _SEND_WINDOW:
             await producer.send(window)

@@ -16,7 +16,6 @@ from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
 from driftloop.events import kafka
-from driftloop.serving.champion import ChampionHolder
 from driftloop.settings import KafkaSettings
 from schemas.events import EventDecodeError, ModelDecision, ModelPromoted, decode_model_event
 from schemas.topics import Topic
@@ -97,14 +96,3 @@ class ModelEventFollower:
         if isinstance(event, ModelPromoted):
             log.info("model %s version %d promoted", event.model_name, event.model_version)
             await self.on_promoted(event.model_name)
-
-
-def refresh_on_promotion(holder: ChampionHolder) -> Callable[[str], Awaitable[None]]:
-    """The ``on_promoted`` of a process serving one model: reload ``holder`` when its model is
-    promoted, ignore the others."""
-
-    async def promoted(model_name: str) -> None:
-        if model_name == holder.model_name:
-            await holder.refresh(RELOAD_REASON)
-
-    return promoted

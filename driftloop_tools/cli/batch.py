@@ -62,7 +62,9 @@ def _read(path: Path) -> Any:
 def score(
     input_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="CSV or Parquet."),
     output: Path = typer.Option(..., "--output", "-o", help="Output file (.csv or .parquet)."),
-    feature_spec: str = typer.Option("bikeshare", help="Feature declaration of the rows."),
+    feature_spec: str = typer.Option(
+        "bikeshare", help="Feature declaration of the rows; its registered model scores them."
+    ),
     id_column: str = typer.Option(
         "request_id", help="Column of request ids (generated when the file has none)."
     ),
@@ -101,6 +103,7 @@ def score(
                 rows,
                 request_ids,
                 batch_id=batch_id,
+                model_name=spec.registered_model_name,
                 wait_seconds=wait_seconds,
                 on_sent=lambda count: progress.advance(sent, count),
                 on_result=lambda count: progress.advance(answered, count),
@@ -119,7 +122,9 @@ def score(
         frame.to_csv(output, index=False)
     else:
         frame.to_parquet(output, index=False)
-    versions = sorted({result.model_version for result in results if result})
+    versions = sorted(
+        {result.model_version for result in results if result and result.model_version}
+    )
     summary = Table(title=f"batch {batch_id}", show_header=False)
     summary.add_row("rows", str(total))
     summary.add_row("scored", str(len(outcome.results) - outcome.errors))

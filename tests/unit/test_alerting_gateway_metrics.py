@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from driftloop.events.spool import Spool
 from driftloop.serving.champion import Champion, ChampionCache, ChampionRef, ModelRegistry
-from driftloop.serving.hot_swap import ModelEventFollower, refresh_on_promotion
+from driftloop.serving.hot_swap import ModelEventFollower
 from driftloop.settings import KafkaSettings
 from gateway.metrics import GatewayMetrics
 from gateway.publishing import EventPublisher
@@ -156,8 +156,9 @@ class _Holder:
     def __init__(self) -> None:
         self.refreshed: list[str] = []
 
-    async def refresh(self, reason: str) -> None:
-        self.refreshed.append(reason)
+    async def promoted(self, model_name: str) -> None:
+        if model_name == self.model_name:
+            self.refreshed.append("model_event")
 
 
 async def test_the_follower_reports_every_decision_and_reloads_on_a_promotion() -> None:
@@ -165,7 +166,7 @@ async def test_the_follower_reports_every_decision_and_reloads_on_a_promotion() 
     seen: list[ModelDecision] = []
     follower = ModelEventFollower(
         KafkaSettings(),
-        refresh_on_promotion(holder),  # type: ignore[arg-type]
+        holder.promoted,
         reader="test",
         on_decision=seen.append,
     )

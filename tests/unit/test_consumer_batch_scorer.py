@@ -13,7 +13,8 @@ from pydantic import ValidationError
 
 from consumers.batch_scorer import BatchScorer
 from driftloop.events.consumer_loop import Delivery
-from driftloop.serving.scoring import NoModelError
+from driftloop.serving.catalog import ServedModel
+from driftloop.serving.scoring import NoModelError, ScoringService
 from driftloop_tools.cli.batch import rows_from_records
 from driftloop_tools.cli.dlq import StoredLetter, select
 from schemas.events import (
@@ -47,19 +48,46 @@ class FakeChampion:
 
 
 class FakeHolder:
-    model_name = "bikeshare"
     alias = "champion"
 
-    def __init__(self, champion: FakeChampion | None) -> None:
+    def __init__(self, champion: FakeChampion | None, model_name: str = "bikeshare") -> None:
         self.current = champion
+        self.model_name = model_name
 
 
-def scorer(champion: FakeChampion | None) -> tuple[BatchScorer, FakeRecordProducer]:
+class FakeModels:
+    """The scorer's models: bikeshare by default, more added by ``declare`` (as if discovered)."""
+
+    def __init__(self, champion: FakeChampion | None) -> None:
+        self.default = self._served("bikeshare", champion)
+        self.models = {"bikeshare": self.default}
+        self.declared: dict[str, FakeChampion] = {}
+        self.discoveries = 0
+
+    @staticmethod
+    def _served(name: str, champion: FakeChampion | None) -> ServedModel:
+        holder = FakeHolder(champion, name)
+        scoring = ScoringService(SPEC, holder)  # type: ignore[arg-type]
+        return ServedModel(name, SPEC, holder, scoring)  # type: ignore[arg-type]
+
+    def get(self, name: str | None) -> ServedModel | None:
+        return self.default if name is None else self.models.get(name)
+
+    async def discover(self) -> list[str]:
+        self.discoveries += 1
+        added = [name for name in self.declared if name not in self.models]
+        for name in added:
+            self.models[name] = self._served(name, self.declared[name])
+        return added
+
+
+def scorer(
+    champion: FakeChampion | None, models: FakeModels | None = None
+) -> tuple[BatchScorer, FakeRecordProducer]:
     producer = FakeRecordProducer()
     return (
         BatchScorer(
-            FakeHolder(champion),  # type: ignore[arg-type]
-            SPEC,
+            models or FakeModels(champion),
             producer,
             results_topic="scoring.results",
             predictions_topic="predictions",
@@ -68,8 +96,13 @@ def scorer(champion: FakeChampion | None) -> tuple[BatchScorer, FakeRecordProduc
     )
 
 
-def request(index: int, **changes: Any) -> Delivery[ScoringRequest]:
-    event = ScoringRequest(request_id=f"r-{index}", features={**ROW, **changes}, batch_id="b-1")
+def request(index: int, model_name: str | None = None, **changes: Any) -> Delivery[ScoringRequest]:
+    event = ScoringRequest(
+        request_id=f"r-{index}",
+        features={**ROW, **changes},
+        batch_id="b-1",
+        model_name=model_name,
+    )
     return Delivery(event, "scoring.requests", 0, index)
 
 
@@ -123,6 +156,38 @@ async def test_refusals_are_worded_from_validate_row_and_scores_keep_request_ord
     assert [result.prediction for result in scored] == [n + 0.5 for n in range(len(scored))]
     events = [PredictionEvent.from_bytes(v) for t, _, v in producer.sent if t == "predictions"]
     assert len({event.occurred_at for event in events}) == 1  # one answer time per batch
+
+
+async def test_each_request_is_scored_by_the_model_it_names() -> None:
+    models = FakeModels(FakeChampion())
+    models.declared["bikeshare-v2"] = FakeChampion(name="bikeshare-v2", version=9)
+    batch_scorer, producer = scorer(None, models)
+    deliveries = [
+        request(0),
+        request(1, model_name="bikeshare-v2"),
+        request(2, model_name="nope"),
+        request(3, model_name="bikeshare"),
+    ]
+    await batch_scorer.write(deliveries)
+    results = {
+        result.request_id: result
+        for result in (
+            ScoringResult.from_bytes(v) for t, _, v in producer.sent if t == "scoring.results"
+        )
+    }
+    assert (results["r-0"].model_name, results["r-0"].model_version) == ("bikeshare", 4)
+    assert (results["r-3"].model_name, results["r-3"].model_version) == ("bikeshare", 4)
+    assert (results["r-1"].model_name, results["r-1"].model_version) == ("bikeshare-v2", 9)
+    unknown = results["r-2"]
+    assert (unknown.model_name, unknown.model_version, unknown.prediction) == ("nope", None, None)
+    assert unknown.error == "no model 'nope' is served here; served: ['bikeshare', 'bikeshare-v2']"
+    assert models.discoveries == 1  # unknown names looked up once per batch
+    events = [PredictionEvent.from_bytes(v) for t, _, v in producer.sent if t == "predictions"]
+    assert sorted((event.request_id, event.model_name) for event in events) == [
+        ("r-0", "bikeshare"),
+        ("r-1", "bikeshare-v2"),
+        ("r-3", "bikeshare"),
+    ]
 
 
 async def test_without_a_champion_the_batch_waits() -> None:
