@@ -191,6 +191,7 @@ async def run_drift_monitor(settings: DriftMonitorSettings) -> None:
             publish=kafka_publisher(producer, topic),
             store_report=report_store(s3, settings.s3.data_bucket),
             models=models,
+            declared=settings.monitored_models,
             policy=settings.policy,
             options=settings.monitor_options(),
         )

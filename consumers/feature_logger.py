@@ -65,7 +65,7 @@ from driftloop.storage.prediction_log import (
     open_prediction_log,
 )
 from schemas.events import TOPIC_EVENTS, GroundTruth, PredictionEvent
-from schemas.features import declared_feature_specs, load_feature_spec
+from schemas.features import FeatureSpec, declared_feature_specs, load_feature_spec
 from schemas.topics import Topic
 
 NAME: Final = "feature-logger"
@@ -122,6 +122,11 @@ PARQUET_FLUSH_FAILURES = Counter(
 Seconds = Annotated[float, Field(gt=0)]
 
 
+def declared_specs() -> list[FeatureSpec]:
+    """Every declaration in the declaration folders, read anew."""
+    return [load_feature_spec(name) for name in declared_feature_specs()]
+
+
 class FeatureLoggerSettings(ServiceSettings):
     """The feature logger (``FEATURE_LOGGER_*``) and the connections it uses."""
 
@@ -167,8 +172,9 @@ class FeatureLoggerSettings(ServiceSettings):
     )
     feature_spec: str = Field(
         default="bikeshare",
-        description="FEATURE_LOGGER_FEATURE_SPEC: declaration giving the Parquet column types of "
-        "its model (default bikeshare; other models' types are inferred).",
+        description="FEATURE_LOGGER_FEATURE_SPEC: a declaration (name or YAML path) whose model's "
+        "Parquet columns take its types, beside every declared model's (default bikeshare; "
+        "an undeclared model's types are inferred).",
     )
     pending_label_retention_hours: Annotated[float, Field(gt=0)] = Field(
         default=168.0,
@@ -223,7 +229,7 @@ class FeatureLoggerSettings(ServiceSettings):
 
     def storage_policy(self) -> StoragePolicy:
         """Maintenance's policy: these settings and the model declarations' hot retention."""
-        specs = [load_feature_spec(name) for name in declared_feature_specs()]
+        specs = declared_specs()
         return StoragePolicy(
             hot_retention=hot_retention(specs),
             ahead_days=self.partitions_ahead_days,
@@ -450,6 +456,7 @@ async def run_feature_logger(settings: FeatureLoggerSettings) -> None:
             # on; botocore's five attempts held the loop 12-26 s per failed flush.
             s3 = await stack.enter_async_context(s3_client(settings.s3, max_attempts=2))
             specs = [load_feature_spec(settings.feature_spec)] if settings.feature_spec else []
+            specs += declared_specs()
             store = FeatureStore(
                 prediction_log.pool,
                 s3,
@@ -458,6 +465,7 @@ async def run_feature_logger(settings: FeatureLoggerSettings) -> None:
                 flush_interval_seconds=settings.flush_interval_seconds,
                 max_buffered_rows=settings.max_buffered_rows,
                 specs=specs,
+                declarations=declared_specs,
             )
         maintenance = asyncio.create_task(
             maintain_periodically(

@@ -220,7 +220,8 @@ class RetrainTriggerSettings(ServiceSettings):
         }
 
     def known_models(self) -> frozenset[str]:
-        """The models retrained: the configured ones, else every declared model."""
+        """The models retrained: the configured ones, else every declared model (the
+        declaration folders read anew)."""
         return frozenset(chosen_models(self.models))
 
 
@@ -234,7 +235,7 @@ class RetrainTrigger:
         *,
         dag_id: str,
         cooldown: timedelta,
-        known_models: frozenset[str],
+        known_models: frozenset[str] | Callable[[], frozenset[str]],
         conf_extras: Mapping[str, Any] | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -242,6 +243,7 @@ class RetrainTrigger:
         self.airflow = airflow
         self.dag_id = dag_id
         self.cooldown = cooldown
+        # A callable is asked at every event: a model declared since the start is retrained.
         self.known_models = known_models
         self.conf_extras = dict(conf_extras or {})
         self._clock = clock
@@ -260,9 +262,10 @@ class RetrainTrigger:
         now = self._clock()
         previous = await self.ledger.entry(event.episode_id)
         last_trigger = await self.ledger.last_trigger(event.model_name)
+        known = self.known_models
         verdict = decide(
             event,
-            known_models=self.known_models,
+            known_models=known() if callable(known) else known,
             previous=previous,
             last_trigger=last_trigger,
             now=now,
@@ -404,7 +407,6 @@ async def run_retrain_trigger(settings: RetrainTriggerSettings) -> None:
         poll_timeout_ms=settings.poll_timeout_ms,
         backoff_max_seconds=settings.backoff_max_seconds,
     )
-    known_models = settings.known_models()
     _start_counters_at_zero()
     ledger = await open_retrain_ledger(settings.postgres, settings.db_schema)
     async with AsyncExitStack() as stack:
@@ -426,7 +428,7 @@ async def run_retrain_trigger(settings: RetrainTriggerSettings) -> None:
             airflow,
             dag_id=settings.dag_id,
             cooldown=timedelta(seconds=settings.cooldown_seconds),
-            known_models=known_models,
+            known_models=settings.known_models,
             conf_extras=settings.conf_extras(),
         )
         loop = ConsumerLoop(options, consumer, producer, trigger)
@@ -439,7 +441,7 @@ async def run_retrain_trigger(settings: RetrainTriggerSettings) -> None:
             log.info(
                 "triggering %s for models %s (cooldown %.0fs) from %s",
                 settings.dag_id,
-                sorted(known_models),
+                sorted(settings.known_models()),
                 settings.cooldown_seconds,
                 topic,
             )

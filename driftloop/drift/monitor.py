@@ -77,6 +77,9 @@ from schemas.features import FeatureKind, FeatureSpec
 
 log = logging.getLogger(__name__)
 
+# How often the declaration folders are read again for models declared since the start.
+DISCOVERY_SECONDS: Final = 30.0
+
 EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 CHECKS = Counter(
@@ -334,20 +337,39 @@ class DriftMonitor:
     store_report: StoreReport
     models: Sequence[str]
     policy: DriftPolicy = field(default_factory=DriftPolicy)
+    declared: Callable[[], Sequence[str]] | None = None
+    """The models to monitor, asked again while running so a model declared since the start
+    is watched too (None: ``models`` only)."""
     options: MonitorOptions = field(default_factory=MonitorOptions)
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     _watches: dict[str, _Watch] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
-        self._watches = {name: _Watch(name) for name in self.models}
-        for name in self.models:
-            # Series that appear at 0, so increase() sees the first drifted window or event.
-            for outcome in ("drifted", "clean", "refused", "failed"):
-                CHECKS.labels(name, outcome)
-            EVENTS.labels(name)
-            ROWS_JUDGED.labels(name)
-            LATE_ROWS.labels(name)
-            REPORT_FAILURES.labels(name)
+        names, self.models = self.models, []
+        for name in names:
+            self.watch(name)
+
+    def watch(self, name: str) -> bool:
+        """Monitor ``name`` too; False when it is monitored already."""
+        if name in self._watches:
+            return False
+        self._watches[name] = _Watch(name)
+        self.models = [*self.models, name]
+        # Series that appear at 0, so increase() sees the first drifted window or event.
+        for outcome in ("drifted", "clean", "refused", "failed"):
+            CHECKS.labels(name, outcome)
+        EVENTS.labels(name)
+        ROWS_JUDGED.labels(name)
+        LATE_ROWS.labels(name)
+        REPORT_FAILURES.labels(name)
+        return True
+
+    async def _discover(self) -> None:
+        if self.declared is None:
+            return
+        for name in await asyncio.to_thread(self.declared):
+            if self.watch(name):
+                log.info("monitoring %s too: declared since the start", name)
 
     async def check(self, model_name: str) -> CheckResult | None:
         """Judge the model's next window when one is due; None when there is nothing to do."""
@@ -538,12 +560,17 @@ class DriftMonitor:
         on_error: Callable[[str, BaseException], None] | None = None,
     ) -> None:
         """Check every model until ``stopping``; failures back off, the window is retried."""
-        backoff = dict.fromkeys(self.models, 0.0)
-        next_try = dict.fromkeys(self.models, 0.0)
+        backoff: dict[str, float] = {}
+        next_try: dict[str, float] = {}
         loop = asyncio.get_running_loop()
+        next_discovery = loop.time() + DISCOVERY_SECONDS
         while not stopping.is_set():
+            if loop.time() >= next_discovery:
+                next_discovery = loop.time() + DISCOVERY_SECONDS
+                await self._discover()
             for name in self.models:
-                if stopping.is_set() or loop.time() < next_try[name]:
+                backoff.setdefault(name, 0.0)
+                if stopping.is_set() or loop.time() < next_try.get(name, 0.0):
                     continue
                 try:
                     # A backlog (a restart, a burst) is worked off window by window.

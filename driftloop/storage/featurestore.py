@@ -27,7 +27,7 @@ import io
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from itertools import groupby, repeat
@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _ARROW_TYPES: Final = {"int": pa.int64(), "float": pa.float64(), "str": pa.string()}
+# Rows of a model with no declaration here look the declarations up again at most this often.
+_DECLARATION_LOOKUP_SECONDS: Final = 60.0
 BASE_SCHEMA: Final = pa.schema(
     [
         ("request_id", pa.string()),
@@ -154,6 +156,7 @@ class FeatureStore:
         flush_interval_seconds: float,
         max_buffered_rows: int,
         specs: Iterable[FeatureSpec] = (),
+        declarations: Callable[[], Iterable[FeatureSpec]] | None = None,
     ) -> None:
         self.pool = pool
         self.s3 = s3
@@ -161,19 +164,16 @@ class FeatureStore:
         self.prefix = prefix
         self.flush_interval_seconds = flush_interval_seconds
         self.max_buffered_rows = max_buffered_rows
-        self._specs = {spec.registered_model_name: spec for spec in specs}
+        # Asked again (at most once a minute) when rows of a model without a declaration here
+        # arrive: a model declared since the start is written at its declared types.
+        self._declarations = declarations
+        self._next_lookup = 0.0
+        self._specs: dict[str, FeatureSpec] = {}
         # Per declared model: its features as one struct type (converted in one pass over the
         # feature dicts) and the schema of its files.
         self._declared: dict[str, tuple[pa.StructType, pa.Schema]] = {}
-        for name, spec in self._specs.items():
-            features = [
-                pa.field(feature, _ARROW_TYPES[spec.feature(feature).dtype])
-                for feature in spec.feature_names
-            ]
-            self._declared[name] = (
-                pa.struct(features),
-                pa.schema([*BASE_SCHEMA, *(f.with_name(feature_column(f.name)) for f in features)]),
-            )
+        for spec in specs:
+            self._declare(spec)
         self._committed: dict[TopicPartition, int | None] = {}
         self._buffer = _Buffer()
         self._last_flush = time.monotonic()
@@ -368,13 +368,40 @@ class FeatureStore:
         if status.endswith(" 0"):
             raise FencedError(f"Parquet offsets of {_partition_name(tp)} moved under this flush")
 
+    def _declare(self, spec: FeatureSpec) -> None:
+        name = spec.registered_model_name
+        if name in self._specs:
+            return
+        self._specs[name] = spec
+        features = [
+            pa.field(feature, _ARROW_TYPES[spec.feature(feature).dtype])
+            for feature in spec.feature_names
+        ]
+        self._declared[name] = (
+            pa.struct(features),
+            pa.schema([*BASE_SCHEMA, *(f.with_name(feature_column(f.name)) for f in features)]),
+        )
+
+    def _spec(self, model_name: str) -> FeatureSpec | None:
+        spec = self._specs.get(model_name)
+        if (
+            spec is None
+            and self._declarations is not None
+            and time.monotonic() >= self._next_lookup
+        ):
+            self._next_lookup = time.monotonic() + _DECLARATION_LOOKUP_SECONDS
+            for declared in self._declarations():
+                self._declare(declared)
+            spec = self._specs.get(model_name)
+        return spec
+
     def _declared_batch(
         self, key: PartitionKey, rows: Sequence[Delivery[PredictionEvent]]
     ) -> pa.RecordBatch | None:
         """The rows at their model's declared types; None if undeclared or values are off it."""
-        declared = self._declared.get(key.model_name)
-        if declared is None:
+        if self._spec(key.model_name) is None:
             return None
+        declared = self._declared[key.model_name]
         features, schema = declared
         events = list(map(_EVENT, rows))
         try:
@@ -393,7 +420,7 @@ class FeatureStore:
         arrays = _base_arrays(rows, events)
         fields = list(BASE_SCHEMA)
         features = list(map(_FEATURES, events))
-        spec = self._specs.get(key.model_name)
+        spec = self._spec(key.model_name)
         names = list(spec.feature_names) if spec is not None else sorted(set().union(*features))
         for name in names:
             values = list(map(dict.get, features, repeat(name)))

@@ -8,6 +8,7 @@ against a winter reference stay clean, summer rows drift.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -495,3 +496,26 @@ async def test_valid_extreme_values_are_judged_and_left_out_of_the_evidently_sam
     assert report["evidently"]["sample_rows"] == 120 - left_out
     assert report["evidently"]["drift"] is not None  # Evidently ran on the rest
     assert result.verdict.quality is not None  # labels came with the rows
+
+
+async def test_a_model_declared_while_running_is_monitored(
+    seasons: dict[str, pd.DataFrame], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("driftloop.drift.monitor.DISCOVERY_SECONDS", 0.0)
+    rows = logged(seasons["summer"].iloc[: 2 * ROWS], 1, START)
+    started = rig(rows, {1: reference(seasons["winter"])})
+    declared = [MODEL]
+    started.monitor.declared = lambda: list(declared)
+    stopping = asyncio.Event()
+    running = asyncio.create_task(started.monitor.run(stopping, poll_seconds=0.01))
+    await asyncio.sleep(0.05)
+    assert list(started.monitor.models) == [MODEL]
+    declared.append("churn")
+    deadline = asyncio.get_running_loop().time() + 5
+    while "churn" not in started.monitor.models:
+        assert asyncio.get_running_loop().time() < deadline, "the new model is not watched"
+        await asyncio.sleep(0.01)
+    stopping.set()
+    await running
+    assert list(started.monitor.models) == [MODEL, "churn"]
+    assert started.monitor.watch("churn") is False

@@ -311,6 +311,15 @@ async def test_unknown_model_is_recorded_failed_without_calling_airflow(rig: Rig
     assert "stranger" in reason
 
 
+async def test_a_model_declared_since_the_start_is_retrained(rig: Rig) -> None:
+    declared = set(MODELS)
+    rig.trigger.known_models = lambda: frozenset(declared)
+    assert await rig.trigger.handle(drift("e9", model="churn")) is TriggerState.FAILED
+    declared.add("churn")
+    assert await rig.trigger.handle(drift("e10", model="churn")) is TriggerState.TRIGGERED
+    assert rig.airflow.runs == ["drift-e10"]
+
+
 async def test_a_missing_dag_is_recorded_failed(rig: Rig) -> None:
     rig.airflow.status = 404
     assert await rig.trigger.handle(drift("e1")) is TriggerState.FAILED
