@@ -15,11 +15,11 @@ the retrain DAG trains the next challenger on it; ``load_reference`` reads it ba
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -39,7 +39,8 @@ from mlflow.types import ColSpec, DataType, Schema
 from driftloop.drift.baseline import BASELINE_ARTIFACT, DriftBaseline, calibrate
 from driftloop.drift.policy import DriftPolicy
 from driftloop.seed_data import seed_data_path
-from schemas.features import FeatureKind, FeatureSpec, Task
+from driftloop.training.metrics import HoldoutScores, holdout_scores
+from schemas.features import FeatureKind, FeatureSpec, TargetType, Task
 
 CHAMPION_ALIAS: Final = "champion"
 # Name of the declaration file inside the model's artifacts (read by driftloop.serving.champion).
@@ -67,15 +68,6 @@ DEFAULT_PARAMS: Final[Mapping[str, Any]] = {
 
 
 @dataclass(frozen=True, slots=True)
-class HoldoutScores:
-    """Regression quality of a model on the holdout rows."""
-
-    rmse: float
-    mae: float
-    rows: int
-
-
-@dataclass(frozen=True, slots=True)
 class RegisteredModel:
     """A model version in the MLflow registry and the run that produced it."""
 
@@ -84,18 +76,59 @@ class RegisteredModel:
     run_id: str
 
 
+Instant = datetime | str
+"""A moment: a datetime (naive ones are UTC) or its ISO 8601 text (``"2011-01-01"``)."""
+
+
 def read_dataset(
-    spec: FeatureSpec, *, months: Collection[str] | None = None, root: Path | None = None
+    spec: FeatureSpec,
+    *,
+    since: Instant | None = None,
+    until: Instant | None = None,
+    root: Path | None = None,
 ) -> pd.DataFrame:
-    """The declaration's seed data in time order, optionally only some months (``mnth``)."""
+    """The declaration's seed data in time order, optionally only the rows from ``since``
+    (inclusive) to ``until`` (exclusive) by the dataset's time (``dataset.time``)."""
     if spec.dataset is None:
         raise ValueError(f"feature declaration {spec.name} ships no dataset")
     path = root / spec.dataset.path if root is not None else seed_data_path(spec.dataset.path)
     frame = pd.read_csv(path)
-    if months is not None:
-        frame = frame[frame["mnth"].isin(list(months))]
-    ordered = frame.sort_values(list(spec.dataset.order_by), kind="stable")
-    return ordered.reset_index(drop=True)
+    if spec.dataset.time is not None:
+        times = dataset_times(spec, frame)
+        chosen = pd.Series(True, index=frame.index)
+        if since is not None:
+            chosen &= times >= _timestamp(since)
+        if until is not None:
+            chosen &= times < _timestamp(until)
+        # In time order; rows of the same moment keep their order in the file.
+        frame = frame[chosen].iloc[np.argsort(times[chosen].to_numpy(), kind="stable")]
+    elif since is not None or until is not None:
+        raise ValueError(f"{spec.name} declares no time column: rows cannot be chosen by time")
+    elif spec.dataset.order_by:
+        frame = frame.sort_values(list(spec.dataset.order_by), kind="stable")
+    return frame.reset_index(drop=True)
+
+
+def dataset_times(spec: FeatureSpec, frame: pd.DataFrame) -> pd.Series:
+    """When each row of seed data happened (UTC), from the declaration's ``dataset.time``."""
+    time = spec.dataset.time if spec.dataset is not None else None
+    if time is None:
+        raise ValueError(f"{spec.name} declares no time column")
+    missing = [column for column in time.columns if column not in frame.columns]
+    if missing:
+        raise ValueError(f"{spec.name}: the data lacks the time columns {missing}")
+    if time.column is not None:
+        return pd.to_datetime(frame[time.column], utc=True)
+    assert time.origin is not None  # noqa: S101 - TimeSpec's validator guarantees it
+    offset = pd.Series(pd.Timedelta(0), index=frame.index)
+    for column, step in time.offsets.items():
+        offset += pd.to_numeric(frame[column], errors="raise") * pd.Timedelta(step)
+    return pd.Timestamp(time.origin) + offset
+
+
+def _timestamp(moment: Instant) -> pd.Timestamp:
+    stamp = pd.Timestamp(moment)
+    return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
 
 
 def feature_matrix(spec: FeatureSpec, frame: pd.DataFrame) -> npt.NDArray[np.float64]:
@@ -120,10 +153,18 @@ def feature_matrix(spec: FeatureSpec, frame: pd.DataFrame) -> npt.NDArray[np.flo
 
 
 def target_vector(spec: FeatureSpec, frame: pd.DataFrame) -> npt.NDArray[np.float64]:
-    """The true values of the declared target."""
-    target: npt.NDArray[np.float64] = pd.to_numeric(
-        frame[spec.target.name], errors="raise"
-    ).to_numpy(dtype=np.float64)
+    """The true values of the declared target as the model learns them: the numbers, or 1.0 for
+    the positive class and 0.0 for the other (``Target.encode``)."""
+    column = frame[spec.target.name]
+    if spec.target.type is TargetType.NUMERIC:
+        target: npt.NDArray[np.float64] = pd.to_numeric(column, errors="raise").to_numpy(
+            dtype=np.float64
+        )
+    else:
+        target = np.array([spec.target.encode(value) for value in column.tolist()])
+    if spec.task is Task.CLASSIFICATION and not np.isin(target, (0.0, 1.0)).all():
+        found = sorted({float(value) for value in target[~np.isin(target, (0.0, 1.0))]})[:5]
+        raise ValueError(f"a classification target is 0 or 1; {spec.target.name} has {found}")
     return target
 
 
@@ -288,17 +329,10 @@ def current_champion(tracking_uri: str, model_name: str) -> int | None:
 
 
 def score_holdout(
-    truth: npt.NDArray[np.float64], predicted: npt.NDArray[np.float64]
+    spec: FeatureSpec, truth: npt.NDArray[np.float64], predicted: npt.NDArray[np.float64]
 ) -> HoldoutScores:
-    """RMSE and MAE of predictions against the truth."""
-    if len(truth) == 0 or len(truth) != len(predicted):
-        raise ValueError("scores need as many predictions as true values, at least one")
-    errors = predicted - truth
-    return HoldoutScores(
-        rmse=math.sqrt(float(np.mean(errors**2))),
-        mae=float(np.mean(np.abs(errors))),
-        rows=len(truth),
-    )
+    """Every metric of the model's task on the holdout (``driftloop.training.metrics``)."""
+    return holdout_scores(spec.task, truth, predicted)
 
 
 def reference_frame(

@@ -332,12 +332,12 @@ def _window_line(run: DriftRun, tally: LoopTally) -> str:
 
 def _decision_line(event: ModelDecision, tally: LoopTally) -> str:
     champion = (
-        f"champion v{event.champion_version} {event.metric_name} {event.champion_score:.1f}"
+        f"champion v{event.champion_version} {event.metric_name} {event.champion_score:.4g}"
         if event.champion_score is not None
         else "no champion"
     )
     line = (
-        f"challenger v{event.model_version} {event.metric_name} {event.challenger_score:.1f} "
+        f"challenger v{event.model_version} {event.metric_name} {event.challenger_score:.4g} "
         f"vs {champion} on the same holdout"
     )
     if isinstance(event, ModelRejected):
@@ -419,8 +419,8 @@ async def _closed_loop(options: DemoOptions) -> bool:
         bootstrap_model, spec, tracking_uri=stack.mlflow.tracking_uri, force=True
     )
     console.print(
-        f"[cyan]demo[/cyan] {model} version {result.model.version} is champion: holdout RMSE "
-        f"{result.scores.rmse:.1f} on {result.scores.rows} rows; its reference dataset "
+        f"[cyan]demo[/cyan] {model} version {result.model.version} is champion: holdout "
+        f"{result.scores.describe()} on {result.scores.rows} rows; its reference dataset "
         f"({result.reference_rows} rows) is logged with it"
     )
     await announce_promotion(result, stack.kafka)

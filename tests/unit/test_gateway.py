@@ -60,7 +60,7 @@ def spec() -> FeatureSpec:
 
 @pytest.fixture(scope="module")
 def model_dirs(spec: FeatureSpec, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
-    frame = trainer.read_dataset(spec, months=["Jan", "Feb"])
+    frame = trainer.read_dataset(spec, since="2011-01-01", until="2011-03-01")
     root = tmp_path_factory.mktemp("models")
     return {
         version: trainer.save_model(
