@@ -26,7 +26,7 @@ from typing import Any, Final
 import lightgbm as lgb
 import mlflow
 import mlflow.artifacts
-import mlflow.lightgbm
+import mlflow.pyfunc
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
@@ -34,7 +34,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.models.signature import ModelSignature
 from mlflow.tracking import MlflowClient
-from mlflow.types import ColSpec, DataType, Schema
+from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 
 from driftloop.drift.baseline import BASELINE_ARTIFACT, DriftBaseline, calibrate
 from driftloop.drift.policy import DriftPolicy
@@ -43,6 +43,14 @@ from driftloop.training.metrics import HoldoutScores, holdout_scores
 from schemas.features import FeatureKind, FeatureSpec, TargetType, Task
 
 CHAMPION_ALIAS: Final = "champion"
+# The stand-alone pyfunc, logged as an MLflow model from code (see its docstring). Named by its
+# path, not imported: importing it registers its model with MLflow's loader.
+PYFUNC_CODE: Final = Path(__file__).resolve().parents[1] / "serving" / "declared_pyfunc.py"
+# Its artifact names, and the booster's file (LightGBM's text format).
+BOOSTER_ARTIFACT: Final = "booster"
+DECLARATION_ARTIFACT: Final = "declaration"
+PYFUNC_REFERENCE_ARTIFACT: Final = "reference"
+BOOSTER_FILE: Final = "model.lgb"
 # Name of the declaration file inside the model's artifacts (read by driftloop.serving.champion).
 FEATURE_SPEC_FILE: Final = "feature_spec.yaml"
 DEFAULT_EXPERIMENT: Final = "driftloop"
@@ -193,18 +201,32 @@ def feature_spec_document(spec: FeatureSpec) -> str:
     return yaml.safe_dump(spec.model_dump(mode="json", exclude_none=True), sort_keys=False)
 
 
-def save_model(booster: lgb.Booster, spec: FeatureSpec, directory: Path) -> Path:
-    """Write the model as ``log_and_register`` stores it (LightGBM flavour, declaration inside)."""
-    staging = directory.parent / f".{directory.name}-spec"
+def model_artifacts(
+    booster: lgb.Booster, spec: FeatureSpec, staging: Path, reference: Path | None = None
+) -> dict[str, str]:
+    """Write the pyfunc's artifacts into ``staging``: the booster as LightGBM text, the
+    declaration, and the reference dataset when given (``driftloop.serving.declared_pyfunc``)."""
     staging.mkdir(parents=True, exist_ok=True)
+    booster_path = staging / BOOSTER_FILE
+    booster.save_model(str(booster_path))
     spec_path = staging / FEATURE_SPEC_FILE
     spec_path.write_text(feature_spec_document(spec), encoding="utf-8")
-    mlflow.lightgbm.save_model(
-        booster,
-        str(directory),
-        extra_files=[str(spec_path)],
-        pip_requirements=[f"lightgbm=={lgb.__version__}"],
-    )
+    artifacts = {BOOSTER_ARTIFACT: str(booster_path), DECLARATION_ARTIFACT: str(spec_path)}
+    if reference is not None:
+        artifacts[PYFUNC_REFERENCE_ARTIFACT] = str(reference)
+    return artifacts
+
+
+def save_model(booster: lgb.Booster, spec: FeatureSpec, directory: Path) -> Path:
+    """Write the model as ``log_and_register`` stores it (the declared pyfunc, its artifacts)."""
+    with tempfile.TemporaryDirectory(prefix="driftloop-model-") as staging:
+        mlflow.pyfunc.save_model(
+            str(directory),
+            python_model=str(PYFUNC_CODE),
+            artifacts=model_artifacts(booster, spec, Path(staging)),
+            signature=model_signature(spec),
+            pip_requirements=pyfunc_requirements(),
+        )
     return directory
 
 
@@ -266,13 +288,15 @@ def log_and_register(
                 mlflow.log_artifact(str(reference_path), REFERENCE_ARTIFACT_DIR)
             if baseline_path is not None:
                 mlflow.log_artifact(str(baseline_path), str(Path(BASELINE_ARTIFACT).parent))
-            info = mlflow.lightgbm.log_model(
-                booster,
+            info = mlflow.pyfunc.log_model(
                 name="model",
+                python_model=str(PYFUNC_CODE),
+                artifacts=model_artifacts(
+                    booster, spec, work_dir / "model-artifacts", reference_path
+                ),
                 signature=model_signature(spec),
-                extra_files=[str(spec_path)],
                 # Explicit requirements: inferring them imports the model in a subprocess.
-                pip_requirements=[f"lightgbm=={lgb.__version__}"],
+                pip_requirements=pyfunc_requirements(),
             )
             version = mlflow.register_model(info.model_uri, name, tags=tags or None)
     finally:
@@ -281,10 +305,30 @@ def log_and_register(
 
 
 def model_signature(spec: FeatureSpec) -> ModelSignature:
-    """The booster's input as MLflow records it: one double per feature, in declared order
-    (categories as their codes, NaN for missing), and one double out."""
-    inputs = Schema([ColSpec(DataType.double, name) for name in spec.feature_names])
-    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec(DataType.double)]))
+    """The declared raw row as MLflow records it, and one double out (a classifier's: the
+    positive class's probability). String categories are strings; ints are longs, except
+    where a value may be missing (pandas holds those as floats, NaN for null)."""
+    columns: list[ColSpec | TensorSpec] = []
+    for feature in spec.features:
+        if feature.dtype == "str":
+            kind = DataType.string
+        elif feature.dtype == "int" and not feature.nullable:
+            kind = DataType.long
+        else:
+            kind = DataType.double
+        columns.append(ColSpec(kind, feature.name, required=not feature.nullable))
+    return ModelSignature(inputs=Schema(columns), outputs=Schema([ColSpec(DataType.double)]))
+
+
+def pyfunc_requirements() -> list[str]:
+    """What the stand-alone model imports, pinned to the versions it was trained with."""
+    return [
+        f"lightgbm=={lgb.__version__}",
+        f"mlflow=={mlflow.__version__}",
+        f"numpy=={np.__version__}",
+        f"pandas=={pd.__version__}",
+        f"pyyaml=={yaml.__version__}",
+    ]
 
 
 def train_champion(

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import typer
 from aiokafka.errors import KafkaError
 
-from driftloop.events.producer import EventProducer
+from driftloop.events.producer import DeliveryError, EventProducer
 from driftloop.settings import KafkaSettings, MlflowSettings
 from driftloop_tools.cli.common import console, settings_or_exit
 from schemas.features import FeatureSpecError, load_feature_spec
@@ -105,7 +105,7 @@ def bootstrap(
     )
     try:
         asyncio.run(announce_promotion(result, kafka_settings))
-    except (KafkaError, OSError, TimeoutError) as error:
+    except (KafkaError, DeliveryError, OSError, TimeoutError) as error:
         # The alias has moved already; the gateway's alias poll picks it up without the event.
         console.print(f"[yellow]model[/yellow] ModelPromoted not published ({error})")
     else:

@@ -148,16 +148,19 @@ def test_a_version_with_a_reference_carries_its_drift_baseline(
     assert trainer.load_baseline(tracking_uri, "bikeshare-unit-baseline", without.version) is None
 
 
-def test_saved_model_has_the_flavour_layout(spec: FeatureSpec, tmp_path: Path) -> None:
+def test_saved_model_is_the_declared_pyfunc(spec: FeatureSpec, tmp_path: Path) -> None:
     booster = trainer.train_booster(
         spec, trainer.read_dataset(spec, since="2011-01-01", until="2011-02-01"), num_boost_round=3
     )
 
     directory = trainer.save_model(booster, spec, tmp_path / "model")
 
-    assert (directory / "MLmodel").is_file()
-    assert (directory / "model.lgb").is_file()
-    assert (directory / "extra_files" / trainer.FEATURE_SPEC_FILE).is_file()
+    flavor = yaml.safe_load((directory / "MLmodel").read_text())["flavors"]["python_function"]
+    assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    assert (directory / "artifacts" / trainer.BOOSTER_FILE).is_file()
+    assert (directory / "artifacts" / trainer.FEATURE_SPEC_FILE).is_file()
+    # The model's code is in the model: serving it needs no driftloop.
+    assert (directory / trainer.PYFUNC_CODE.name).is_file()
 
 
 def test_logging_leaves_the_process_tracking_uri_alone(
@@ -183,4 +186,12 @@ def test_signature_lists_every_declared_feature_in_order() -> None:
     spec = load_feature_spec("bikeshare")
     signature = trainer.model_signature(spec)
     assert signature.inputs.input_names() == list(spec.feature_names)
-    assert {column.type.name for column in signature.inputs.inputs} == {"double"}
+    types = {column.name: column.type.name for column in signature.inputs.inputs}
+    # The raw row: string categories as strings, ints as longs, nullable numbers as doubles.
+    assert types["mnth"] == "string"
+    assert types["season"] == "long"
+    assert types["hr"] == "long"
+    assert types["temp"] == "double"
+    required = {column.name: column.required for column in signature.inputs.inputs}
+    assert not required["weathersit"]
+    assert required["mnth"]
