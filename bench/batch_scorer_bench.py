@@ -195,7 +195,7 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         model = train_champion(
             spec,
-            read_dataset(spec, months=["Jan", "Feb", "March"]),
+            read_dataset(spec, since="2011-01-01", until="2011-04-01"),
             tracking_uri=tracking_uri,
             model_name=f"bench-{tag}",
             work_dir=Path(work),

@@ -209,7 +209,7 @@ def main() -> None:
         create_topics(kafka_settings, [Topic.PREDICTIONS, Topic.LABELS, Topic.MODEL_EVENTS])
     )
 
-    frame = trainer.read_dataset(spec, months=["Jan", "Feb", "March"])
+    frame = trainer.read_dataset(spec, since="2011-01-01", until="2011-04-01")
     name = f"bench-gateway-{stamp}"
     first = trainer.train_champion(
         spec,

@@ -533,7 +533,7 @@ async def run(arguments: argparse.Namespace) -> None:
     model_name = f"bench-sustained-{stamp}"
     trainer.train_champion(
         spec,
-        trainer.read_dataset(spec, months=["Jan", "Feb", "March"]),
+        trainer.read_dataset(spec, since="2011-01-01", until="2011-04-01"),
         tracking_uri=mlflow.tracking_uri,
         model_name=model_name,
         work_dir=work,

@@ -39,6 +39,7 @@ from schemas.fields import (
     FiniteFloat,
     ModelName,
     NonEmptyText,
+    UtcDatetime,
 )
 
 if TYPE_CHECKING:
@@ -262,24 +263,156 @@ def _exact_as_float(number: int) -> bool:
         return False
 
 
+class TargetType(StrEnum):
+    NUMERIC = "numeric"
+    CATEGORICAL = "categorical"
+
+
 class Target(_Declaration):
-    """What the model predicts."""
+    """What the model predicts, and how its values are coded."""
 
     name: FeatureName
     """Column name of the true value (also the label sent back as ground truth)."""
     description: NonEmptyText
     """What the value means."""
+    type: TargetType = TargetType.NUMERIC
+    """numeric: the value is the number learnt (a quantity, or 0/1 for a classification);
+    categorical: the value is a class, ``positive`` the one whose probability is predicted."""
+    positive: Category | None = None
+    """The class a classifier predicts the probability of (categorical targets only)."""
+    categories: tuple[Category, ...] | None = None
+    """The two classes of a categorical target, when declared: any other value is refused.
+    Without them, every value but ``positive`` is the negative class."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.type is TargetType.NUMERIC:
+            if self.positive is not None or self.categories is not None:
+                raise ValueError(
+                    f"numeric target {self.name} cannot declare positive or categories"
+                )
+            return self
+        if self.positive is None:
+            raise ValueError(f"categorical target {self.name} needs its positive class")
+        if self.categories is not None:
+            if len(self.categories) != 2 or len(set(self.categories)) != 2:
+                raise ValueError(f"categorical target {self.name} needs two distinct categories")
+            if self.positive not in self.categories:
+                raise ValueError(
+                    f"positive class {self.positive!r} of {self.name} is not one of "
+                    f"{list(self.categories)}"
+                )
+        return self
+
+    def encode(self, value: object) -> float:
+        """The value as the model learns it: the number, or 1.0/0.0 for the positive class or not.
+
+        A categorical target also takes its coded values 0.0 and 1.0 (floats, or ints when the
+        classes are strings): ground-truth labels and reference datasets hold those.
+        """
+        if self.type is TargetType.NUMERIC:
+            if isinstance(value, str | bool) or not isinstance(value, int | float):
+                raise ValueError(f"target {self.name}: {value!r} is not a number")
+            return float(value)
+        coded = isinstance(value, float) or (
+            isinstance(value, int) and not isinstance(self.positive, int)
+        )
+        if coded and not isinstance(value, bool) and value in (0, 1):
+            return float(value)
+        if type(value) is type(self.positive):
+            if value == self.positive:
+                return 1.0
+            if self.categories is None or value in self.categories:
+                return 0.0
+        raise ValueError(f"target {self.name}: {value!r} is not one of its classes")
+
+
+class TimeSpec(_Declaration):
+    """When each row of the seed data happened: a timestamp column, or offsets from an origin.
+
+    Offsets serve data that counts time instead of stamping it (bikeshare: day of the year and
+    hour): the time of a row is ``origin + sum(value * step)`` over the offset columns.
+    """
+
+    column: NonEmptyText | None = None
+    """Column of timestamps (ISO 8601; without a zone they are read as UTC)."""
+    origin: UtcDatetime | None = None
+    """Time of a row whose offset columns are all 0 (with ``offsets``)."""
+    offsets: dict[NonEmptyText, timedelta] = Field(default_factory=dict)
+    """Column -> the time one unit of it stands for (ISO 8601, e.g. P1D, PT1H)."""
+
+    @model_validator(mode="after")
+    def _one_way(self) -> Self:
+        if (self.column is None) == (self.origin is None or not self.offsets):
+            raise ValueError("declare either a time column, or an origin with offset columns")
+        if self.column is not None and (self.origin is not None or self.offsets):
+            raise ValueError("a time column cannot also have an origin or offsets")
+        return self
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The columns the time is read from."""
+        return (self.column,) if self.column is not None else tuple(self.offsets)
 
 
 class Dataset(_Declaration):
-    """The seed data the first model is trained on and the demo replays."""
+    """The seed data the first model is trained on (and the demo replays)."""
 
     path: NonEmptyText
     """CSV file, relative to the repository root."""
-    order_by: tuple[NonEmptyText, ...]
-    """Columns whose ascending order is the time order of the rows."""
+    order_by: tuple[NonEmptyText, ...] = ()
+    """Columns whose ascending order is the time order of the rows; none: no time order."""
+    time: TimeSpec | None = None
+    """When each row happened. With it the holdout is the latest rows and the first model's
+    rows are chosen by time (``training.since``/``until``, ``--since``/``--until``); without it
+    the holdout is a seeded random sample."""
     excluded_columns: dict[NonEmptyText, NonEmptyText] = Field(default_factory=dict)
     """Columns of the file that are neither features nor target, with the reason."""
+
+
+class Metric(StrEnum):
+    """Holdout metrics: RMSE and MAE for regression; log loss, ROC AUC and Brier score (of the
+    positive class's probability) for classification."""
+
+    RMSE = "rmse"
+    MAE = "mae"
+    LOG_LOSS = "log_loss"
+    ROC_AUC = "roc_auc"
+    BRIER = "brier"
+
+    @property
+    def greater_is_better(self) -> bool:
+        """Whether a higher value is better (ROC AUC); the others are errors or losses."""
+        return self is Metric.ROC_AUC
+
+
+TASK_METRICS: Final[Mapping[Task, tuple[Metric, ...]]] = {
+    Task.REGRESSION: (Metric.RMSE, Metric.MAE),
+    # Log loss first, the default: a proper scoring rule, so it rewards the calibrated
+    # probabilities the platform serves; ROC AUC judges the ranking only.
+    Task.CLASSIFICATION: (Metric.LOG_LOSS, Metric.ROC_AUC, Metric.BRIER),
+}
+"""The metrics of each task, the default promotion metric first."""
+
+
+class Training(_Declaration):
+    """How models are trained and judged."""
+
+    promotion_metric: Metric | None = None
+    """Holdout metric a challenger must improve to be promoted, and that bootstrap, the retrain
+    DAG and the model events report; one of the task's (default: rmse for regression,
+    log_loss for classification)."""
+    since: UtcDatetime | None = None
+    """Start (inclusive) of the seed rows the first model learns, by the dataset's time;
+    ``--since`` overrides it. None: from the first row."""
+    until: UtcDatetime | None = None
+    """End (exclusive) of the seed rows the first model learns; ``--until`` overrides it."""
+    holdout: timedelta = Field(default=timedelta(days=14), gt=timedelta(0))
+    """With a time column: the latest span of the chosen rows held out (default P14D)."""
+    holdout_fraction: float = Field(default=0.2, gt=0, lt=1)
+    """Without a time column: the share of the rows held out, drawn at random."""
+    seed: int = 7
+    """Seed of the random holdout (the same rows every time)."""
 
 
 class Monitoring(_Declaration):
@@ -332,6 +465,8 @@ class FeatureSpec(_Declaration):
     """How drift is watched (the window's span)."""
     retention: Retention = Field(default_factory=Retention)
     """How long its data is kept (``hot``: Postgres)."""
+    training: Training = Field(default_factory=Training)
+    """How models are trained and judged (promotion metric, holdout, the first model's rows)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -349,7 +484,34 @@ class FeatureSpec(_Declaration):
             used = {*names, self.target.name}.intersection(self.dataset.excluded_columns)
             if used:
                 raise ValueError(f"excluded columns are used by the model: {sorted(used)}")
+        if self.target.type is TargetType.CATEGORICAL and self.task is not Task.CLASSIFICATION:
+            raise ValueError(f"a categorical target needs task classification, not {self.task}")
+        metric = self.training.promotion_metric
+        if metric is not None and metric not in TASK_METRICS[self.task]:
+            raise ValueError(
+                f"promotion metric {metric} is not a {self.task} metric; "
+                f"choose one of {[str(choice) for choice in TASK_METRICS[self.task]]}"
+            )
+        timed = self.dataset is not None and self.dataset.time is not None
+        if not timed and (self.training.since is not None or self.training.until is not None):
+            raise ValueError("training.since/until need a dataset with a time column")
+        if (
+            self.training.since is not None
+            and self.training.until is not None
+            and self.training.since >= self.training.until
+        ):
+            raise ValueError("training.since must be before training.until")
         return self
+
+    @property
+    def promotion_metric(self) -> Metric:
+        """The declared promotion metric, else the task's default."""
+        return self.training.promotion_metric or TASK_METRICS[self.task][0]
+
+    @property
+    def metrics(self) -> tuple[Metric, ...]:
+        """Every holdout metric of the task, the default first."""
+        return TASK_METRICS[self.task]
 
     @property
     def feature_names(self) -> tuple[str, ...]:

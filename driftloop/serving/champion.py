@@ -41,7 +41,12 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from driftloop.serving.lightgbm_native import SingleRowPredictor, version_supported
-from driftloop.training.trainer import CHAMPION_ALIAS, FEATURE_SPEC_FILE
+from driftloop.training.trainer import (
+    BOOSTER_ARTIFACT,
+    CHAMPION_ALIAS,
+    DECLARATION_ARTIFACT,
+    FEATURE_SPEC_FILE,
+)
 from schemas.features import FeatureSpec
 from schemas.fields import utc_now
 
@@ -160,15 +165,18 @@ class ModelRegistry:
         """Download the version's model artifacts into the (existing, empty) ``destination``."""
         try:
             source = self._client.get_model_version_download_uri(ref.name, str(ref.version))
+            # Into a staging folder first: some sources land in a subfolder named after the
+            # artifact path (MLflow 3: "artifacts"), whose files are lifted into the
+            # destination, and the model may hold a folder of that same name (the pyfunc's).
+            staging = Path(tempfile.mkdtemp(prefix=".download-", dir=destination))
             local = Path(
                 mlflow.artifacts.download_artifacts(
-                    artifact_uri=source, dst_path=str(destination), tracking_uri=self.tracking_uri
+                    artifact_uri=source, dst_path=str(staging), tracking_uri=self.tracking_uri
                 )
             )
-            # Some sources land in a subfolder named after the artifact path: lift its files.
-            if local.resolve() != destination.resolve():
-                for child in local.iterdir():
-                    shutil.move(child, destination / child.name)
+            for child in local.iterdir():
+                shutil.move(child, destination / child.name)
+            shutil.rmtree(staging)
         except Exception as error:
             raise ChampionLoadError(
                 f"cannot download {ref.name} version {ref.version}: {error}"
@@ -239,20 +247,37 @@ def _ref_document(ref: ChampionRef) -> dict[str, object]:
     }
 
 
+def model_files(directory: Path) -> tuple[Path, Path]:
+    """The booster file and the declaration of a model version's artifacts, in either layout.
+
+    Versions are the declared pyfunc (``driftloop.serving.declared_pyfunc``: booster and
+    declaration among the pyfunc's artifacts); versions registered before it are MLflow's
+    LightGBM flavour with the declaration in ``extra_files``. Both keep being served: the
+    registry holds the old ones for good.
+    """
+    flavors = yaml.safe_load((directory / "MLmodel").read_text())["flavors"]
+    if "lightgbm" in flavors:
+        booster_file = directory / flavors["lightgbm"]["data"]
+        return booster_file, directory / "extra_files" / FEATURE_SPEC_FILE
+    artifacts = flavors["python_function"]["artifacts"]
+    return (
+        directory / artifacts[BOOSTER_ARTIFACT]["path"],
+        directory / artifacts[DECLARATION_ARTIFACT]["path"],
+    )
+
+
 def load_champion(
     directory: Path, ref: ChampionRef, *, expected_spec: FeatureSpec | None = None
 ) -> Champion:
-    """Load and warm the model in ``directory`` (MLflow LightGBM flavour, declaration inside).
+    """Load and warm the booster in ``directory`` with its declaration (``model_files``).
 
     With ``expected_spec``, a model whose declared features differ is refused: it would read
     another input vector than the callers build.
     """
     try:
-        flavor = yaml.safe_load((directory / "MLmodel").read_text())["flavors"]["lightgbm"]
-        booster = lgb.Booster(model_file=str(directory / flavor["data"]))
-        spec = FeatureSpec.model_validate(
-            yaml.safe_load((directory / "extra_files" / FEATURE_SPEC_FILE).read_text())
-        )
+        booster_file, spec_file = model_files(directory)
+        booster = lgb.Booster(model_file=str(booster_file))
+        spec = FeatureSpec.model_validate(yaml.safe_load(spec_file.read_text()))
     except Exception as error:
         raise ChampionLoadError(
             f"{ref.name} version {ref.version} in {directory} is not a LightGBM model with "

@@ -4,11 +4,12 @@ Pure and cheap to import (pydantic only): the ``retrain_model`` DAG builds its A
 from ``RetrainPolicy`` at parse time, and ``driftloop.training.retrain`` applies the same policy in
 its tasks. What the policy means for the data is described in ``driftloop.training.retrain``.
 
-Promotion rule: the challenger replaces the champion when its holdout metric is better by at
-least ``promotion_margin``, relative to the champion's. For a lower-is-better metric (RMSE,
-log loss) that is ``challenger <= champion * (1 - margin)``; for a greater-is-better metric the
-mirrored ``challenger >= champion * (1 + margin)``. A margin of 0 means any strict improvement;
-a tie never promotes (a new version must earn the swap).
+Promotion rule: the challenger replaces the champion when its holdout metric (the model's
+declared ``training.promotion_metric``) is better by at least ``promotion_margin``, relative to
+the champion's. For a lower-is-better metric (RMSE, MAE, log loss, Brier) that is
+``challenger <= champion * (1 - margin)``; for a greater-is-better metric (ROC AUC) the
+mirrored ``challenger >= champion * (1 + margin)``. A margin of 0 means any strict
+improvement; a tie never promotes (a new version must earn the swap).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, Final, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from schemas.features import Task
+from schemas.features import FeatureSpec, Metric
 
 # Relative tolerance of the margin comparison, so a challenger exactly at the margin is not
 # rejected by the last bit of a float division.
@@ -119,16 +120,15 @@ class HoldoutMetric:
     greater_is_better: bool
 
 
-RMSE: Final = HoldoutMetric("rmse", greater_is_better=False)
-# Binary classification: log loss of the positive-class probability. A proper scoring rule, so
-# it rewards calibrated probabilities, which is what the platform serves; ROC AUC would only
-# judge the ranking.
-LOG_LOSS: Final = HoldoutMetric("log_loss", greater_is_better=False)
+RMSE: Final = HoldoutMetric(Metric.RMSE.value, greater_is_better=False)
+LOG_LOSS: Final = HoldoutMetric(Metric.LOG_LOSS.value, greater_is_better=False)
 
 
-def holdout_metric(task: Task) -> HoldoutMetric:
-    """The metric of a model's task: RMSE for regression, log loss for classification."""
-    return RMSE if task is Task.REGRESSION else LOG_LOSS
+def holdout_metric(spec: FeatureSpec) -> HoldoutMetric:
+    """The metric a model is judged on: its declared promotion metric, else its task's default
+    (RMSE for regression, log loss for classification; ``FeatureSpec.promotion_metric``)."""
+    metric = spec.promotion_metric
+    return HoldoutMetric(metric.value, greater_is_better=metric.greater_is_better)
 
 
 @dataclass(frozen=True, slots=True)

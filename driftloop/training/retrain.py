@@ -20,9 +20,13 @@ ordinary function here, with a typed result small enough for XCom.
   model good on what it already knew; the recent ones teach it what drifted.
 
 The champion (alias ``champion``) and the challenger are both loaded from the registry and
-scored on that same holdout, with the task's metric (``retrain_policy.holdout_metric``: RMSE for
-regression, log loss for classification, lower is better). The promotion rule and its margin
-are in ``driftloop.training.policy``.
+scored on that same holdout with every metric of the task (all logged to the challenger's
+run); the one that decides is the model's declared promotion metric (``policy.holdout_metric``:
+``training.promotion_metric``, by default RMSE for regression and log loss for
+classification). The promotion rule and its margin are in ``driftloop.training.policy``.
+
+The holdout of recent rows is cut by prediction time even for a model whose seed data has no
+time column: logged traffic always has one, and the challenger must do well on the newest.
 
 **Safety** (``decide_step``): the ``champion`` alias moves only when the challenger meets the
 margin *and* the alias still points at the champion that was evaluated (MLflow has no
@@ -85,6 +89,7 @@ from driftloop.settings import (
 from driftloop.storage.database import create_pool
 from driftloop.storage.migrations import SCHEMA_NAME
 from driftloop.training import trainer
+from driftloop.training.metrics import metric_value
 from driftloop.training.policy import (
     HoldoutMetric,
     RetrainPolicy,
@@ -96,7 +101,7 @@ from driftloop.training.policy import (
 )
 from driftloop.training.workspace import get_objects, put_objects, work_prefix
 from schemas.events import ModelDecision, ModelPromoted, ModelRejected
-from schemas.features import FeatureKind, FeatureSpec
+from schemas.features import TASK_METRICS, FeatureKind, FeatureSpec, Metric
 from schemas.fields import (
     EpisodeId,
     FeatureName,
@@ -128,8 +133,6 @@ CHAMPION_VERSION_TAG: Final = "driftloop.champion_version"
 
 # Namespace of the decision events' ids: uuid5(namespace, "<model>:<version>:<outcome>").
 _DECISION_NAMESPACE: Final = uuid.UUID("5b0f7f0e-3c1e-4d4e-9a51-7c2f1d3e8a90")
-# Probabilities are clipped this far from 0 and 1 before the log loss.
-_LOG_LOSS_EPSILON: Final = 1e-15
 
 _LABELLED_ROWS = """
 SELECT p.request_id, p.predicted_at, p.features::text AS features, p.prediction, l.label
@@ -447,16 +450,12 @@ def challenger_reference(
 def holdout_score(
     metric: HoldoutMetric, truth: npt.NDArray[np.float64], predicted: npt.NDArray[np.float64]
 ) -> float:
-    """The metric of predictions against the truth (RMSE, or log loss of probabilities)."""
-    if len(truth) == 0 or len(truth) != len(predicted):
-        raise ValueError("scores need as many predictions as true values, at least one")
-    if metric.name == "rmse":
-        return trainer.score_holdout(truth, predicted).rmse
-    if metric.name == "log_loss":
-        probability = np.clip(predicted, _LOG_LOSS_EPSILON, 1 - _LOG_LOSS_EPSILON)
-        losses = truth * np.log(probability) + (1 - truth) * np.log(1 - probability)
-        return float(-np.mean(losses))
-    raise ValueError(f"unknown holdout metric {metric.name!r}")
+    """The metric of predictions against the truth (``driftloop.training.metrics``)."""
+    try:
+        chosen = Metric(metric.name)
+    except ValueError:
+        raise ValueError(f"unknown holdout metric {metric.name!r}") from None
+    return metric_value(chosen, truth, predicted)
 
 
 def decision_event(
@@ -657,7 +656,7 @@ def extract_step(
         raise TooFewLabelsError(f"{error} ({where}); champion v{champion_version} stays") from error
     reference = trainer.load_reference(uri, name, champion_version)
     training_set = assemble_training_set(spec, reference, older)
-    metric = holdout_metric(spec.task)
+    metric = holdout_metric(spec)
     prefix = work_prefix(name, dag_run_id)
     bucket = connections.object_store.data_bucket
     asyncio.run(
@@ -801,6 +800,8 @@ def evaluate_step(
     truth = trainer.target_vector(spec, holdout)
     matrix = trainer.feature_matrix(spec, holdout)
     scores: dict[int, float] = {}
+    # Every metric of the task is logged for people; the promotion metric decides.
+    task_scores: dict[int, dict[Metric, float]] = {}
     with tempfile.TemporaryDirectory(prefix="driftloop-evaluate-") as work:
         for version in (extracted.champion_version, challenger.version):
             model = load_version(uri, extracted.model_name, version, Path(work) / str(version))
@@ -809,7 +810,11 @@ def evaluate_step(
                     f"{extracted.model_name} v{version} declares other features than the "
                     "champion the holdout was cut for"
                 )
-            scores[version] = holdout_score(metric, truth, model.predict(matrix))
+            predicted = model.predict(matrix)
+            scores[version] = holdout_score(metric, truth, predicted)
+            task_scores[version] = {
+                other: metric_value(other, truth, predicted) for other in TASK_METRICS[spec.task]
+            }
     challenger_score = scores[challenger.version]
     champion_score = scores[extracted.champion_version]
     if not (math.isfinite(challenger_score) and math.isfinite(champion_score)):
@@ -818,8 +823,12 @@ def evaluate_step(
             f"champion {champion_score}"
         )
     client = _client(uri)
-    client.log_metric(challenger.run_id, f"holdout_{metric.name}", challenger_score)
-    client.log_metric(challenger.run_id, f"champion_holdout_{metric.name}", champion_score)
+    runs = (("", challenger.version), ("champion_", extracted.champion_version))
+    for other in TASK_METRICS[spec.task]:
+        for prefix, version in runs:
+            value = task_scores[version][other]
+            if math.isfinite(value):  # ROC AUC is undefined on a one-class holdout
+                client.log_metric(challenger.run_id, f"{prefix}holdout_{other}", value)
     log.info(
         "holdout of %d rows: challenger %s v%d %s %.4f, champion v%d %s %.4f",
         len(holdout),

@@ -15,18 +15,18 @@ the retrain DAG trains the next challenger on it; ``load_reference`` reads it ba
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
 
 import lightgbm as lgb
 import mlflow
 import mlflow.artifacts
-import mlflow.lightgbm
+import mlflow.pyfunc
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
@@ -34,14 +34,23 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.models.signature import ModelSignature
 from mlflow.tracking import MlflowClient
-from mlflow.types import ColSpec, DataType, Schema
+from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 
 from driftloop.drift.baseline import BASELINE_ARTIFACT, DriftBaseline, calibrate
 from driftloop.drift.policy import DriftPolicy
 from driftloop.seed_data import seed_data_path
-from schemas.features import FeatureKind, FeatureSpec, Task
+from driftloop.training.metrics import HoldoutScores, holdout_scores
+from schemas.features import FeatureKind, FeatureSpec, TargetType, Task
 
 CHAMPION_ALIAS: Final = "champion"
+# The stand-alone pyfunc, logged as an MLflow model from code (see its docstring). Named by its
+# path, not imported: importing it registers its model with MLflow's loader.
+PYFUNC_CODE: Final = Path(__file__).resolve().parents[1] / "serving" / "declared_pyfunc.py"
+# Its artifact names, and the booster's file (LightGBM's text format).
+BOOSTER_ARTIFACT: Final = "booster"
+DECLARATION_ARTIFACT: Final = "declaration"
+PYFUNC_REFERENCE_ARTIFACT: Final = "reference"
+BOOSTER_FILE: Final = "model.lgb"
 # Name of the declaration file inside the model's artifacts (read by driftloop.serving.champion).
 FEATURE_SPEC_FILE: Final = "feature_spec.yaml"
 DEFAULT_EXPERIMENT: Final = "driftloop"
@@ -67,15 +76,6 @@ DEFAULT_PARAMS: Final[Mapping[str, Any]] = {
 
 
 @dataclass(frozen=True, slots=True)
-class HoldoutScores:
-    """Regression quality of a model on the holdout rows."""
-
-    rmse: float
-    mae: float
-    rows: int
-
-
-@dataclass(frozen=True, slots=True)
 class RegisteredModel:
     """A model version in the MLflow registry and the run that produced it."""
 
@@ -84,18 +84,59 @@ class RegisteredModel:
     run_id: str
 
 
+Instant = datetime | str
+"""A moment: a datetime (naive ones are UTC) or its ISO 8601 text (``"2011-01-01"``)."""
+
+
 def read_dataset(
-    spec: FeatureSpec, *, months: Collection[str] | None = None, root: Path | None = None
+    spec: FeatureSpec,
+    *,
+    since: Instant | None = None,
+    until: Instant | None = None,
+    root: Path | None = None,
 ) -> pd.DataFrame:
-    """The declaration's seed data in time order, optionally only some months (``mnth``)."""
+    """The declaration's seed data in time order, optionally only the rows from ``since``
+    (inclusive) to ``until`` (exclusive) by the dataset's time (``dataset.time``)."""
     if spec.dataset is None:
         raise ValueError(f"feature declaration {spec.name} ships no dataset")
     path = root / spec.dataset.path if root is not None else seed_data_path(spec.dataset.path)
     frame = pd.read_csv(path)
-    if months is not None:
-        frame = frame[frame["mnth"].isin(list(months))]
-    ordered = frame.sort_values(list(spec.dataset.order_by), kind="stable")
-    return ordered.reset_index(drop=True)
+    if spec.dataset.time is not None:
+        times = dataset_times(spec, frame)
+        chosen = pd.Series(True, index=frame.index)
+        if since is not None:
+            chosen &= times >= _timestamp(since)
+        if until is not None:
+            chosen &= times < _timestamp(until)
+        # In time order; rows of the same moment keep their order in the file.
+        frame = frame[chosen].iloc[np.argsort(times[chosen].to_numpy(), kind="stable")]
+    elif since is not None or until is not None:
+        raise ValueError(f"{spec.name} declares no time column: rows cannot be chosen by time")
+    elif spec.dataset.order_by:
+        frame = frame.sort_values(list(spec.dataset.order_by), kind="stable")
+    return frame.reset_index(drop=True)
+
+
+def dataset_times(spec: FeatureSpec, frame: pd.DataFrame) -> pd.Series:
+    """When each row of seed data happened (UTC), from the declaration's ``dataset.time``."""
+    time = spec.dataset.time if spec.dataset is not None else None
+    if time is None:
+        raise ValueError(f"{spec.name} declares no time column")
+    missing = [column for column in time.columns if column not in frame.columns]
+    if missing:
+        raise ValueError(f"{spec.name}: the data lacks the time columns {missing}")
+    if time.column is not None:
+        return pd.to_datetime(frame[time.column], utc=True)
+    assert time.origin is not None  # noqa: S101 - TimeSpec's validator guarantees it
+    offset = pd.Series(pd.Timedelta(0), index=frame.index)
+    for column, step in time.offsets.items():
+        offset += pd.to_numeric(frame[column], errors="raise") * pd.Timedelta(step)
+    return pd.Timestamp(time.origin) + offset
+
+
+def _timestamp(moment: Instant) -> pd.Timestamp:
+    stamp = pd.Timestamp(moment)
+    return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
 
 
 def feature_matrix(spec: FeatureSpec, frame: pd.DataFrame) -> npt.NDArray[np.float64]:
@@ -120,10 +161,18 @@ def feature_matrix(spec: FeatureSpec, frame: pd.DataFrame) -> npt.NDArray[np.flo
 
 
 def target_vector(spec: FeatureSpec, frame: pd.DataFrame) -> npt.NDArray[np.float64]:
-    """The true values of the declared target."""
-    target: npt.NDArray[np.float64] = pd.to_numeric(
-        frame[spec.target.name], errors="raise"
-    ).to_numpy(dtype=np.float64)
+    """The true values of the declared target as the model learns them: the numbers, or 1.0 for
+    the positive class and 0.0 for the other (``Target.encode``)."""
+    column = frame[spec.target.name]
+    if spec.target.type is TargetType.NUMERIC:
+        target: npt.NDArray[np.float64] = pd.to_numeric(column, errors="raise").to_numpy(
+            dtype=np.float64
+        )
+    else:
+        target = np.array([spec.target.encode(value) for value in column.tolist()])
+    if spec.task is Task.CLASSIFICATION and not np.isin(target, (0.0, 1.0)).all():
+        found = sorted({float(value) for value in target[~np.isin(target, (0.0, 1.0))]})[:5]
+        raise ValueError(f"a classification target is 0 or 1; {spec.target.name} has {found}")
     return target
 
 
@@ -152,18 +201,32 @@ def feature_spec_document(spec: FeatureSpec) -> str:
     return yaml.safe_dump(spec.model_dump(mode="json", exclude_none=True), sort_keys=False)
 
 
-def save_model(booster: lgb.Booster, spec: FeatureSpec, directory: Path) -> Path:
-    """Write the model as ``log_and_register`` stores it (LightGBM flavour, declaration inside)."""
-    staging = directory.parent / f".{directory.name}-spec"
+def model_artifacts(
+    booster: lgb.Booster, spec: FeatureSpec, staging: Path, reference: Path | None = None
+) -> dict[str, str]:
+    """Write the pyfunc's artifacts into ``staging``: the booster as LightGBM text, the
+    declaration, and the reference dataset when given (``driftloop.serving.declared_pyfunc``)."""
     staging.mkdir(parents=True, exist_ok=True)
+    booster_path = staging / BOOSTER_FILE
+    booster.save_model(str(booster_path))
     spec_path = staging / FEATURE_SPEC_FILE
     spec_path.write_text(feature_spec_document(spec), encoding="utf-8")
-    mlflow.lightgbm.save_model(
-        booster,
-        str(directory),
-        extra_files=[str(spec_path)],
-        pip_requirements=[f"lightgbm=={lgb.__version__}"],
-    )
+    artifacts = {BOOSTER_ARTIFACT: str(booster_path), DECLARATION_ARTIFACT: str(spec_path)}
+    if reference is not None:
+        artifacts[PYFUNC_REFERENCE_ARTIFACT] = str(reference)
+    return artifacts
+
+
+def save_model(booster: lgb.Booster, spec: FeatureSpec, directory: Path) -> Path:
+    """Write the model as ``log_and_register`` stores it (the declared pyfunc, its artifacts)."""
+    with tempfile.TemporaryDirectory(prefix="driftloop-model-") as staging:
+        mlflow.pyfunc.save_model(
+            str(directory),
+            python_model=str(PYFUNC_CODE),
+            artifacts=model_artifacts(booster, spec, Path(staging)),
+            signature=model_signature(spec),
+            pip_requirements=pyfunc_requirements(),
+        )
     return directory
 
 
@@ -225,13 +288,15 @@ def log_and_register(
                 mlflow.log_artifact(str(reference_path), REFERENCE_ARTIFACT_DIR)
             if baseline_path is not None:
                 mlflow.log_artifact(str(baseline_path), str(Path(BASELINE_ARTIFACT).parent))
-            info = mlflow.lightgbm.log_model(
-                booster,
+            info = mlflow.pyfunc.log_model(
                 name="model",
+                python_model=str(PYFUNC_CODE),
+                artifacts=model_artifacts(
+                    booster, spec, work_dir / "model-artifacts", reference_path
+                ),
                 signature=model_signature(spec),
-                extra_files=[str(spec_path)],
                 # Explicit requirements: inferring them imports the model in a subprocess.
-                pip_requirements=[f"lightgbm=={lgb.__version__}"],
+                pip_requirements=pyfunc_requirements(),
             )
             version = mlflow.register_model(info.model_uri, name, tags=tags or None)
     finally:
@@ -240,10 +305,30 @@ def log_and_register(
 
 
 def model_signature(spec: FeatureSpec) -> ModelSignature:
-    """The booster's input as MLflow records it: one double per feature, in declared order
-    (categories as their codes, NaN for missing), and one double out."""
-    inputs = Schema([ColSpec(DataType.double, name) for name in spec.feature_names])
-    return ModelSignature(inputs=inputs, outputs=Schema([ColSpec(DataType.double)]))
+    """The declared raw row as MLflow records it, and one double out (a classifier's: the
+    positive class's probability). String categories are strings; ints are longs, except
+    where a value may be missing (pandas holds those as floats, NaN for null)."""
+    columns: list[ColSpec | TensorSpec] = []
+    for feature in spec.features:
+        if feature.dtype == "str":
+            kind = DataType.string
+        elif feature.dtype == "int" and not feature.nullable:
+            kind = DataType.long
+        else:
+            kind = DataType.double
+        columns.append(ColSpec(kind, feature.name, required=not feature.nullable))
+    return ModelSignature(inputs=Schema(columns), outputs=Schema([ColSpec(DataType.double)]))
+
+
+def pyfunc_requirements() -> list[str]:
+    """What the stand-alone model imports, pinned to the versions it was trained with."""
+    return [
+        f"lightgbm=={lgb.__version__}",
+        f"mlflow=={mlflow.__version__}",
+        f"numpy=={np.__version__}",
+        f"pandas=={pd.__version__}",
+        f"pyyaml=={yaml.__version__}",
+    ]
 
 
 def train_champion(
@@ -288,17 +373,10 @@ def current_champion(tracking_uri: str, model_name: str) -> int | None:
 
 
 def score_holdout(
-    truth: npt.NDArray[np.float64], predicted: npt.NDArray[np.float64]
+    spec: FeatureSpec, truth: npt.NDArray[np.float64], predicted: npt.NDArray[np.float64]
 ) -> HoldoutScores:
-    """RMSE and MAE of predictions against the truth."""
-    if len(truth) == 0 or len(truth) != len(predicted):
-        raise ValueError("scores need as many predictions as true values, at least one")
-    errors = predicted - truth
-    return HoldoutScores(
-        rmse=math.sqrt(float(np.mean(errors**2))),
-        mae=float(np.mean(np.abs(errors))),
-        rows=len(truth),
-    )
+    """Every metric of the model's task on the holdout (``driftloop.training.metrics``)."""
+    return holdout_scores(spec.task, truth, predicted)
 
 
 def reference_frame(

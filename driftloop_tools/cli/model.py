@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 import typer
 from aiokafka.errors import KafkaError
 
-from driftloop.events.producer import EventProducer
+from driftloop.events.producer import DeliveryError, EventProducer
 from driftloop.settings import KafkaSettings, MlflowSettings
 from driftloop_tools.cli.common import console, settings_or_exit
-from schemas.features import load_feature_spec
+from schemas.features import FeatureSpecError, load_feature_spec
 from schemas.topics import Topic
 
 if TYPE_CHECKING:
@@ -39,15 +39,23 @@ async def announce_promotion(result: BootstrapResult, settings: KafkaSettings) -
 
 @model_app.command()
 def bootstrap(
-    declaration: str = typer.Option("bikeshare", help="Feature declaration in schemas/models."),
+    declaration: str = typer.Option(
+        "bikeshare", help="Feature declaration: a name in schemas/models, or a YAML file."
+    ),
     model_name: str | None = typer.Option(
         None, help="Registered model (default: the declaration's registered_model_name)."
     ),
-    months: str = typer.Option("Jan,Feb,March", help="Training months, as in `mnth`."),
-    holdout_days: int = typer.Option(14, help="Last days of the window held out."),
+    since: str | None = typer.Option(
+        None,
+        help="First moment of the training rows, ISO 8601 (default: the declaration's "
+        "training.since; needs a dataset with a time column).",
+    ),
+    until: str | None = typer.Option(
+        None, help="End (exclusive) of the training rows (default: training.until)."
+    ),
     force: bool = typer.Option(False, "--force", help="Train and promote even over a champion."),
 ) -> None:
-    """Train the first model on the opening months, register it and make it the champion."""
+    """Train the first model on the declaration's seed data, register it and make it champion."""
     from driftloop.training.bootstrap import (  # deferred: see the module docstring
         REFERENCE_ARTIFACT,
         ChampionExistsError,
@@ -56,35 +64,48 @@ def bootstrap(
 
     mlflow_settings = settings_or_exit(MlflowSettings)
     kafka_settings = settings_or_exit(KafkaSettings)
-    spec = load_feature_spec(declaration)
-    chosen = [month.strip() for month in months.split(",") if month.strip()]
+    try:
+        spec = load_feature_spec(declaration)
+    except FeatureSpecError as error:
+        console.print(f"[red]model[/red] {error}")
+        raise typer.Exit(1) from None
+    first = since or spec.training.since or "the first row"
+    last = until or spec.training.until or "the last row"
+    holdout = (
+        f"the last {spec.training.holdout}"
+        if spec.dataset is not None and spec.dataset.time is not None
+        else f"{spec.training.holdout_fraction:.0%} at random (seed {spec.training.seed})"
+    )
     console.print(
-        f"[cyan]model[/cyan] training {model_name or spec.registered_model_name} on "
-        f"{', '.join(chosen)} (holdout: last {holdout_days} days)"
+        f"[cyan]model[/cyan] training {model_name or spec.registered_model_name} "
+        f"({spec.task}) on {first} to {last} (holdout: {holdout})"
     )
     try:
         result = bootstrap_model(
             spec,
             tracking_uri=mlflow_settings.tracking_uri,
             model_name=model_name,
-            months=chosen,
-            holdout_days=holdout_days,
+            since=since,
+            until=until,
             force=force,
         )
     except ChampionExistsError as error:
         console.print(f"[cyan]model[/cyan] {error}; nothing to do (use --force to train a new one)")
         return
+    except ValueError as error:  # a selection or holdout the data cannot give
+        console.print(f"[red]model[/red] {error}")
+        raise typer.Exit(1) from None
     model = result.model
     console.print(
         f"[cyan]model[/cyan] {model.name} version {model.version} (run {model.run_id}) is "
         f"champion: trained on {result.training_rows} rows in {result.training_seconds:.2f} s, "
-        f"holdout RMSE {result.scores.rmse:.1f} MAE {result.scores.mae:.1f} "
-        f"({result.scores.rows} rows); reference {result.reference_rows} rows at "
+        f"holdout {result.scores.describe()} ({result.scores.rows} rows; promotion metric "
+        f"{result.promotion_metric}); reference {result.reference_rows} rows at "
         f"runs:/{model.run_id}/{REFERENCE_ARTIFACT}"
     )
     try:
         asyncio.run(announce_promotion(result, kafka_settings))
-    except (KafkaError, OSError, TimeoutError) as error:
+    except (KafkaError, DeliveryError, OSError, TimeoutError) as error:
         # The alias has moved already; the gateway's alias poll picks it up without the event.
         console.print(f"[yellow]model[/yellow] ModelPromoted not published ({error})")
     else:

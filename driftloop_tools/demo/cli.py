@@ -29,22 +29,15 @@ from rich.table import Table
 
 from driftloop.orchestration.airflow import AirflowClient
 from driftloop.settings import PostgresSettings, SettingsError, load_settings
-from driftloop_tools.demo.loop_watch import (
-    DagRunChanged,
-    DriftAnnounced,
-    LoopChange,
-    LoopEvent,
-    LoopTimeline,
-    ModelDecided,
-    TriggerRecorded,
-    WindowChecked,
-)
 from driftloop_tools.stack.settings import StackSettings
 from schemas.events import ModelDecision, ModelRejected
 from schemas.features import load_feature_spec
 
 if TYPE_CHECKING:
+    # The loop watcher reads the drift store, which imports pandas and Evidently (seconds):
+    # imported where the demo runs, so `driftloop --help` does not wait for them.
     from driftloop.drift.store import DriftRun
+    from driftloop_tools.demo.loop_watch import LoopChange, LoopEvent, LoopTimeline
     from driftloop_tools.demo.replay import LogCheck, ReplayStats
 
 demo_app = typer.Typer(help="The demo: replay the seed data through the running platform.")
@@ -269,6 +262,14 @@ class LoopTally:
 
 def describe(change: LoopChange, tally: LoopTally) -> str:
     """One line for a change of the loop (and the tally updated)."""
+    from driftloop_tools.demo.loop_watch import (  # deferred: see the TYPE_CHECKING imports
+        DagRunChanged,
+        DriftAnnounced,
+        ModelDecided,
+        TriggerRecorded,
+        WindowChecked,
+    )
+
     if isinstance(change, WindowChecked):
         return _window_line(change.run, tally)
     if isinstance(change, DriftAnnounced):
@@ -332,12 +333,12 @@ def _window_line(run: DriftRun, tally: LoopTally) -> str:
 
 def _decision_line(event: ModelDecision, tally: LoopTally) -> str:
     champion = (
-        f"champion v{event.champion_version} {event.metric_name} {event.champion_score:.1f}"
+        f"champion v{event.champion_version} {event.metric_name} {event.champion_score:.4g}"
         if event.champion_score is not None
         else "no champion"
     )
     line = (
-        f"challenger v{event.model_version} {event.metric_name} {event.challenger_score:.1f} "
+        f"challenger v{event.model_version} {event.metric_name} {event.challenger_score:.4g} "
         f"vs {champion} on the same holdout"
     )
     if isinstance(event, ModelRejected):
@@ -407,7 +408,7 @@ async def _closed_loop(options: DemoOptions) -> bool:
     from driftloop.orchestration.ledger import open_retrain_ledger
     from driftloop.training.bootstrap import bootstrap_model  # deferred: see the module docstring
     from driftloop_tools.cli.model import announce_promotion
-    from driftloop_tools.demo.loop_watch import LoopWatcher
+    from driftloop_tools.demo.loop_watch import LoopTimeline, LoopWatcher
     from driftloop_tools.demo.replay import Replayer, load_replay_hours, new_replay_id, wait_for_log
 
     stack = options.stack
@@ -419,8 +420,8 @@ async def _closed_loop(options: DemoOptions) -> bool:
         bootstrap_model, spec, tracking_uri=stack.mlflow.tracking_uri, force=True
     )
     console.print(
-        f"[cyan]demo[/cyan] {model} version {result.model.version} is champion: holdout RMSE "
-        f"{result.scores.rmse:.1f} on {result.scores.rows} rows; its reference dataset "
+        f"[cyan]demo[/cyan] {model} version {result.model.version} is champion: holdout "
+        f"{result.scores.describe()} on {result.scores.rows} rows; its reference dataset "
         f"({result.reference_rows} rows) is logged with it"
     )
     await announce_promotion(result, stack.kafka)

@@ -3,6 +3,7 @@ MLflow, Airflow or Prometheus here. Every test gets unique topic / group / key p
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
@@ -20,7 +21,7 @@ from driftloop.settings import (
 from driftloop_tools.demo.replay import wait_for_champion
 from driftloop_tools.stack.settings import StackSettings
 from gateway.settings import GatewaySettings
-from schemas.features import load_feature_spec
+from schemas.features import declared_feature_specs, load_feature_spec
 from tests.integration.consumer_support import ensure_champion
 
 
@@ -91,8 +92,29 @@ async def served_champion(
     spec = load_feature_spec(gateway.feature_spec)
     model = gateway.model_name or spec.registered_model_name
     await ensure_champion(spec, model, mlflow_settings, kafka_settings)
+    # Every other declared model the gateway serves gets its first version too (a model without
+    # one answers its /models/{name}/predict with 503).
+    for name in declared_feature_specs():
+        other = load_feature_spec(name)
+        if other.registered_model_name != model:
+            await ensure_champion(
+                other, other.registered_model_name, mlflow_settings, kafka_settings
+            )
     async with httpx.AsyncClient(
         base_url=f"http://127.0.0.1:{stack_settings.gateway_port}", timeout=10
     ) as client:
         await wait_for_champion(client, timeout_seconds=120)
+        await wait_for_every_champion(client, timeout_seconds=120)
     return model
+
+
+async def wait_for_every_champion(client: httpx.AsyncClient, *, timeout_seconds: float) -> None:
+    """Poll GET /models until every model the gateway serves has a champion loaded."""
+    deadline = asyncio.get_running_loop().time() + timeout_seconds
+    while True:
+        models = (await client.get("/models")).json()["models"]
+        if all(model["champion"] is not None for model in models):
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"models without a champion: {models}")
+        await asyncio.sleep(0.5)

@@ -231,7 +231,7 @@ def register_champion(tracking_uri: str, model_name: str, work_dir: Path) -> Reg
     work_dir.mkdir(parents=True, exist_ok=True)
     return train_champion(
         spec,
-        read_dataset(spec, months=["Jan", "Feb"]),
+        read_dataset(spec, since="2011-01-01", until="2011-03-01"),
         tracking_uri=tracking_uri,
         model_name=model_name,
         work_dir=work_dir,

@@ -84,7 +84,7 @@ def scorers(unique: str, champion: RegisteredModel, tmp_path: Path) -> Iterator[
 
 
 def sample_rows(count: int) -> list[dict[str, FeatureValue]]:
-    frame = read_dataset(SPEC, months=["March"])
+    frame = read_dataset(SPEC, since="2011-03-01", until="2011-04-01")
     records = frame.head(count).to_dict(orient="records")
     return rows_from_records(SPEC, records)  # type: ignore[arg-type]
 
@@ -149,7 +149,7 @@ async def test_batch_score_cli_writes_the_results_beside_the_rows(
         return await metric(port, "driftloop_consumer_ready", consumer="batch-scorer") == 1.0
 
     await eventually(consuming, what="the scorer in its group")
-    source = read_dataset(SPEC, months=["April"]).head(300)
+    source = read_dataset(SPEC, since="2011-04-01", until="2011-05-01").head(300)
     source.to_csv(tmp_path / "rows.csv", index=False)
     monkeypatch.setenv("KAFKA_TOPIC_PREFIX", kafka.topic_prefix)
     result = await asyncio.to_thread(

@@ -24,9 +24,11 @@ def test_bootstrap_registers_a_champion_with_its_reference(
 
         assert bootstrap.current_champion(uri, name) == result.model.version
         run = client.get_run(result.model.run_id)
-        assert run.data.metrics["holdout_rmse"] == pytest.approx(result.scores.rmse)
-        assert run.data.metrics["holdout_mae"] == pytest.approx(result.scores.mae)
-        assert run.data.params["training_months"] == "Jan,Feb,March"
+        assert run.data.metrics["holdout_rmse"] == pytest.approx(result.scores["rmse"])
+        assert run.data.metrics["holdout_mae"] == pytest.approx(result.scores["mae"])
+        assert run.data.params["since"] == "2011-01-01 00:00:00+00:00"
+        assert run.data.params["until"] == "2011-04-01 00:00:00+00:00"
+        assert run.data.params["promotion_metric"] == "rmse"
         artifacts = {item.path for item in client.list_artifacts(result.model.run_id)}
         # MLflow 3 stores the model itself as a LoggedModel, outside the run's artifacts.
         assert {trainer.FEATURE_SPEC_FILE, "reference"} <= artifacts

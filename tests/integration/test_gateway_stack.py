@@ -39,7 +39,7 @@ def _register(
 ) -> trainer.RegisteredModel:
     return trainer.train_champion(
         spec,
-        trainer.read_dataset(spec, months=["Jan", "Feb"]),
+        trainer.read_dataset(spec, since="2011-01-01", until="2011-03-01"),
         tracking_uri=mlflow_settings.tracking_uri,
         model_name=name,
         work_dir=work_dir,

@@ -44,7 +44,7 @@ from schemas.topics import Topic
 from tests.integration.consumer_support import eventually, read_topic
 
 DAG_ID = "retrain_model"
-SUMMER = ("June", "July")
+SUMMER = ("2011-06-01", "2011-08-01")
 
 
 @dataclass
@@ -89,11 +89,11 @@ class RetrainSetup:
             **extra,
         }
 
-    async def log_served_rows(self, months: tuple[str, ...], *, labelled: int | None = None) -> int:
-        """Log the months' hours as served by the champion (its real predictions), minutes
-        apart and ending now, with the true ``bikers`` as labels for the first ``labelled``
-        (all by default); returns the rows logged."""
-        frame = trainer.read_dataset(self.spec, months=list(months))
+    async def log_served_rows(self, span: tuple[str, str], *, labelled: int | None = None) -> int:
+        """Log the hours of the ``(since, until)`` span as served by the champion (its real
+        predictions), minutes apart and ending now, with the true ``bikers`` as labels for the
+        first ``labelled`` (all by default); returns the rows logged."""
+        frame = trainer.read_dataset(self.spec, since=span[0], until=span[1])
         champion = await asyncio.to_thread(
             retrain.load_version,
             self.uri,
@@ -344,7 +344,7 @@ async def test_too_few_labels_fails_at_once_and_the_champion_stays(
     setup: RetrainSetup, airflow_client: httpx.AsyncClient
 ) -> None:
     # Plenty of served rows, but labels for only 120 of them (the policy needs 200).
-    await setup.log_served_rows(("June",), labelled=120)
+    await setup.log_served_rows(("2011-06-01", "2011-07-01"), labelled=120)
     run_id = f"test-{setup.unique}-few-labels"
 
     run = await run_dag(airflow_client, run_id, setup.conf())
@@ -382,6 +382,8 @@ async def test_airflow_refuses_a_policy_param_of_the_wrong_type_at_trigger(
 
 def test_summer_rows_are_enough_for_the_default_policy() -> None:
     """The fixture data meets the defaults the DAG runs with (guards the tests above)."""
-    frame: pd.DataFrame = trainer.read_dataset(load_feature_spec("bikeshare"), months=SUMMER)
+    frame: pd.DataFrame = trainer.read_dataset(
+        load_feature_spec("bikeshare"), since=SUMMER[0], until=SUMMER[1]
+    )
 
     assert len(frame) >= 4 * 200

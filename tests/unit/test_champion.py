@@ -54,7 +54,7 @@ def spec() -> FeatureSpec:
 
 @pytest.fixture(scope="module")
 def model_dirs(spec: FeatureSpec, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
-    frame = trainer.read_dataset(spec, months=["Jan", "Feb"])
+    frame = trainer.read_dataset(spec, since="2011-01-01", until="2011-03-01")
     root = tmp_path_factory.mktemp("models")
     return {
         version: trainer.save_model(
@@ -100,7 +100,7 @@ async def test_predicts_on_the_declared_matrix(
     holder = _holder(registry, tmp_path, spec, [])
     champion = await holder.start()
     assert champion is not None
-    frame = trainer.read_dataset(spec, months=["March"]).head(4)
+    frame = trainer.read_dataset(spec, since="2011-03-01", until="2011-04-01").head(4)
 
     scores = champion.predict(trainer.feature_matrix(spec, frame))
 
@@ -224,7 +224,8 @@ async def test_single_row_fast_path_matches_the_booster(
 ) -> None:
     champion = await _holder(registry, tmp_path, spec, []).start()
     assert champion is not None
-    matrix = trainer.feature_matrix(spec, trainer.read_dataset(spec, months=["April"]))
+    april = trainer.read_dataset(spec, since="2011-04-01", until="2011-05-01")
+    matrix = trainer.feature_matrix(spec, april)
     matrix[::5, spec.feature_names.index("temp")] = np.nan
 
     one_by_one = np.array([champion.predict(matrix[i : i + 1].copy())[0] for i in range(200)])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,9 @@ from schemas.features import (
     FeatureKind,
     FeatureSpec,
     FeatureSpecError,
+    Metric,
+    Target,
+    TargetType,
     Task,
     declared_feature_specs,
     load_feature_spec,
@@ -200,6 +204,137 @@ def test_excluded_columns_must_not_be_used() -> None:
     dataset = {"path": "x.csv", "order_by": ["t"], "excluded_columns": {"plan": "leaks"}}
     with pytest.raises(ValidationError, match="excluded columns are used"):
         FeatureSpec.model_validate(declaration(dataset=dataset))
+
+
+def test_an_old_declaration_gets_the_defaults(churn: FeatureSpec) -> None:
+    assert churn.target.type is TargetType.NUMERIC
+    assert churn.promotion_metric is Metric.LOG_LOSS
+    assert churn.metrics == (Metric.LOG_LOSS, Metric.ROC_AUC, Metric.BRIER)
+    assert churn.training.holdout_fraction == 0.2
+
+
+def test_bikeshare_declares_its_time_and_training_rows(bikeshare: FeatureSpec) -> None:
+    assert bikeshare.dataset is not None
+    assert bikeshare.dataset.time is not None
+    assert bikeshare.dataset.time.columns == ("day", "hr")
+    assert bikeshare.promotion_metric is Metric.RMSE
+    assert bikeshare.metrics == (Metric.RMSE, Metric.MAE)
+    assert bikeshare.training.since == datetime(2011, 1, 1, tzinfo=UTC)
+    assert bikeshare.training.until == datetime(2011, 4, 1, tzinfo=UTC)
+
+
+def test_a_categorical_target_codes_its_positive_class_as_one() -> None:
+    target = Target(
+        name="diagnosis",
+        description="x",
+        type=TargetType.CATEGORICAL,
+        positive="malignant",
+        categories=("benign", "malignant"),
+    )
+
+    assert [target.encode(value) for value in ("malignant", "benign", 1.0, 0.0, 1, 0)] == [
+        1.0,
+        0.0,
+        1.0,
+        0.0,
+        1.0,
+        0.0,
+    ]
+    for wrong in ("Malignant", 0.5, 2, None, True):
+        with pytest.raises(ValueError, match="not one of its classes"):
+            target.encode(wrong)
+
+
+def test_without_categories_every_other_class_is_negative() -> None:
+    target = Target(name="answer", description="x", type=TargetType.CATEGORICAL, positive="Yes")
+
+    assert target.encode("Yes") == 1.0
+    assert target.encode("No") == 0.0
+    assert target.encode("maybe") == 0.0
+
+
+def test_int_classes_are_classes_not_codes() -> None:
+    target = Target(
+        name="grade",
+        description="x",
+        type=TargetType.CATEGORICAL,
+        positive=3,
+        categories=(3, 1),
+    )
+
+    assert target.encode(3) == 1.0
+    assert target.encode(1) == 0.0  # the class 1, not the code for "positive"
+    assert target.encode(1.0) == 1.0  # a float is a code: a label sent back as ground truth
+    with pytest.raises(ValueError, match="not one of its classes"):
+        target.encode(0)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"target": {"name": "y", "description": "x", "positive": "a"}}, "cannot declare"),
+        ({"target": {"name": "y", "description": "x", "type": "categorical"}}, "positive"),
+        (
+            {
+                "target": {
+                    "name": "y",
+                    "description": "x",
+                    "type": "categorical",
+                    "positive": "c",
+                    "categories": ["a", "b"],
+                }
+            },
+            "not one of",
+        ),
+        (
+            {
+                "target": {
+                    "name": "y",
+                    "description": "x",
+                    "type": "categorical",
+                    "positive": "a",
+                    "categories": ["a", "b", "c"],
+                }
+            },
+            "two distinct",
+        ),
+        (
+            {
+                "task": "regression",
+                "target": {"name": "y", "description": "x", "type": "categorical", "positive": 1},
+            },
+            "needs task classification",
+        ),
+        ({"training": {"promotion_metric": "rmse"}}, "not a classification metric"),
+        ({"training": {"promotion_metric": "accuracy"}}, "promotion_metric"),
+        ({"training": {"since": "2011-01-01T00:00:00Z"}}, "need a dataset with a time column"),
+        (
+            {
+                "dataset": {"path": "x.csv", "time": {"column": "at"}},
+                "training": {"since": "2011-02-01T00:00:00Z", "until": "2011-01-01T00:00:00Z"},
+            },
+            "before",
+        ),
+        ({"dataset": {"path": "x.csv", "time": {}}}, "either a time column"),
+        (
+            {"dataset": {"path": "x.csv", "time": {"column": "at", "offsets": {"d": "P1D"}}}},
+            "either a time column|cannot also",
+        ),
+        ({"training": {"holdout_fraction": 1}}, "holdout_fraction"),
+    ],
+)
+def test_inconsistent_training_declarations_are_refused(
+    changes: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValidationError, match=message):
+        FeatureSpec.model_validate(declaration(**changes))
+
+
+def test_a_declared_promotion_metric_of_the_task_is_kept() -> None:
+    spec = FeatureSpec.model_validate(declaration(training={"promotion_metric": "roc_auc"}))
+
+    assert spec.promotion_metric is Metric.ROC_AUC
+    assert spec.promotion_metric.greater_is_better
 
 
 def test_a_named_declaration_must_carry_its_name(

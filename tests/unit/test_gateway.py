@@ -15,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from driftloop.serving.champion import ChampionLoadError, ChampionRef
+from driftloop.serving.champion import ChampionLoadError, ChampionRef, model_files
 from driftloop.settings import KafkaSettings, MlflowSettings
 from driftloop.training import trainer
 from gateway.app import create_app
@@ -60,7 +60,7 @@ def spec() -> FeatureSpec:
 
 @pytest.fixture(scope="module")
 def model_dirs(spec: FeatureSpec, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
-    frame = trainer.read_dataset(spec, months=["Jan", "Feb"])
+    frame = trainer.read_dataset(spec, since="2011-01-01", until="2011-03-01")
     root = tmp_path_factory.mktemp("models")
     return {
         version: trainer.save_model(
@@ -139,7 +139,7 @@ def test_predicts_one_row_and_publishes_its_event(
     assert body["request_id"] == "req-1"
     assert response.headers["x-request-id"] == "req-1"
     assert (body["model_name"], body["model_version"]) == ("bikeshare", 1)
-    booster = lgb.Booster(model_file=str(model_dirs[1] / "model.lgb"))
+    booster = lgb.Booster(model_file=str(model_files(model_dirs[1])[0]))
     expected = booster.predict(np.array([spec.encode_row(spec.validate_row(ROW))]))[0]
     assert body["prediction"] == pytest.approx(expected)
     wait_for(lambda: len(producer.sent) == 1)
@@ -193,7 +193,7 @@ def test_missing_nullable_features_are_scored_as_missing(
     response = client.post("/predict", json=row)
 
     assert response.status_code == 200, response.text
-    booster = lgb.Booster(model_file=str(model_dirs[1] / "model.lgb"))
+    booster = lgb.Booster(model_file=str(model_files(model_dirs[1])[0]))
     matrix = np.array([spec.encode_row(spec.validate_row(row))])
     assert np.isnan(matrix[0, spec.feature_names.index("temp")])
     assert response.json()["prediction"] == pytest.approx(booster.predict(matrix)[0])

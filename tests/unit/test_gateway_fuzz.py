@@ -58,7 +58,7 @@ def spec() -> FeatureSpec:
 def app(spec: FeatureSpec, tmp_path_factory: pytest.TempPathFactory) -> FastAPI:
     root = tmp_path_factory.mktemp("fuzz")
     booster = trainer.train_booster(
-        spec, trainer.read_dataset(spec, months=["Jan"]), num_boost_round=5
+        spec, trainer.read_dataset(spec, since="2011-01-01", until="2011-02-01"), num_boost_round=5
     )
     settings = GatewaySettings(
         admin_token=SecretStr("fuzz-admin-token"),

@@ -92,7 +92,7 @@ def folders(
 ) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     bikeshare = load_feature_spec("bikeshare")
-    bikes = trainer.read_dataset(bikeshare, months=["Jan"])
+    bikes = trainer.read_dataset(bikeshare, since="2011-01-01", until="2011-02-01")
     random = np.random.default_rng(7)
     churn = pd.DataFrame(
         {
@@ -137,6 +137,8 @@ def client(
         kafka_timeout_seconds=0.5,
         kafka=KafkaSettings(bootstrap_servers="127.0.0.1:9", topic_prefix="unit."),
         mlflow=MlflowSettings(tracking_uri="http://127.0.0.1:9"),
+        # GATEWAY_MODELS: the shipped breast-cancer declaration is left out.
+        models=("bikeshare", CHURN),
     )
     app = create_app(settings, registry=NamedRegistry(folders), producer_factory=lambda: producer)
     with TestClient(app) as client:

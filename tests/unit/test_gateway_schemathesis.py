@@ -51,7 +51,7 @@ def gateway_schema(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
     root = tmp_path_factory.mktemp("schemathesis")
     spec = load_feature_spec("bikeshare")
     booster = trainer.train_booster(
-        spec, trainer.read_dataset(spec, months=["Jan"]), num_boost_round=5
+        spec, trainer.read_dataset(spec, since="2011-01-01", until="2011-02-01"), num_boost_round=5
     )
     app = create_app(
         GatewaySettings(
@@ -64,6 +64,9 @@ def gateway_schema(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
             kafka_timeout_seconds=0.5,
             max_rows=20,
             model_poll_seconds=3600,
+            # The registry double holds one model; the per-model paths are tested with two in
+            # test_gateway_models.py, and with every declared one live.
+            models=("bikeshare",),
             kafka=KafkaSettings(bootstrap_servers="127.0.0.1:9"),
             mlflow=MlflowSettings(tracking_uri="http://127.0.0.1:9"),
         ),

@@ -42,7 +42,7 @@ from driftloop.training.retrain import (
     RetrainRequest,
 )
 from schemas.events import DriftDetected, ModelPromoted, ModelRejected, decode_model_event
-from schemas.features import FeatureSpec, Task, load_feature_spec
+from schemas.features import FeatureSpec, Metric, Task, Training, load_feature_spec
 
 START = datetime(2026, 6, 1, tzinfo=UTC)
 
@@ -54,7 +54,7 @@ def spec() -> FeatureSpec:
 
 @pytest.fixture(scope="module")
 def summer(spec: FeatureSpec) -> pd.DataFrame:
-    return trainer.read_dataset(spec, months=["June"])
+    return trainer.read_dataset(spec, since="2011-06-01", until="2011-07-01")
 
 
 def logged_rows(spec: FeatureSpec, frame: pd.DataFrame) -> list[dict[str, Any]]:
@@ -238,9 +238,16 @@ def test_a_perfect_champion_cannot_be_beaten_on_a_lower_is_better_metric() -> No
     assert not judge_challenger(RMSE, 1.0, 0.0, 0.0).promote
 
 
-def test_metric_follows_the_task() -> None:
-    assert holdout_metric(Task.REGRESSION) == RMSE
-    assert holdout_metric(Task.CLASSIFICATION) == LOG_LOSS
+def test_metric_is_the_declared_one_else_the_tasks_default(spec: FeatureSpec) -> None:
+    # bikeshare declares rmse; without a declared metric a classifier takes log loss.
+    classifier = spec.model_copy(update={"task": Task.CLASSIFICATION, "training": Training()})
+    by_auc = spec.model_copy(
+        update={"task": Task.CLASSIFICATION, "training": Training(promotion_metric=Metric.ROC_AUC)}
+    )
+
+    assert holdout_metric(spec) == RMSE
+    assert holdout_metric(classifier) == LOG_LOSS
+    assert holdout_metric(by_auc) == HoldoutMetric("roc_auc", greater_is_better=True)
 
 
 def test_holdout_scores() -> None:
@@ -396,7 +403,7 @@ def test_logged_rows_become_typed_features_in_time_order(
 def test_training_set_is_the_reference_then_the_older_recent_rows(
     spec: FeatureSpec, summer: pd.DataFrame, tmp_path: Path
 ) -> None:
-    winter = trainer.read_dataset(spec, months=["Jan"])
+    winter = trainer.read_dataset(spec, since="2011-01-01", until="2011-02-01")
     booster = trainer.train_booster(spec, winter, num_boost_round=5)
     reference = trainer.reference_frame(
         spec,
@@ -448,7 +455,7 @@ def test_training_set_is_the_reference_then_the_older_recent_rows(
 def test_challenger_trained_on_summer_rows_beats_the_winter_model_on_summer(
     spec: FeatureSpec, summer: pd.DataFrame
 ) -> None:
-    winter = trainer.read_dataset(spec, months=["Jan", "Feb", "March"])
+    winter = trainer.read_dataset(spec, since="2011-01-01", until="2011-04-01")
     champion = trainer.train_booster(spec, winter, num_boost_round=60)
     reference = trainer.reference_frame(spec, [("train", winter)], champion)
     recent, _ = retrain.labelled_frame(spec, logged_rows(spec, summer))

@@ -31,7 +31,7 @@ def tracking_uri(tmp_path: Path) -> str:
 
 
 def test_reads_the_seed_data_in_time_order(spec: FeatureSpec) -> None:
-    frame = trainer.read_dataset(spec, months=["Jan"])
+    frame = trainer.read_dataset(spec, since="2011-01-01", until="2011-02-01")
 
     assert set(frame["mnth"]) == {"Jan"}
     assert list(frame["day"]) == sorted(frame["day"])
@@ -39,7 +39,7 @@ def test_reads_the_seed_data_in_time_order(spec: FeatureSpec) -> None:
 
 
 def test_feature_matrix_follows_the_declaration(spec: FeatureSpec) -> None:
-    frame = trainer.read_dataset(spec, months=["Jan"]).head(3)
+    frame = trainer.read_dataset(spec, since="2011-01-01", until="2011-02-01").head(3)
 
     matrix = trainer.feature_matrix(spec, frame)
 
@@ -56,7 +56,7 @@ def _plain(value: object) -> object:
 
 
 def test_feature_matrix_refuses_unknown_categories(spec: FeatureSpec) -> None:
-    frame = trainer.read_dataset(spec, months=["Jan"]).head(2).copy()
+    frame = trainer.read_dataset(spec, since="2011-01-01", until="2011-02-01").head(2).copy()
     frame.loc[0, "mnth"] = "Smarch"
 
     with pytest.raises(ValueError, match="mnth"):
@@ -64,7 +64,7 @@ def test_feature_matrix_refuses_unknown_categories(spec: FeatureSpec) -> None:
 
 
 def test_missing_values_become_nan(spec: FeatureSpec) -> None:
-    frame = trainer.read_dataset(spec, months=["Jan"]).head(2).copy()
+    frame = trainer.read_dataset(spec, since="2011-01-01", until="2011-02-01").head(2).copy()
     frame.loc[0, "temp"] = None
     frame.loc[1, "weathersit"] = None
 
@@ -75,8 +75,8 @@ def test_missing_values_become_nan(spec: FeatureSpec) -> None:
 
 
 def test_trained_model_beats_the_mean(spec: FeatureSpec) -> None:
-    train = trainer.read_dataset(spec, months=["Jan", "Feb"])
-    holdout = trainer.read_dataset(spec, months=["March"])
+    train = trainer.read_dataset(spec, since="2011-01-01", until="2011-03-01")
+    holdout = trainer.read_dataset(spec, since="2011-03-01", until="2011-04-01")
 
     booster = trainer.train_booster(spec, train, num_boost_round=60)
 
@@ -90,7 +90,7 @@ def test_trained_model_beats_the_mean(spec: FeatureSpec) -> None:
 
 def test_logs_registers_and_promotes(spec: FeatureSpec, tmp_path: Path, tracking_uri: str) -> None:
     booster = trainer.train_booster(
-        spec, trainer.read_dataset(spec, months=["Jan"]), num_boost_round=5
+        spec, trainer.read_dataset(spec, since="2011-01-01", until="2011-02-01"), num_boost_round=5
     )
 
     model = trainer.log_and_register(
@@ -117,7 +117,7 @@ def test_logs_registers_and_promotes(spec: FeatureSpec, tmp_path: Path, tracking
 def test_a_version_with_a_reference_carries_its_drift_baseline(
     spec: FeatureSpec, tmp_path: Path, tracking_uri: str
 ) -> None:
-    frame = trainer.read_dataset(spec, months=["Jan", "Feb"])
+    frame = trainer.read_dataset(spec, since="2011-01-01", until="2011-03-01")
     (tmp_path / "bare").mkdir()
     booster = trainer.train_booster(spec, frame, num_boost_round=5)
     reference = trainer.reference_frame(spec, [("train", frame)], booster)
@@ -148,16 +148,19 @@ def test_a_version_with_a_reference_carries_its_drift_baseline(
     assert trainer.load_baseline(tracking_uri, "bikeshare-unit-baseline", without.version) is None
 
 
-def test_saved_model_has_the_flavour_layout(spec: FeatureSpec, tmp_path: Path) -> None:
+def test_saved_model_is_the_declared_pyfunc(spec: FeatureSpec, tmp_path: Path) -> None:
     booster = trainer.train_booster(
-        spec, trainer.read_dataset(spec, months=["Jan"]), num_boost_round=3
+        spec, trainer.read_dataset(spec, since="2011-01-01", until="2011-02-01"), num_boost_round=3
     )
 
     directory = trainer.save_model(booster, spec, tmp_path / "model")
 
-    assert (directory / "MLmodel").is_file()
-    assert (directory / "model.lgb").is_file()
-    assert (directory / "extra_files" / trainer.FEATURE_SPEC_FILE).is_file()
+    flavor = yaml.safe_load((directory / "MLmodel").read_text())["flavors"]["python_function"]
+    assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model"
+    assert (directory / "artifacts" / trainer.BOOSTER_FILE).is_file()
+    assert (directory / "artifacts" / trainer.FEATURE_SPEC_FILE).is_file()
+    # The model's code is in the model: serving it needs no driftloop.
+    assert (directory / trainer.PYFUNC_CODE.name).is_file()
 
 
 def test_logging_leaves_the_process_tracking_uri_alone(
@@ -165,7 +168,7 @@ def test_logging_leaves_the_process_tracking_uri_alone(
 ) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     booster = trainer.train_booster(
-        spec, trainer.read_dataset(spec, months=["Jan"]), num_boost_round=2
+        spec, trainer.read_dataset(spec, since="2011-01-01", until="2011-02-01"), num_boost_round=2
     )
 
     trainer.log_and_register(
@@ -183,4 +186,12 @@ def test_signature_lists_every_declared_feature_in_order() -> None:
     spec = load_feature_spec("bikeshare")
     signature = trainer.model_signature(spec)
     assert signature.inputs.input_names() == list(spec.feature_names)
-    assert {column.type.name for column in signature.inputs.inputs} == {"double"}
+    types = {column.name: column.type.name for column in signature.inputs.inputs}
+    # The raw row: string categories as strings, ints as longs, nullable numbers as doubles.
+    assert types["mnth"] == "string"
+    assert types["season"] == "long"
+    assert types["hr"] == "long"
+    assert types["temp"] == "double"
+    required = {column.name: column.required for column in signature.inputs.inputs}
+    assert not required["weathersit"]
+    assert required["mnth"]
