@@ -11,6 +11,7 @@ from driftloop_tools.cli.common import console, settings_or_exit
 from driftloop_tools.cli.dlq import dlq_app
 from driftloop_tools.cli.drift import drift_app
 from driftloop_tools.cli.model import model_app
+from driftloop_tools.cli.models import models_app
 from driftloop_tools.cli.storage import sql_command, storage_app
 from driftloop_tools.demo.cli import demo_app
 from driftloop_tools.stack import lifecycle
@@ -22,6 +23,7 @@ app.add_typer(stack_app, name="stack")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(batch_app, name="batch")
 app.add_typer(model_app, name="model")
+app.add_typer(models_app, name="models")
 app.add_typer(demo_app, name="demo")
 app.add_typer(drift_app, name="drift")
 app.add_typer(alerts_app, name="alerts")
