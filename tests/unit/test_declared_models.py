@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from driftloop.training import bootstrap, trainer
 from schemas.features import FeatureSpec, Metric, TargetType, Task, load_feature_spec
+from tests.unit.churn_declaration import CHURN_FEATURES
 
 pytestmark = pytest.mark.unit
 
@@ -91,23 +92,6 @@ dataset:
   path: {path}
   time:
     column: signed_up_at
-features:
-  - name: tenure_months
-    kind: numeric
-    dtype: int
-    minimum: 0
-    description: Months since the subscription started.
-  - name: plan
-    kind: categorical
-    dtype: str
-    categories: [basic, plus, family]
-    description: Subscription plan.
-  - name: monthly_spend
-    kind: numeric
-    dtype: float
-    minimum: 0
-    nullable: true
-    description: Spend over the last month, in euros.
 """
 
 
@@ -139,7 +123,7 @@ def subscriptions(tmp_path: Path) -> FeatureSpec:
     data = tmp_path / "subscriptions.csv"
     subscriptions_data(3000, seed=11).to_csv(data, index=False)
     declaration = tmp_path / "subscriptions.yaml"
-    declaration.write_text(SUBSCRIPTIONS_YAML.format(path=data), encoding="utf-8")
+    declaration.write_text(SUBSCRIPTIONS_YAML.format(path=data) + CHURN_FEATURES, encoding="utf-8")
     return load_feature_spec(declaration)
 
 

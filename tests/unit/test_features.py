@@ -23,37 +23,11 @@ from schemas.features import (
     declared_feature_specs,
     load_feature_spec,
 )
+from tests.unit.churn_declaration import CHURN_YAML
 
 pytestmark = pytest.mark.unit
 
 # A second model, declared only in configuration: nothing in schemas/ knows about it.
-CHURN_YAML = """
-name: churn
-description: Probability that a subscriber cancels within a month.
-task: classification
-registered_model_name: churn-classifier
-target:
-  name: churned
-  description: 1 when the subscriber cancelled, else 0.
-features:
-  - name: tenure_months
-    kind: numeric
-    dtype: int
-    minimum: 0
-    description: Months since the subscription started.
-  - name: plan
-    kind: categorical
-    dtype: str
-    categories: [basic, plus, family]
-    description: Subscription plan.
-  - name: monthly_spend
-    kind: numeric
-    dtype: float
-    minimum: 0
-    nullable: true
-    monitored: false
-    description: Spend over the last month, in euros.
-"""
 
 BIKESHARE_ROW: dict[str, Any] = {
     "season": 1,

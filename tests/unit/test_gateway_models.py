@@ -24,36 +24,11 @@ from gateway.contract import ProblemDetails, example_row
 from gateway.settings import GatewaySettings
 from schemas.events import PredictionEvent
 from schemas.features import MODELS_DIRS_VARIABLE, FeatureSpec, load_feature_spec
+from tests.unit.churn_declaration import CHURN_YAML
 from tests.unit.fake_kafka import FakeRecordProducer
 
 ADMIN = "admin-token-for-tests"
 CHURN = "churn-classifier"
-CHURN_YAML = """
-name: churn
-description: Probability that a subscriber cancels within a month.
-task: classification
-registered_model_name: churn-classifier
-target:
-  name: churned
-  description: 1 when the subscriber cancelled, else 0.
-features:
-  - name: tenure_months
-    kind: numeric
-    dtype: int
-    minimum: 0
-    description: Months since the subscription started.
-  - name: plan
-    kind: categorical
-    dtype: str
-    categories: [basic, plus, family]
-    description: Subscription plan.
-  - name: monthly_spend
-    kind: numeric
-    dtype: float
-    minimum: 0
-    nullable: true
-    description: Spend over the last month, in euros.
-"""
 CHURN_ROW: dict[str, Any] = {"tenure_months": 3, "plan": "plus", "monthly_spend": 12.5}
 
 
