@@ -30,7 +30,7 @@ SOURCES = {"temp": "temp", "hr": "hr", "weathersit": "weathersit", "mnth": "mnth
 SOURCES |= {"coded": "coded", "prediction": "prediction"}
 
 
-def layout_of(rng: np.random.Generator) -> SketchLayout:
+def layout_of(rng: np.random.Generator, bins: int = 20) -> SketchLayout:
     reference = {
         "temp": rng.normal(0.5, 0.2, 3_000),
         "hr": rng.integers(0, 24, 3_000).astype(np.float64),
@@ -40,7 +40,7 @@ def layout_of(rng: np.random.Generator) -> SketchLayout:
         "prediction": rng.gamma(2.0, 60.0, 3_000),
     }
     return SketchLayout.from_reference(
-        reference, KINDS, declared_categories={"weathersit": [1, 2, 3, 4]}, bins=20
+        reference, KINDS, declared_categories={"weathersit": [1, 2, 3, 4]}, bins=bins
     )
 
 
@@ -92,10 +92,12 @@ def lake() -> Iterator[duckdb.DuckDBPyConnection]:
     connection.close()
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_the_sql_sketch_is_the_python_sketch(lake: duckdb.DuckDBPyConnection, seed: int) -> None:
+@pytest.mark.parametrize(("seed", "bins"), [(1, 20), (2, 100), (3, 7), (4, 300)])
+def test_the_sql_sketch_is_the_python_sketch(
+    lake: duckdb.DuckDBPyConnection, seed: int, bins: int
+) -> None:
     rng = np.random.default_rng(seed)
-    layout = layout_of(rng)
+    layout = layout_of(rng, bins)
     frame = window_rows(layout, rng, 5_000)
     # As the files hold them: no pandas metadata, so reading back gives pandas' plain dtypes.
     table = pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata(None)
