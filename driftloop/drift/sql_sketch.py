@@ -150,8 +150,12 @@ def sketch_query(
         alias = f"c{position}"
         present = source in types
         if column.kind == "numeric":
+            # TRY_CAST: text that is not a number (an undeclared model's inferred column) is
+            # missing, as pandas' to_numeric(errors="coerce") reads it on the Python path.
             raw = (
-                f"CAST({quote_identifier(source)} AS DOUBLE)" if present else "CAST(NULL AS DOUBLE)"
+                f"TRY_CAST({quote_identifier(source)} AS DOUBLE)"
+                if present
+                else "CAST(NULL AS DOUBLE)"
             )
             projections.append(f"{raw} AS {alias}")
             slot, value = _numeric_slot(alias, column)

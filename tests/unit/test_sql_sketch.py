@@ -139,6 +139,26 @@ def test_a_column_absent_from_the_files_is_missing_everywhere(
     assert built.columns["mnth"].rows == built.columns["temp"].rows == 0
 
 
+def test_text_in_a_numeric_column_is_read_as_pandas_coerces_it(
+    lake: duckdb.DuckDBPyConnection,
+) -> None:
+    rng = np.random.default_rng(5)
+    layout = layout_of(rng)
+    frame = window_rows(layout, rng, 2_000)
+    frame["hr"] = [
+        None if i % 7 == 0 else ("n/a" if i % 5 == 0 else str(i % 24)) for i in frame.index
+    ]
+    table = pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata(None)
+    assert pa.types.is_string(table.schema.field("hr").type)
+    lake.register("features", table)
+
+    built = window_sketch(lake, layout, SOURCES, 1, START, END)
+    expected = python_sketch(layout, table, 1)
+
+    np.testing.assert_array_equal(built.columns["hr"].counts, expected.columns["hr"].counts)
+    assert built.columns["hr"].nulls == expected.columns["hr"].nulls > 0
+
+
 def test_an_empty_window_is_an_empty_sketch(lake: duckdb.DuckDBPyConnection) -> None:
     rng = np.random.default_rng(8)
     layout = layout_of(rng)
