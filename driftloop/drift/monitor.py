@@ -410,14 +410,17 @@ class DriftMonitor:
             sample_rows = len(sample)
             marked = _stage("sample", marked)
             assessment, documents, agreement = await asyncio.to_thread(
-                _judge,
-                champion,
+                judge_window,
+                champion.spec,
+                champion.reference,
+                champion.baseline,
                 sketch,
                 sample,
                 self.policy,
-                model_name,
-                window,
-                self.options.clean_html_share,
+                model_name=model_name,
+                model_version=champion.version,
+                window=window,
+                clean_html_share=self.options.clean_html_share,
             )
             marked = _stage("judge", marked)
             verdict = assessment
@@ -672,20 +675,26 @@ class DriftMonitor:
         )
 
 
-def _judge(
-    champion: _Champion,
+def judge_window(
+    spec: FeatureSpec,
+    reference: pd.DataFrame,
+    prepared: PreparedBaseline,
     sketch: WindowSketch,
     sample: pd.DataFrame,
     policy: DriftPolicy,
+    *,
     model_name: str,
+    model_version: int,
     window: WindowBounds,
     clean_html_share: float,
 ) -> tuple[DriftAssessment, ReportDocuments, float]:
+    """A window's verdict from its sketch, Evidently's report and quality on its sample, and
+    the share of features whose verdict on the sample agreed: the monitor's windows and the
+    long windows of ``driftloop drift check`` alike."""
     # One worker-thread call: distances, Evidently and the report rendering are CPU work that
     # must not stall the event loop (metrics endpoint, shutdown signals).
-    baseline = champion.baseline.baseline
-    spec = champion.spec
-    distances = champion.baseline.distances(sketch)
+    baseline = prepared.baseline
+    distances = prepared.distances(sketch)
     rows = sketch.rows
     thresholds = {name: baseline.threshold(name, rows) for name in baseline.layout.names}
     features = tuple(
@@ -715,7 +724,7 @@ def _judge(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             evaluation = evaluate_window(
-                champion.reference, report_rows, spec, sample_policy, thresholds=thresholds
+                reference, report_rows, spec, sample_policy, thresholds=thresholds
             )
         if isinstance(evaluation, WindowEvaluation):
             on_sample = evaluation
@@ -728,7 +737,7 @@ def _judge(
         log.warning(
             "%s v%d: Evidently failed on the window's sample; recorded without it",
             model_name,
-            champion.version,
+            model_version,
             exc_info=True,
         )
         quality, quality_snapshot, labelled = labelled_quality(report_rows, spec, policy)
@@ -754,14 +763,14 @@ def _judge(
             quality_snapshot,
         ),
         model_name=model_name,
-        model_version=champion.version,
+        model_version=model_version,
         window=window,
         baseline=baseline,
         sample_rows=len(report_rows),
         left_out_rows=len(sample) - len(report_rows),
         with_html=keeps_html(
             model_name,
-            champion.version,
+            model_version,
             window.end,
             drifted=assessment.drifted,
             clean_share=clean_html_share,

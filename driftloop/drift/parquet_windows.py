@@ -9,14 +9,21 @@ flush is read. Labels come from Postgres (``labels``), joined by request id, as 
 ``load_duckdb_window`` reads the same files through DuckDB (``driftloop.storage.lake``): the filter
 and the projection are pushed into the scan, rows stream in parallel, and labels come from the
 Parquet label files (written by storage maintenance, so at most one interval behind), joined
-in SQL. It is the path for months of traffic; ``load_parquet_window`` is the reference the
-benchmark compares it with.
+in SQL.
+
+A drift check over a long window does not load it: ``sketch_duckdb_window`` builds the window's
+sketch inside DuckDB (``driftloop.drift.sql_sketch``, every row counted, a few numbers per bin
+back) and takes only a bounded uniform sample of rows, labels joined, for Evidently's report and
+the quality; the verdict is the sketch's, as for the monitor's own windows. It is the path for
+months of traffic. ``load_parquet_window`` then ``sketch_frame`` (every row in pandas, sketched
+in Python) is the reference the benchmark compares it with: same sketch, same verdict.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final
 
@@ -28,6 +35,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from driftloop.drift.assessment import PREDICTION_COLUMN
+from driftloop.drift.baseline import reference_arrays
+from driftloop.drift.sketch import SketchLayout, WindowSketch
+from driftloop.drift.sql_sketch import window_sample, window_sketch
 from driftloop.drift.store import PREDICTED_AT_COLUMN
 from driftloop.storage import lake
 from driftloop.storage.featurestore import feature_column
@@ -47,6 +57,17 @@ _LABELS = "SELECT request_id, label FROM labels WHERE request_id = ANY($1::text[
 _DOWNLOADS: Final = 8
 """Files fetched at once."""
 _MOMENT: Final = pa.timestamp("us", tz="UTC")
+SAMPLE_SEED: Final = 18
+"""Seed of the long window's sample: the same files give the same report."""
+
+
+@dataclass(frozen=True, slots=True)
+class SketchedWindow:
+    """A window as its judgement needs it: every row in the sketch, a bounded sample of rows
+    (``predicted_at``, the declared features, the prediction, the target) for the report."""
+
+    sketch: WindowSketch
+    sample: pd.DataFrame
 
 
 async def window_files(
@@ -138,7 +159,65 @@ async def load_duckdb_window(
         finally:
             connection.close()
 
-    frame = await asyncio.to_thread(read)
+    return _declared(await asyncio.to_thread(read), spec)
+
+
+async def sketch_duckdb_window(
+    pool: asyncpg.Pool,
+    filesystem: pafs.FileSystem,
+    bucket: str,
+    spec: FeatureSpec,
+    layout: SketchLayout,
+    model_name: str,
+    model_version: int,
+    *,
+    start: datetime,
+    end: datetime,
+    sample_rows: int,
+    seed: int = SAMPLE_SEED,
+) -> SketchedWindow:
+    """The sketch of a model version's rows predicted in ``[start, end)``, built in DuckDB, and
+    a uniform sample of at most ``sample_rows`` of them: memory bounded by the sample, not the
+    window."""
+    if start.tzinfo is None or end.tzinfo is None:
+        raise ValueError("window bounds must be timezone-aware")
+    files = await lake.window_files(pool, model_name, start, end)
+    if not files.features:
+        return SketchedWindow(WindowSketch.empty(layout), _empty(spec))
+    sources = {
+        name: name if name == PREDICTION_COLUMN else feature_column(name) for name in layout.names
+    }
+    columns = [PREDICTED_AT_COLUMN, PREDICTION_COLUMN, *map(feature_column, spec.feature_names)]
+
+    def read() -> SketchedWindow:
+        connection = lake.open_lake(filesystem, bucket, files)
+        try:
+            sketch = window_sketch(connection, layout, sources, model_version, start, end)
+            sample = window_sample(
+                connection, columns, model_version, start, end, rows=sample_rows, seed=seed
+            )
+        finally:
+            connection.close()
+        return SketchedWindow(sketch, _declared(sample, spec))
+
+    return await asyncio.to_thread(read)
+
+
+def sketch_frame(
+    layout: SketchLayout, frame: pd.DataFrame, *, sample_rows: int, seed: int = SAMPLE_SEED
+) -> SketchedWindow:
+    """A window loaded whole (``load_parquet_window``) sketched in Python, and its sample."""
+    sketch = WindowSketch.of(layout, reference_arrays(frame, layout))
+    sample = frame
+    if len(frame) > sample_rows:
+        sample = frame.sample(n=sample_rows, random_state=seed).sort_values(
+            PREDICTED_AT_COLUMN, kind="stable"
+        )
+    return SketchedWindow(sketch, sample.reset_index(drop=True))
+
+
+def _declared(frame: pd.DataFrame, spec: FeatureSpec) -> pd.DataFrame:
+    """A frame of ``features`` columns and ``label`` under the declaration's names."""
     frame = frame.rename(
         columns={
             "label": spec.target.name,

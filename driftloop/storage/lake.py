@@ -6,6 +6,9 @@ file of an unfinished flush or the replaced files of a compaction in flight):
 - ``features``: every prediction (``feature_files``), one row per request;
 - ``labels``: every label in Parquet (``label_files``), one row per request.
 
+``training_rows`` is the retrain extract's history older than the hot store (``driftloop.storage
+.hot_store``): the labelled rows of days Postgres has dropped.
+
 pyarrow reads the files (its S3 filesystem is in the wheel: no DuckDB extension to pin), and
 DuckDB scans them as Arrow datasets with projection and filter pushdown, in parallel, without
 loading the whole span into pandas first. Files written with different feature types (an
@@ -29,6 +32,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
 from driftloop.settings import ObjectStoreSettings
+from driftloop.storage.featurestore import BASE_SCHEMA
 
 VIEWS: Final = ("features", "labels")
 
@@ -154,3 +158,44 @@ def window_frame(
         [model_version, start, end],
     ).df()
     return frame
+
+
+def training_rows(
+    connection: duckdb.DuckDBPyConnection,
+    model_version: int,
+    *,
+    before: datetime,
+    limit: int,
+) -> list[dict[str, Any]]:
+    """The newest ``limit`` labelled rows of a model version predicted before ``before``, newest
+    first, as the retrain extract reads them from Postgres: ``request_id``, ``predicted_at``,
+    ``features`` (a dict under the declared names), ``prediction``, ``label``."""
+    if limit <= 0:
+        return []
+    table: pa.Table = connection.sql(
+        "SELECT f.*, l.label AS _label FROM features f JOIN labels l USING (request_id) "
+        "WHERE f.model_version = ? AND f.predicted_at < ? "
+        "ORDER BY f.predicted_at DESC, f.request_id DESC LIMIT ?",
+        params=[model_version, before, limit],
+    ).to_arrow_table()
+    base = set(BASE_SCHEMA.names)
+    # A feature named like a base column is stored as feature_<name> (featurestore.feature_column).
+    names = {
+        column: column.removeprefix("feature_")
+        if column.removeprefix("feature_") in base
+        else column
+        for column in table.column_names
+        if column not in base and column != "_label"
+    }
+    rows = []
+    for record in table.to_pylist():
+        rows.append(
+            {
+                "request_id": record["request_id"],
+                "predicted_at": record["predicted_at"],
+                "features": {name: record[column] for column, name in names.items()},
+                "prediction": record["prediction"],
+                "label": record["_label"],
+            }
+        )
+    return rows

@@ -6,7 +6,8 @@ ordinary function here, with a typed result small enough for XCom.
 **The data** (``extract_step``):
 
 - *recent rows*: the labelled rows of the prediction log (``prediction_log`` joined with
-  ``labels`` in the run's Postgres schema) served by the champion version named in the run's
+  ``labels`` in the run's Postgres schema; the days the hot store has dropped from the Parquet
+  lake, ``driftloop.storage.lake.training_rows``) served by the champion version named in the run's
   conf (``model_version``; for a manual run, the current champion), predicted up to the run's
   time (Airflow's ``run_after``, so a retried task reads the same rows), the newest
   ``max_recent_rows`` of them, in ``predicted_at`` order. Rows whose features no longer pass
@@ -62,7 +63,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Final
@@ -86,7 +87,9 @@ from driftloop.settings import (
     PostgresSettings,
     load_settings,
 )
+from driftloop.storage import lake
 from driftloop.storage.database import create_pool
+from driftloop.storage.hot_store import day_start, existing_days
 from driftloop.storage.migrations import SCHEMA_NAME
 from driftloop.training import trainer
 from driftloop.training.metrics import metric_value
@@ -133,6 +136,7 @@ CHAMPION_VERSION_TAG: Final = "driftloop.champion_version"
 
 # Namespace of the decision events' ids: uuid5(namespace, "<model>:<version>:<outcome>").
 _DECISION_NAMESPACE: Final = uuid.UUID("5b0f7f0e-3c1e-4d4e-9a51-7c2f1d3e8a90")
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 _LABELLED_ROWS = """
 SELECT p.request_id, p.predicted_at, p.features::text AS features, p.prediction, l.label
@@ -512,19 +516,72 @@ async def read_labelled_rows(
     *,
     cutoff: datetime,
     limit: int,
+    object_store: ObjectStoreSettings | None = None,
 ) -> list[dict[str, Any]]:
     """The newest ``limit`` labelled rows a model version served up to ``cutoff`` (newest
-    first); ``RetrainRefusedError`` when ``schema`` holds no prediction log."""
+    first); ``RetrainRefusedError`` when ``schema`` holds no prediction log.
+
+    Postgres holds the hot days whole (from its oldest partition on, flushed to Parquet or
+    not); with ``object_store``, rows still wanted past those come from the Parquet lake, only
+    from before the oldest partition: the days Postgres has dropped, which are in Parquet
+    (features at the flush, labels exported before the drop), so no row is read twice or lost.
+    """
     pool = await create_pool(settings, schema=schema, max_size=1, give_up_after_seconds=60)
     try:
-        rows = await pool.fetch(_LABELLED_ROWS, model_name, model_version, cutoff, limit)
+        rows = [
+            dict(row)
+            for row in await pool.fetch(_LABELLED_ROWS, model_name, model_version, cutoff, limit)
+        ]
+        if object_store is not None and len(rows) < limit:
+            async with pool.acquire() as connection:
+                days = (await existing_days(connection))["prediction_log"]
+            # Postgres reads up to cutoff inclusive; the lake takes what lies before its days.
+            before = cutoff + timedelta(microseconds=1)
+            if days:
+                before = min(before, day_start(min(days)))
+            older = await _lake_rows(
+                pool, object_store, model_name, model_version, before, limit - len(rows)
+            )
+            log.info(
+                "%s v%d: %d labelled rows from Postgres, %d older ones (before %s) from Parquet",
+                model_name,
+                model_version,
+                len(rows),
+                len(older),
+                before.isoformat(),
+            )
+            rows += older
     except asyncpg.UndefinedTableError as error:
         raise RetrainRefusedError(
             f"schema {schema} has no prediction log ({error}); check postgres_schema"
         ) from error
     finally:
         await pool.close()
-    return [dict(row) for row in rows]
+    return rows
+
+
+async def _lake_rows(
+    pool: asyncpg.Pool,
+    object_store: ObjectStoreSettings,
+    model_name: str,
+    model_version: int,
+    before: datetime,
+    limit: int,
+) -> list[dict[str, Any]]:
+    files = await lake.window_files(pool, model_name, _EPOCH, before)
+    if not files.features or not files.labels:
+        return []
+
+    def read() -> list[dict[str, Any]]:
+        connection = lake.open_lake(
+            lake.s3_filesystem(object_store), object_store.data_bucket, files
+        )
+        try:
+            return lake.training_rows(connection, model_version, before=before, limit=limit)
+        finally:
+            connection.close()
+
+    return await asyncio.to_thread(read)
 
 
 def _parquet(frame: pd.DataFrame) -> bytes:
@@ -631,6 +688,7 @@ def extract_step(
             served,
             cutoff=cutoff,
             limit=policy.max_recent_rows,
+            object_store=connections.object_store,
         )
     )
     recent, skipped = labelled_frame(spec, rows)

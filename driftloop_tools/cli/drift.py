@@ -1,13 +1,16 @@
 """``driftloop drift check``: judge a long window (days, weeks) of a model version on demand.
 
-Reads the window from the feature-logger's Parquet files through DuckDB
-(``driftloop.drift.parquet_windows``; ``--engine pandas`` loads them whole, the reference path)
-and the version's reference and drift baseline from MLflow, runs Evidently on every row of the
-window with the thresholds calibrated for its size under the monitor's policy
-(``DRIFT_MONITOR_POLICY``), prints the verdict and stores the JSON and HTML report
-under ``drift-reports/long/``. It publishes nothing: episodes and retraining belong to the
-monitor's own windows. The drift modules are imported inside the command: they pull in
-Evidently, MLflow and pandas, which every other ``driftloop`` command would otherwise wait for.
+Judges the window as the monitor judges its own: the verdict from the window's sketch (every
+row counted), built inside DuckDB over the feature-logger's Parquet files
+(``driftloop.drift.parquet_windows``; ``--engine pandas`` loads the files whole and sketches them
+in Python, the reference path), against the version's reference and drift baseline from MLflow
+with the thresholds calibrated for the window's size under the monitor's policy
+(``DRIFT_MONITOR_POLICY``); Evidently runs on a uniform sample of at most
+``DRIFT_MONITOR_REPORT_SAMPLE_ROWS`` rows for the report and the quality on labelled rows. It
+prints the verdict and stores the JSON and HTML report under ``drift-reports/long/``. It
+publishes nothing: episodes and retraining belong to the monitor's own windows. The drift
+modules are imported inside the command: they pull in Evidently, MLflow and pandas, which every
+other ``driftloop`` command would otherwise wait for.
 """
 
 from __future__ import annotations
@@ -39,11 +42,16 @@ async def _check(
     model: str, version: int | None, start: datetime, end: datetime, engine: str
 ) -> bool:
     from consumers.drift_monitor import DriftMonitorSettings
-    from driftloop.drift.assessment import WindowBounds, WindowRefused, evaluate_window
-    from driftloop.drift.baseline import calibrate
-    from driftloop.drift.parquet_windows import load_duckdb_window, load_parquet_window
+    from driftloop.drift.assessment import WindowBounds
+    from driftloop.drift.baseline import calibrate, prepare
+    from driftloop.drift.monitor import judge_window
+    from driftloop.drift.parquet_windows import (
+        load_parquet_window,
+        sketch_duckdb_window,
+        sketch_frame,
+    )
     from driftloop.drift.reference import RegistryChampions
-    from driftloop.drift.reports import put_report, render_report, report_keys
+    from driftloop.drift.reports import put_report, report_keys
     from driftloop.storage import lake
     from driftloop.storage.database import create_pool
     from driftloop.storage.objectstore import s3_client
@@ -59,64 +67,67 @@ async def _check(
     baseline = await asyncio.to_thread(champions.baseline, model, chosen)
     if baseline is None or not baseline.follows(settings.policy):
         baseline = await asyncio.to_thread(calibrate, spec, reference, settings.policy)
+    prepared = await asyncio.to_thread(prepare, baseline, reference)
+    sample_rows = settings.report_sample_rows
     pool = await create_pool(
         settings.postgres, schema=settings.db_schema, max_size=2, give_up_after_seconds=10
     )
     try:
         async with s3_client(settings.s3) as s3:
             if engine == "duckdb":
-                frame = await load_duckdb_window(
+                window_rows = await sketch_duckdb_window(
                     pool,
                     lake.s3_filesystem(settings.s3),
                     settings.s3.data_bucket,
                     spec,
+                    baseline.layout,
                     model,
                     chosen,
                     start=start,
                     end=end,
+                    sample_rows=sample_rows,
                 )
             else:
                 frame = await load_parquet_window(
                     pool, s3, settings.s3.data_bucket, spec, model, chosen, start=start, end=end
                 )
+                window_rows = await asyncio.to_thread(
+                    functools.partial(sketch_frame, baseline.layout, frame, sample_rows=sample_rows)
+                )
+            rows = window_rows.sketch.rows
             console.print(
-                f"[cyan]drift[/cyan] {model} v{chosen}: {len(frame)} rows from Parquet ({engine}) "
+                f"[cyan]drift[/cyan] {model} v{chosen}: {rows} rows from Parquet ({engine}) "
                 "between "
-                f"{start:%Y-%m-%d %H:%M} and {end:%Y-%m-%d %H:%M} UTC; reference "
+                f"{start:%Y-%m-%d %H:%M} and {end:%Y-%m-%d %H:%M} UTC, sketched whole, "
+                f"{len(window_rows.sample)} sampled for the report; reference "
                 f"{len(reference)} rows"
             )
-            evaluation = await asyncio.to_thread(
-                functools.partial(
-                    evaluate_window,
-                    reference,
-                    frame,
-                    spec,
-                    settings.policy,
-                    thresholds=baseline.thresholds(len(frame)),
-                )
-            )
-            if isinstance(evaluation, WindowRefused):
+            if rows < settings.policy.min_rows:
                 console.print(
-                    f"[yellow]refused[/yellow] ({evaluation.reason}): {evaluation.detail}"
+                    f"[yellow]refused[/yellow] (too_few_rows): {rows} rows, fewer than the "
+                    f"minimum {settings.policy.min_rows}"
                 )
                 return False
             window = WindowBounds(start=start, end=end)
-            documents = await asyncio.to_thread(
+            assessment, documents, _ = await asyncio.to_thread(
                 functools.partial(
-                    render_report,
-                    evaluation,
+                    judge_window,
+                    spec,
+                    reference,
+                    prepared,
+                    window_rows.sketch,
+                    window_rows.sample,
+                    settings.policy,
                     model_name=model,
                     model_version=chosen,
                     window=window,
-                    baseline=baseline,
-                    sample_rows=len(frame),
+                    clean_html_share=1.0,  # asked for by a person: always with its HTML
                 )
             )
             keys = report_keys(model, chosen, end, prefix=LONG_REPORT_PREFIX)
             uri = await put_report(s3, settings.s3.data_bucket, keys, documents)
     finally:
         await pool.close()
-    assessment = evaluation.assessment
     table = Table(title=f"{model} v{chosen}: drift share {assessment.drift_share:.2f}")
     table.add_column("column")
     table.add_column("test")
@@ -147,8 +158,9 @@ def check(
     until: str | None = typer.Option(None, help="Window end, ISO-8601 (default: now)."),
     engine: str = typer.Option(
         "duckdb",
-        help="duckdb: scan the files in DuckDB, labels from the Parquet label files; pandas: "
-        "load every file, labels from Postgres (the reference path).",
+        help="duckdb: sketch the window in DuckDB, sample it, labels from the Parquet label "
+        "files; pandas: load every file, labels from Postgres, sketch in Python (the reference "
+        "path).",
     ),
 ) -> None:
     """Judge a long window of a model version from the Parquet log; store and print the report."""

@@ -7,17 +7,24 @@ import io
 import uuid
 from datetime import UTC, date, timedelta
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from driftloop.drift.parquet_windows import load_duckdb_window, load_parquet_window
+from driftloop.drift.parquet_windows import (
+    load_duckdb_window,
+    load_parquet_window,
+    sketch_duckdb_window,
+    sketch_frame,
+)
+from driftloop.drift.sketch import SketchLayout
 from driftloop.settings import ObjectStoreSettings
 from driftloop.storage import lake
 from driftloop.storage.hot_store import ensure_partitions
 from driftloop.storage.label_files import LABEL_SCHEMA, label_file_key
-from schemas.features import FeatureSpec
+from schemas.features import FeatureKind, FeatureSpec
 from tests.integration.test_compaction import (
     FILES_PER_HOUR,
     HOURS,
@@ -136,3 +143,44 @@ async def test_sql_over_every_committed_file(
     assert [moment.astimezone(UTC) for moment in result.column("hour").to_pylist()] == [
         moment.replace(minute=0, second=0, microsecond=0) for moment in HOURS
     ]
+
+
+async def test_a_long_window_sketched_in_duckdb_is_the_pandas_windows_sketch(
+    layout: Layout,  # noqa: F811 - the fixture
+    object_store_settings: ObjectStoreSettings,
+) -> None:
+    await label_every_other_row(layout)
+    start, end = HOURS[0] - timedelta(minutes=30), HOURS[-1] + timedelta(seconds=30)
+    loaded = await load_parquet_window(
+        layout.pool, layout.s3, layout.bucket, SPEC, "bikeshare", 1, start=start, end=end
+    )
+    # Bins cut on the window's own values: every value sits near an edge.
+    kinds = {"temp": FeatureKind.NUMERIC, "prediction": FeatureKind.NUMERIC}
+    bins = SketchLayout.from_reference(
+        {name: loaded[name].to_numpy(np.float64) for name in kinds}, kinds, bins=10
+    )
+
+    in_duckdb = await sketch_duckdb_window(
+        layout.pool,
+        lake.s3_filesystem(object_store_settings),
+        layout.bucket,
+        SPEC,
+        bins,
+        "bikeshare",
+        1,
+        start=start,
+        end=end,
+        sample_rows=50,
+    )
+    in_python = sketch_frame(bins, loaded, sample_rows=50)
+
+    assert in_duckdb.sketch.rows == in_python.sketch.rows == len(loaded) > 50
+    for name in kinds:
+        mine, theirs = in_duckdb.sketch.columns[name], in_python.sketch.columns[name]
+        np.testing.assert_array_equal(mine.counts, theirs.counts)
+        np.testing.assert_array_equal(mine.lows, theirs.lows)
+        np.testing.assert_array_equal(mine.highs, theirs.highs)
+        np.testing.assert_allclose(mine.sums, theirs.sums, rtol=1e-12)
+    assert len(in_duckdb.sample) == len(in_python.sample) == 50
+    assert list(in_duckdb.sample.columns) == list(loaded.columns)
+    assert in_duckdb.sample["bikers"].notna().any()
