@@ -265,6 +265,19 @@ def main() -> None:
          "http://127.0.0.1:18104/ping", env, "http://127.0.0.1:18104/invocations", mlflow_body,
          ROOT),
     ]  # fmt: skip
+    # Publishing from the event loop (above) against publishing from a relay process.
+    targets[0][3]["GATEWAY_PUBLISHER_PROCESS"] = "false"
+    targets.append(
+        (
+            "gateway, publishing from a relay",
+            gateway_command,
+            "http://127.0.0.1:18106/health/ready",
+            {**gateway_env(18106, True), "GATEWAY_PUBLISHER_PROCESS": "true"},
+            "http://127.0.0.1:18106/predict",
+            body,
+            ROOT,
+        )
+    )
     reference = arguments.reference_checkout
     if reference is not None:
         revision = subprocess.run(

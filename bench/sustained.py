@@ -101,7 +101,8 @@ class Sample:
     gateway_rss_mib: float
     logger_cpu_percent: float
     gateway_cpu_percent: float
-    """The gateway's process, librdkafka's threads included."""
+    relay_cpu_percent: float
+    """The gateway's publishing relay (its child process)."""
     vegeta_cpu_percent: float
     bench_cpu_percent: float
     """This script (the sampler, reading vegeta's results after the load)."""
@@ -280,7 +281,9 @@ class Sampler:
         self.http = await self._stack.enter_async_context(httpx.AsyncClient(timeout=2))
         self.partitions = predictions_partitions(self.kafka)
         self.bench = psutil.Process()
-        for watched in (self.logger, self.gateway, self.bench):
+        # The gateway is ready, so its relay runs (none with GATEWAY_PUBLISHER_PROCESS=false).
+        self.relays = self.gateway.children()
+        for watched in (self.logger, self.gateway, self.bench, *self.relays):
             watched.cpu_percent()
         psutil.cpu_percent()
         self.cores = psutil.cpu_count() or 1
@@ -324,6 +327,10 @@ class Sampler:
         with suppress(httpx.HTTPError, ValueError, KeyError):
             ready = (await self.http.get(f"{self.gateway_url}/health/ready")).json()
             kafka_state, spool = str(ready["kafka"]), int(ready["spool_depth"])
+        relay_cpu = 0.0
+        for relay in self.relays:
+            with suppress(psutil.NoSuchProcess):
+                relay_cpu += relay.cpu_percent()
         vegeta_cpu = 0.0
         if self.vegeta is not None:
             with suppress(psutil.NoSuchProcess):
@@ -339,6 +346,7 @@ class Sampler:
             gateway_rss_mib=round(self.gateway.memory_info().rss / MIB, 1),
             logger_cpu_percent=self.logger.cpu_percent(),
             gateway_cpu_percent=self.gateway.cpu_percent(),
+            relay_cpu_percent=relay_cpu,
             vegeta_cpu_percent=vegeta_cpu,
             bench_cpu_percent=self.bench.cpu_percent(),
             others_cpu_percent=0.0,
@@ -351,6 +359,7 @@ class Sampler:
             psutil.cpu_percent() * self.cores
             - sample.logger_cpu_percent
             - sample.gateway_cpu_percent
+            - sample.relay_cpu_percent
             - sample.vegeta_cpu_percent
             - sample.bench_cpu_percent,
         )
@@ -766,7 +775,7 @@ def summarise(
         },
         "cpu_percent_mean": {
             name: float(np.mean([getattr(s, f"{name}_cpu_percent") for s in under_load]))
-            for name in ("gateway", "logger", "vegeta", "bench", "others")
+            for name in ("gateway", "relay", "logger", "vegeta", "bench", "others")
         },
         "postgres": {
             "sent_ids_logged": load.sent - len(missing),
@@ -850,8 +859,8 @@ def print_report(figures: dict[str, Any]) -> None:
                                f"MiB; trend {memory['trend_mib_per_minute']:+.2f} MiB/min"),
         ("gateway RSS first / last", f"{gateway['rss_first_mib']:.0f} / "
                                      f"{gateway['rss_last_mib']:.0f} MiB"),
-        ("CPU, % of one core, mean", f"gateway {cpu['gateway']:.0f}, "
-                                     f"logger {cpu['logger']:.0f}"
+        ("CPU, % of one core, mean", f"gateway {cpu['gateway']:.0f}, its relay "
+                                     f"{cpu['relay']:.0f}, logger {cpu['logger']:.0f}"
                                      f", vegeta {cpu['vegeta']:.0f}, this script "
                                      f"{cpu['bench']:.0f}, rest of the machine "
                                      f"{cpu['others']:.0f} (of {100 * setup['cores']})"),

@@ -53,8 +53,14 @@ class GatewayMetrics:
             buckets=_PREDICTION_BUCKETS,
             registry=registry,
         )
-        # The publisher's counts live in the publisher; this collector exports whatever it
-        # reports at scrape time.
+        self.relay_restarts = Counter(
+            "gateway_relay_restarts",
+            "Times the publishing relay process exited unexpectedly and was started again "
+            "(the events it held in memory were lost; alert on any increase).",
+            registry=registry,
+        )
+        # The publisher's counts live in the publisher (in this process or in the relay's);
+        # this collector exports whatever it reports at scrape time.
         self.publisher_status: Callable[[], PublisherStatus | None] = lambda: None
         registry.register(_PublisherCollector(lambda: self.publisher_status()))
         self.model_loads = Counter(

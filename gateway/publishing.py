@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from functools import partial
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, Protocol
 
 from confluent_kafka import KafkaError, KafkaException
 from pydantic import BaseModel, ConfigDict
@@ -89,6 +89,24 @@ class PublisherStatus(BaseModel):
     def spool_full(self) -> bool:
         """Whether a new event would be dropped."""
         return self.spool_capacity > 0 and self.spool_depth >= self.spool_capacity
+
+    def after(self, earlier: PublisherStatus) -> PublisherStatus:
+        """This status with the counts of an earlier publisher's (a relay before) added."""
+        return self.model_copy(
+            update={
+                "published": _sum(earlier.published, self.published),
+                "publish_errors": _sum(earlier.publish_errors, self.publish_errors),
+                "spooled": earlier.spooled + self.spooled,
+                "spool_dropped": earlier.spool_dropped + self.spool_dropped,
+            }
+        )
+
+
+def _sum(first: dict[str, int], second: dict[str, int]) -> dict[str, int]:
+    total = dict(first)
+    for key, count in second.items():
+        total[key] = total.get(key, 0) + count
+    return total
 
 
 class ModelKey(NamedTuple):
@@ -157,6 +175,25 @@ class PredictionRecords:
 def datetime_of(microseconds: int) -> datetime:
     """The UTC time ``microseconds`` after the Unix epoch, exactly."""
     return _EPOCH + timedelta(microseconds=microseconds)
+
+
+class Publisher(Protocol):
+    """What the gateway publishes through: in its own event loop or from a relay process."""
+
+    def publish(self, topic: str, event: Event) -> None:
+        """Queue an event for ``topic``; returns at once, never raises for Kafka's sake."""
+
+    def publish_predictions(self, answer: Answer) -> None:
+        """Queue the prediction events of one answer (the hot path); same promise."""
+
+    async def start(self, *, connect_within_seconds: float) -> None:
+        """Begin publishing: Kafka or the spool take events from here on."""
+
+    async def stop(self) -> None:
+        """Hand every queued event to Kafka or the spool, then close."""
+
+    def status(self) -> PublisherStatus:
+        """The state and counts now."""
 
 
 class EventPublisher:
@@ -238,7 +275,7 @@ class EventPublisher:
         self._hand_over(encode_record(topic, event))
 
     def publish_encoded(self, topic: str, key: bytes | None, value: bytes) -> None:
-        """Hand over an already encoded event (a benchmark's way); same promise as ``publish``."""
+        """Hand over an already encoded event; same promise as ``publish``."""
         self._hand_over(SpoolRecord(topic, key, value))
 
     def publish_predictions(self, answer: Answer) -> None:

@@ -27,7 +27,8 @@ from driftloop.serving.hot_swap import FollowerState, ModelEventFollower
 from driftloop.serving.scoring import ScoringService
 from gateway.metrics import GatewayMetrics
 from gateway.problems import RequestProblemError
-from gateway.publishing import Answer, EventPublisher, ModelKey, PredictionRecords
+from gateway.publishing import Answer, EventPublisher, ModelKey, PredictionRecords, Publisher
+from gateway.relay import RelayConfig, RelayPublisher
 from gateway.settings import GatewaySettings
 from schemas.events import Event
 from schemas.features import FeatureSpec
@@ -63,6 +64,9 @@ class Gateway:
         registry: ChampionSource | None = None,
         producer_factory: Callable[[], RecordProducer] | None = None,
     ) -> None:
+        if producer_factory is not None and settings.publisher_process:
+            raise ValueError("a producer_factory replaces the producer of the in-process "
+                             "publisher: set publisher_process=False")  # fmt: skip
         self.settings = settings
         self._producer_factory = producer_factory
         self.metrics = metrics
@@ -74,7 +78,7 @@ class Gateway:
         )
         self.catalog.on_added.append(lambda served: metrics.expect_decisions(served.name))
         self.spool: Spool | None = None
-        self.publisher: EventPublisher | None = None
+        self.publisher: Publisher | None = None
         self.follower: ModelEventFollower | None = None
         self.labels_topic = settings.kafka.topic(Topic.LABELS)
         self._champion_outputs: dict[tuple[str, int], _ChampionOutputs] = {}
@@ -156,8 +160,17 @@ class Gateway:
         if self.spool is not None:
             self.spool.close()
 
-    def _publisher(self) -> EventPublisher:
+    def _publisher(self) -> Publisher:
         settings = self.settings
+        if settings.publisher_process:
+            config = RelayConfig(
+                kafka=settings.kafka,
+                spool_path=settings.spool_path,
+                spool_max_records=settings.spool_max_records,
+                timeout_seconds=settings.kafka_timeout_seconds,
+                predictions_topic=settings.kafka.topic(Topic.PREDICTIONS),
+            )
+            return RelayPublisher(config, on_restart=self.metrics.relay_restarts.inc)
         self.spool = Spool(settings.spool_path, max_records=settings.spool_max_records)
         return EventPublisher(
             settings.kafka,

@@ -52,6 +52,12 @@ class GatewaySettings(ServedModelSettings):
         description="GATEWAY_PUBLISH: publish predictions to Kafka; off only for benchmarks "
         "(default true).",
     )
+    publisher_process: bool = Field(
+        default=True,
+        description="GATEWAY_PUBLISHER_PROCESS: publish from a relay process of its own, so "
+        "Kafka's client work runs beside the gateway's event loop instead of in it; false "
+        "publishes from the event loop (default true).",
+    )
     spool_path: Path = Field(
         default=Path(".cache/gateway/spool.sqlite3"),
         description="GATEWAY_SPOOL_PATH: on-disk spool of events while Kafka is unreachable "

@@ -75,6 +75,7 @@ def gateway_settings(tmp_path: Path, **overrides: Any) -> GatewaySettings:
         "admin_token": SecretStr(ADMIN),
         "model_cache_dir": tmp_path / "models",
         "spool_path": tmp_path / "spool.sqlite3",
+        "publisher_process": False,
         "model_events": False,
         "model_poll_seconds": 3600,
         "kafka_timeout_seconds": 0.5,

@@ -61,6 +61,7 @@ def gateway_schema(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
             spool_path=root / "spool.sqlite3",
             model_events=False,
             # Published into the spool (no broker here), so /feedback accepts labels.
+            publisher_process=False,
             kafka_timeout_seconds=0.5,
             max_rows=20,
             model_poll_seconds=3600,
