@@ -278,7 +278,10 @@ class MonitorOptions:
     """How long a resolved champion version is trusted before asking MLflow again."""
     report_prefix: str = "drift-reports/"
     clean_html_share: float = 0.05
-    """Share of clean windows whose report keeps its HTML (drifted ones always do)."""
+    """Share of the other windows whose report keeps its HTML. A drifted window that starts a
+    drifted streak or opens an episode always does; the drifted windows that go on in an open
+    episode are sampled like clean ones, so traffic that stays drifted does not write an HTML
+    report per window."""
 
     def __post_init__(self) -> None:
         if self.window is not None:
@@ -409,6 +412,12 @@ class DriftMonitor:
             )
             sample_rows = len(sample)
             marked = _stage("sample", marked)
+            # Whether this window, if drifted, starts a streak or opens an episode: then its
+            # HTML is kept (the report a DriftDetected links to always has one).
+            if_drifted = episodes.advance(watch.state, end, drifted=True, policy=self.policy)
+            quiet = watch.state is None or (
+                watch.state.episode_id is None and watch.state.drifted_streak == 0
+            )
             assessment, documents, agreement = await asyncio.to_thread(
                 judge_window,
                 champion.spec,
@@ -421,6 +430,7 @@ class DriftMonitor:
                 model_version=champion.version,
                 window=window,
                 clean_html_share=self.options.clean_html_share,
+                notable_drift=quiet or if_drifted.opened,
             )
             marked = _stage("judge", marked)
             verdict = assessment
@@ -687,10 +697,13 @@ def judge_window(
     model_version: int,
     window: WindowBounds,
     clean_html_share: float,
+    notable_drift: bool = True,
 ) -> tuple[DriftAssessment, ReportDocuments, float]:
     """A window's verdict from its sketch, Evidently's report and quality on its sample, and
     the share of features whose verdict on the sample agreed: the monitor's windows and the
-    long windows of ``driftloop drift check`` alike."""
+    long windows of ``driftloop drift check`` alike. A drifted window keeps its HTML when
+    ``notable_drift`` (it starts a streak or opens an episode), else it is sampled like a
+    clean one."""
     # One worker-thread call: distances, Evidently and the report rendering are CPU work that
     # must not stall the event loop (metrics endpoint, shutdown signals).
     baseline = prepared.baseline
@@ -772,7 +785,7 @@ def judge_window(
             model_name,
             model_version,
             window.end,
-            drifted=assessment.drifted,
+            notable=assessment.drifted and notable_drift,
             clean_share=clean_html_share,
         ),
     )

@@ -64,11 +64,12 @@ def report_keys(
 
 
 def keeps_html(
-    model_name: str, model_version: int, window_end: datetime, *, drifted: bool, clean_share: float
+    model_name: str, model_version: int, window_end: datetime, *, notable: bool, clean_share: float
 ) -> bool:
-    """Whether a window's report keeps its HTML: always when drifted, else for ``clean_share``
-    of clean windows, chosen by a hash of the window (replicas and reruns choose alike)."""
-    if drifted:
+    """Whether a window's report keeps its HTML: always when ``notable`` (a drifted window that
+    starts a drifted streak or opens an episode), else for ``clean_share`` of the others, chosen
+    by a hash of the window (replicas and reruns choose alike)."""
+    if notable:
         return True
     if clean_share <= 0:
         return False

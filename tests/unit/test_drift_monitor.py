@@ -519,3 +519,32 @@ async def test_a_model_declared_while_running_is_monitored(
     await running
     assert list(started.monitor.models) == [MODEL, "churn"]
     assert started.monitor.watch("churn") is False
+
+
+async def test_html_is_kept_where_drift_starts_and_the_episode_opens_not_for_every_window(
+    seasons: dict[str, pd.DataFrame],
+) -> None:
+    winter = logged(winter_rows(seasons, ROWS), 1, START)
+    summer = logged(seasons["summer"].iloc[: 4 * ROWS], 1, START + WINDOW)
+    r = rig(
+        pd.concat([winter, summer], ignore_index=True),
+        {1: reference(seasons["winter"])},
+        clean_html_share=0.0,
+    )
+    results = []
+    while (result := await r.monitor.check(MODEL)) is not None:
+        results.append(result)
+    assert [drifted(result) for result in results] == [False, True, True, True, True]
+    assert results[2].step is not None
+    assert results[2].step.opened
+    with_html = [
+        result.window.end
+        for result in results
+        if result.report_uri is not None
+        and result.report_uri.removeprefix("s3://bucket/").replace(".json", ".html.gz") in r.reports
+    ]
+    # The first drifted window and the one that opened the episode; not the clean one, nor the
+    # drifted windows that went on inside the open episode.
+    assert with_html == [results[1].window.end, results[2].window.end]
+    (event, *_) = r.published
+    assert event.report_uri == results[2].report_uri

@@ -135,13 +135,13 @@ async def test_a_window_without_html_stores_its_json_only(evaluation: WindowEval
 
 def test_drifted_windows_keep_html_and_clean_ones_are_sampled_by_window() -> None:
     ends = [WINDOW.end + timedelta(hours=hour) for hour in range(2000)]
-    assert all(keeps_html("m", 1, end, drifted=True, clean_share=0.0) for end in ends)
-    kept = [end for end in ends if keeps_html("m", 1, end, drifted=False, clean_share=0.05)]
+    assert all(keeps_html("m", 1, end, notable=True, clean_share=0.0) for end in ends)
+    kept = [end for end in ends if keeps_html("m", 1, end, notable=False, clean_share=0.05)]
     # A hash of the window chooses: about the share, and the same windows every time.
     assert 60 <= len(kept) <= 140
-    assert kept == [end for end in ends if keeps_html("m", 1, end, drifted=False, clean_share=0.05)]
-    assert not any(keeps_html("m", 1, end, drifted=False, clean_share=0.0) for end in ends)
-    assert all(keeps_html("m", 1, end, drifted=False, clean_share=1.0) for end in ends)
+    assert kept == [end for end in ends if keeps_html("m", 1, end, notable=False, clean_share=0.05)]
+    assert not any(keeps_html("m", 1, end, notable=False, clean_share=0.0) for end in ends)
+    assert all(keeps_html("m", 1, end, notable=False, clean_share=1.0) for end in ends)
 
 
 def test_report_keys_give_back_their_window_end() -> None:
