@@ -3,12 +3,15 @@
 Runs, one after the other in one invocation, in interleaved rounds keeping each target's best
 run (so the load of the shared machine disturbs every target alike):
 
-1. the gateway with Kafka publishing on (the real configuration);
+1. the gateway with Kafka publishing on (the real configuration: a relay process publishes);
 2. the same gateway with publishing off;
 3. a FastAPI endpoint that does nothing (the framework ceiling, bench/gateway_noop.py);
 4. ``mlflow models serve`` on the very same model artifacts;
 5. the gateway with publishing on while the champion alias moves to a new version and the
-   gateway reloads (p99 and failures during the swap against a steady run of the same length).
+   gateway reloads (p99 and failures during the swap against a steady run of the same length);
+6. the gateway publishing through ``EventProducer`` on its own event loop, no relay
+   (``GATEWAY_PUBLISHER_PROCESS=false``);
+7. with ``--reference-checkout DIR``, the gateway of another commit, publishing on.
 
 Needs the dev stack (Kafka, MLflow) and ``wrk`` (Debian package). Every request is the
 declaration's example row (``gateway.contract.example_row``, the one the OpenAPI document
@@ -18,7 +21,7 @@ bench/results/gateway-<time>.json.
 Named ``gateway_bench.py``, not ``gateway.py``: run as a script, bench/ comes first on
 ``sys.path`` and a ``gateway.py`` there would hide the ``gateway`` package.
 
-    uv run python bench/gateway_bench.py [--seconds 15] [--rounds 2]
+    uv run python bench/gateway_bench.py [--seconds 15] [--rounds 2] [--reference-checkout DIR]
 """
 
 from __future__ import annotations
@@ -228,10 +231,8 @@ def main() -> None:
     }
     row = example_row(spec)
     body = orjson.dumps(row)
-    encoded = spec.encode_row(spec.validate_row(row))
-    mlflow_body = orjson.dumps(
-        {"dataframe_split": {"columns": list(spec.feature_names), "data": [encoded]}}
-    )
+    # The registered pyfunc takes the declared raw row, as the gateway does.
+    mlflow_body = orjson.dumps({"dataframe_records": [row]})
     runs: dict[str, Run] = {}
 
     def gateway_env(port: int, publish: bool) -> dict[str, str]:
@@ -265,14 +266,15 @@ def main() -> None:
          "http://127.0.0.1:18104/ping", env, "http://127.0.0.1:18104/invocations", mlflow_body,
          ROOT),
     ]  # fmt: skip
-    # Publishing from the event loop (above) against publishing from a relay process.
-    targets[0][3]["GATEWAY_PUBLISHER_PROCESS"] = "false"
+    # The configuration the stack runs (a relay process publishes) against the simpler design
+    # the issue asked to keep if it held 0.90x off: EventProducer on the gateway's event loop.
+    targets[0][3]["GATEWAY_PUBLISHER_PROCESS"] = "true"
     targets.append(
         (
-            "gateway, publishing from a relay",
+            "gateway, publishing from the event loop",
             gateway_command,
             "http://127.0.0.1:18106/health/ready",
-            {**gateway_env(18106, True), "GATEWAY_PUBLISHER_PROCESS": "true"},
+            {**gateway_env(18106, True), "GATEWAY_PUBLISHER_PROCESS": "false"},
             "http://127.0.0.1:18106/predict",
             body,
             ROOT,
@@ -362,7 +364,7 @@ def report(runs: dict[str, Run], work: Path, stamp: str) -> None:
         / runs["steady (before swap)"].p99_ms,
     }
     for name, run in runs.items():
-        if name.startswith("gateway at "):
+        if name.startswith("gateway at ") or name == "gateway, publishing from the event loop":
             ratios[f"publishing on / {name} (req/s)"] = (
                 on.requests_per_second / run.requests_per_second
             )

@@ -110,6 +110,7 @@ def client(
         model_events=False,
         model_poll_seconds=3600,
         kafka_timeout_seconds=0.5,
+        publisher_process=False,  # the fake producer replaces the in-process publisher's
         kafka=KafkaSettings(bootstrap_servers="127.0.0.1:9", topic_prefix="unit."),
         mlflow=MlflowSettings(tracking_uri="http://127.0.0.1:9"),
         # GATEWAY_MODELS: the shipped breast-cancer declaration is left out.
