@@ -159,6 +159,12 @@ class BatchScorer:
                 reason = f"no model {name!r} is served here; served: {sorted(self.models.models)}"
                 messages += [self._unknown_model(request, reason) for request in requests]
                 continue
+            if served is not self.models.default and served.holder.current is None:
+                # The default model's requests wait for its first champion (NoModelError is
+                # transient); another model without one must not hold every model's traffic.
+                reason = f"model {served.name!r} has no champion loaded yet"
+                messages += [self._unknown_model(request, reason) for request in requests]
+                continue
             predicted += await self._score(served, requests, answered_at, messages)
         started = time.perf_counter()
         # The loop commits the requests' offsets only after Kafka took every record.
@@ -236,6 +242,7 @@ class BatchScorer:
         return len(scores.scored)
 
     def _unknown_model(self, request: ScoringRequest, reason: str) -> Record:
+        """The error result of a request no served champion can answer."""
         result = ScoringResult(
             request_id=request.request_id,
             batch_id=request.batch_id,

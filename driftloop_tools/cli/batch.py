@@ -62,8 +62,9 @@ def _read(path: Path) -> Any:
 def score(
     input_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="CSV or Parquet."),
     output: Path = typer.Option(..., "--output", "-o", help="Output file (.csv or .parquet)."),
-    feature_spec: str = typer.Option(
-        "bikeshare", help="Feature declaration of the rows; its registered model scores them."
+    feature_spec: str = typer.Option("bikeshare", help="Feature declaration of the rows."),
+    model: str | None = typer.Option(
+        None, help="Registered model that scores the rows (default: the scorer's default model)."
     ),
     id_column: str = typer.Option(
         "request_id", help="Column of request ids (generated when the file has none)."
@@ -103,7 +104,7 @@ def score(
                 rows,
                 request_ids,
                 batch_id=batch_id,
-                model_name=spec.registered_model_name,
+                model_name=model,
                 wait_seconds=wait_seconds,
                 on_sent=lambda count: progress.advance(sent, count),
                 on_result=lambda count: progress.advance(answered, count),

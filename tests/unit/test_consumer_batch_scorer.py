@@ -61,7 +61,7 @@ class FakeModels:
     def __init__(self, champion: FakeChampion | None) -> None:
         self.default = self._served("bikeshare", champion)
         self.models = {"bikeshare": self.default}
-        self.declared: dict[str, FakeChampion] = {}
+        self.declared: dict[str, FakeChampion | None] = {}
         self.discoveries = 0
 
     @staticmethod
@@ -188,6 +188,22 @@ async def test_each_request_is_scored_by_the_model_it_names() -> None:
         ("r-1", "bikeshare-v2"),
         ("r-3", "bikeshare"),
     ]
+
+
+async def test_another_model_without_a_champion_is_answered_not_waited_for() -> None:
+    models = FakeModels(FakeChampion())
+    models.declared["fresh"] = None  # declared, no champion registered yet
+    batch_scorer, producer = scorer(None, models)
+    await batch_scorer.write([request(0, model_name="fresh"), request(1)])
+    results = {
+        result.request_id: result
+        for result in (
+            ScoringResult.from_bytes(v) for t, _, v in producer.sent if t == "scoring.results"
+        )
+    }
+    assert results["r-0"].error == "model 'fresh' has no champion loaded yet"
+    assert results["r-0"].model_version is None
+    assert results["r-1"].prediction == 0.5
 
 
 async def test_without_a_champion_the_batch_waits() -> None:
