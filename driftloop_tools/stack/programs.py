@@ -98,8 +98,15 @@ def kafka_home(settings: StackSettings) -> Path:
 
 
 def kafka_cluster_id() -> str:
-    """A KRaft cluster id: a UUID in unpadded URL-safe base64, as ``kafka-storage random-uuid``."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    """A KRaft cluster id: a UUID in unpadded URL-safe base64, as ``kafka-storage random-uuid``.
+
+    Like Kafka's ``Uuid.randomUuid``, never one that starts with "-": the storage tool's
+    argument parser reads ``--cluster-id -abc…`` as a missing value (1 start in 64 failed).
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def write_kafka_config(settings: StackSettings) -> Path:

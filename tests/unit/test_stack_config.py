@@ -102,6 +102,11 @@ def test_kafka_cluster_id_is_kraft_shaped() -> None:
     assert cluster_id != kafka_cluster_id()
 
 
+def test_kafka_cluster_id_never_reads_as_an_option() -> None:
+    # About 1 id in 64 would start with "-" and fail the storage tool's format.
+    assert not any(kafka_cluster_id().startswith("-") for _ in range(5000))
+
+
 def test_s3proxy_config_keeps_the_secret_private(settings: StackSettings) -> None:
     config = write_s3proxy_config(settings)
     assert "s3proxy.credential=s3-secret" in config.read_text()
