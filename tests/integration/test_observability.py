@@ -28,6 +28,7 @@ import httpx
 import pytest
 import yaml
 
+from consumers.drift_monitor import DriftMonitorSettings
 from driftloop.events.producer import EventProducer, event_record
 from driftloop.settings import KafkaSettings, MlflowSettings, load_settings
 from driftloop_tools.demo.replay import ReplayHour, load_replay_hours, wait_for_champion
@@ -50,7 +51,7 @@ VARIABLE = re.compile(r"\$\{?(\w+)\}?")
 MATCHERS_AND_STRINGS = re.compile(r'(\{[^{}]*\}|"(?:[^"\\]|\\.)*")')
 COMPARISON = re.compile(r"(==|!=|>=|<=|>|<)(?!\s*bool\b)")
 
-# One week of hours per drift-monitor window (DRIFT_MONITOR_WINDOW_ROWS): one window of the
+# One week of hours per drift-monitor window (sent a window apart): one window of the
 # reference months, then three of July, so drift holds in consecutive windows.
 WINDOW_ROWS = 168
 NORMAL_DAYS = (60, 90)  # March 2011: inside the bootstrap champion's training months
@@ -266,8 +267,18 @@ async def test_every_panel_and_rule_expression_returns_data_after_traffic(
 
     normal = load_replay_hours(spec, first_day=NORMAL_DAYS[0], last_day=NORMAL_DAYS[1])
     drifted = load_replay_hours(spec, first_day=DRIFTED_DAYS[0], last_day=DRIFTED_DAYS[1])
+    # Windows are spans of prediction time (DRIFT_MONITOR_WINDOW_SECONDS on this stack): sent
+    # at once, every row would land in one window and drift could not hold in two. Each week
+    # goes in a window of its own.
+    window_seconds = load_settings(DriftMonitorSettings).window_seconds
+    assert window_seconds is not None, (
+        "the stack's drift-monitor needs DRIFT_MONITOR_WINDOW_SECONDS"
+    )
     await predict_with_labels(gateway_client, normal[:WINDOW_ROWS], f"{run}-normal")
-    await predict_with_labels(gateway_client, drifted[: 3 * WINDOW_ROWS], f"{run}-drifted")
+    for week in range(3):
+        await asyncio.sleep(window_seconds)
+        rows = drifted[week * WINDOW_ROWS : (week + 1) * WINDOW_ROWS]
+        await predict_with_labels(gateway_client, rows, f"{run}-drifted-{week}")
     await send_bad_requests(gateway_client, normal[0].row)
     await send_scoring_requests(kafka_settings, normal[:SCORING_REQUESTS], run)
 
