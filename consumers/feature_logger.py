@@ -65,7 +65,7 @@ from driftloop.storage.prediction_log import (
     open_prediction_log,
 )
 from schemas.events import TOPIC_EVENTS, GroundTruth, PredictionEvent
-from schemas.features import FeatureSpec, declared_feature_specs, load_feature_spec
+from schemas.features import declared_specs, load_feature_spec
 from schemas.topics import Topic
 
 NAME: Final = "feature-logger"
@@ -120,11 +120,6 @@ PARQUET_FLUSH_FAILURES = Counter(
 )
 
 Seconds = Annotated[float, Field(gt=0)]
-
-
-def declared_specs() -> list[FeatureSpec]:
-    """Every declaration in the declaration folders, read anew."""
-    return [load_feature_spec(name) for name in declared_feature_specs()]
 
 
 class FeatureLoggerSettings(ServiceSettings):

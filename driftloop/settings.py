@@ -79,11 +79,9 @@ def chosen_models(configured: tuple[str, ...]) -> list[str]:
     """The configured models in order without repeats, else every declared registered model."""
     if configured:
         return list(dict.fromkeys(configured))
-    from schemas.features import declared_feature_specs, load_feature_spec
+    from schemas.features import declared_specs
 
-    return sorted(
-        {load_feature_spec(name).registered_model_name for name in declared_feature_specs()}
-    )
+    return sorted({spec.registered_model_name for spec in declared_specs()})
 
 
 class ServiceSettings(DriftloopSettings):

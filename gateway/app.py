@@ -40,7 +40,7 @@ from gateway.problems import (
     problem_answer,
 )
 from gateway.responses import JSONBytesResponse
-from gateway.routes import model_predict_path, router
+from gateway.routes import model_predict_path, problem_responses, router
 from gateway.service import Gateway
 from gateway.settings import GatewaySettings
 from schemas.features import load_feature_spec
@@ -48,15 +48,6 @@ from schemas.validation import Problem, problems_of
 
 _REF_TEMPLATE = "#/components/schemas/{model}"
 MODEL_PREDICT_TEMPLATE = "/models/{name}/predict"
-# The per-model paths also answer 404 (a model this gateway does not serve).
-_NOT_SERVED: dict[str, Any] = {
-    "404": {
-        "description": "No model of that name is served here.",
-        "content": {
-            PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/ProblemDetails"}}
-        },
-    }
-}
 
 
 class _GatewayApp(FastAPI):
@@ -174,16 +165,18 @@ def create_app(
             for path in ("/predict", "/feedback"):
                 paths[path]["post"]["security"] = [{API_KEY: []}]
         # One documented path per served model, each with its own declaration's rows.
+        # The per-model paths also answer 404 (a model this gateway does not serve).
+        not_served = {str(status): body for status, body in problem_responses(404).items()}
         for name, served in sorted(service.models.items()):
             predict = copy.deepcopy(paths["/predict"]["post"])
             predict["summary"] = f"Score rows with the {name} model"
             predict["operationId"] = f"predict_{name}"
             predict["requestBody"] = predict_request_body(served.spec, settings.max_rows)
-            predict["responses"].update(_NOT_SERVED)
+            predict["responses"].update(not_served)
             feedback = copy.deepcopy(paths["/feedback"]["post"])
             feedback["summary"] = f"Send the true values of earlier {name} predictions"
             feedback["operationId"] = f"feedback_{name}"
-            feedback["responses"].update(_NOT_SERVED)
+            feedback["responses"].update(not_served)
             paths[model_predict_path(name)] = {"post": predict}
             paths[f"/models/{name}/feedback"] = {"post": feedback}
         app.openapi_schema = document

@@ -45,7 +45,7 @@ _REFUSALS: dict[int, str] = {
 }
 
 
-def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI responses of the refusals ``statuses``: an RFC 9457 problem each."""
     content = {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/ProblemDetails"}}}
     return {status: {"description": _REFUSALS[status], "content": content} for status in statuses}
@@ -86,7 +86,7 @@ def model_predict_path(name: str) -> str:
     "/predict",
     summary="Score one row or a list of rows with the champion model",
     response_model=PredictionResponse | BatchPredictionResponse,
-    responses=_problems(400, 401, 413, 415, 422, 500, 503),
+    responses=problem_responses(400, 401, 413, 415, 422, 500, 503),
     tags=["predictions"],
     openapi_extra={"parameters": [_REQUEST_ID]},
 )
@@ -121,7 +121,7 @@ async def _predict(service: Gateway, model: ServedModel, request: Request) -> Re
     summary="Send the true values of earlier predictions",
     status_code=202,
     response_model=FeedbackAccepted,
-    responses=_problems(400, 401, 409, 413, 415, 422),
+    responses=problem_responses(400, 401, 409, 413, 415, 422),
     tags=["predictions"],
 )
 async def feedback(request: Request) -> Response:
@@ -162,7 +162,7 @@ async def _feedback(service: Gateway, request: Request) -> Response:
     "/models/current",
     summary="The model serving now",
     response_model=CurrentModel,
-    responses=_problems(400, 503),
+    responses=problem_responses(400, 503),
     tags=["models"],
 )
 async def current_model(request: Request) -> Response:
@@ -178,7 +178,7 @@ async def current_model(request: Request) -> Response:
     "/models",
     summary="Every model this gateway serves",
     response_model=ServedModels,
-    responses=_problems(400),
+    responses=problem_responses(400),
     tags=["models"],
 )
 async def served_models(request: Request) -> Response:
@@ -202,7 +202,7 @@ async def served_models(request: Request) -> Response:
     "/admin/reload",
     summary="Reload the champion from the registry now",
     response_model=CurrentModel,
-    responses=_problems(400, 401, 403, 413, 503),
+    responses=problem_responses(400, 401, 403, 413, 503),
     tags=["admin"],
 )
 async def reload_model(request: Request) -> Response:
@@ -222,7 +222,7 @@ async def reload_model(request: Request) -> Response:
     "/health/live",
     summary="The process answers",
     response_model=Liveness,
-    responses=_problems(400),
+    responses=problem_responses(400),
     tags=["operations"],
 )
 async def live() -> Response:
@@ -236,7 +236,7 @@ async def live() -> Response:
     response_model=Readiness,
     responses={
         503: {"model": Readiness, "description": "No model loaded yet."},
-        **_problems(400),
+        **problem_responses(400),
     },
     tags=["operations"],
 )
@@ -261,7 +261,7 @@ async def ready(request: Request) -> Response:
     "/metrics",
     summary="Prometheus metrics",
     response_class=PlainTextResponse,
-    responses=_problems(400),
+    responses=problem_responses(400),
     tags=["operations"],
 )
 async def metrics(request: Request) -> Response:

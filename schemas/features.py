@@ -681,6 +681,11 @@ def declared_feature_specs() -> list[str]:
     return sorted({path.stem for folder in declaration_dirs() for path in folder.glob("*.yaml")})
 
 
+def declared_specs() -> list[FeatureSpec]:
+    """Every declaration in the declaration folders, loaded (read anew on every call)."""
+    return [load_feature_spec(name) for name in declared_feature_specs()]
+
+
 def load_feature_spec(name_or_path: str | Path) -> FeatureSpec:
     """Read a declaration: a name in the declaration folders (``"bikeshare"``) or a YAML path."""
     # A bare name (no dot, no slash) names a shipped declaration; anything else is a path.
