@@ -366,7 +366,11 @@ async def run_shadow_scorer(settings: ShadowScorerSettings) -> None:
             judge = LiveJudge(
                 client, shadow_log, publish, models.declaration, window=settings.window
             )
-            lock = LeaderLock(settings.postgres, JUDGE_LOCK)
+            # One judge per log schema and topic prefix: tests run their own beside the stack's.
+            lock = LeaderLock(
+                settings.postgres,
+                f"{JUDGE_LOCK}:{settings.db_schema}:{settings.kafka.topic_prefix}",
+            )
             judging = asyncio.create_task(
                 run_as_leader(lock, lambda: judge_forever(settings, judge, models, on_model_event)),
                 name="live-judge",
