@@ -34,13 +34,12 @@ from driftloop.serving.champion import (
 )
 from driftloop.storage.shadow_log import ShadowPrediction, ShadowRole
 from driftloop.training.retrain import CHAMPION_VERSION_TAG, DECISION_TAG, Outcome
-from driftloop.training.trainer import CHAMPION_ALIAS
+from driftloop.training.trainer import CHALLENGER_ALIAS, CHAMPION_ALIAS
 from schemas.events import PredictionEvent
 from schemas.features import FeatureSpec
 
 log = logging.getLogger(__name__)
 
-CHALLENGER_ALIAS: Final = "challenger"
 # Tag of a version the live judge restored by a rollback: the version it was restored from
 # (beside the DAG's DECISION_TAG and CHAMPION_VERSION_TAG, read for the previous champion).
 RESTORED_FROM_TAG: Final = "driftloop.restored_from"

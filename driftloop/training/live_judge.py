@@ -42,7 +42,6 @@ from mlflow.tracking import MlflowClient
 
 from driftloop.serving.champion import ChampionRef
 from driftloop.serving.shadow import (
-    CHALLENGER_ALIAS,
     RESTORED_FROM_TAG,
     ShadowPlan,
     resolve_plan,
@@ -64,7 +63,7 @@ from driftloop.training.retrain import (
     EPISODE_TAG,
     Outcome,
 )
-from driftloop.training.trainer import CHAMPION_ALIAS
+from driftloop.training.trainer import CHALLENGER_ALIAS, CHAMPION_ALIAS
 from schemas.events import (
     ModelDecision,
     ModelPromoted,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -25,7 +26,7 @@ START = datetime(2011, 6, 1, tzinfo=UTC)
 ROC_AUC = HoldoutMetric("roc_auc", greater_is_better=True)
 
 
-def paired(errors: list[tuple[float, float]]) -> list[PairedRow]:
+def paired(errors: Sequence[tuple[float, float]]) -> list[PairedRow]:
     """Rows with label 100 whose served and shadow predictions miss it by the given amounts."""
     return [
         PairedRow(START + timedelta(hours=index), 100.0, 100.0 + served, 100.0 + shadow)
