@@ -298,6 +298,9 @@ async def judge_forever(
     predictions were seen); a failing model is logged and tried next round."""
     configured = chosen_models(settings.models)
     for name in configured:
+        # At 0 before the first row, so a panel shows 0 rather than no data.
+        for role in ShadowRole:
+            SHADOW_ROWS.labels(name, role.value)
         for kind in VERDICT_KINDS:
             LIVE_PROGRESS.labels(name, kind).set(0)
             # At 0 before the first verdict, so increase() sees the first rollback.

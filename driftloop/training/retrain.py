@@ -35,14 +35,17 @@ compare-and-set; the DAG allows one active run, so only a person or another tool
 in between, and that is rejected with its reason). The version is tagged with the decision
 (``driftloop.decision``, ``driftloop.decision_reason``, the scores) after the alias moved, and
 ``ModelPromoted``/``ModelRejected`` is published last, waiting for the broker's
-acknowledgement. A model declared ``training.live.promotion: shadow`` gets the alias
-``challenger`` moved instead of ``champion`` (``ChallengerShadowed``): the shadow-scorer scores
-it on live traffic and ``driftloop.training.live_judge`` promotes or rejects it there, under
-the same rules; it also rolls back any promotion that loses on its first live labelled rows. Every step can be retried: ``train_step`` reuses the version already
+acknowledgement. Every step can be retried: ``train_step`` reuses the version already
 registered for the DAG run (version tag ``driftloop.dag_run_id``); ``decide_step`` finding the
 alias already on its challenger only re-tags and publishes again (at least once: the event id
 is derived from model, version and outcome, so a repeat is recognisable). MLflow down at any
 point leaves the alias where it was, or already moved with a retry still to publish.
+
+**Live evidence**: a model declared ``training.live.promotion: shadow`` gets the alias
+``challenger`` moved instead of ``champion`` (``ChallengerShadowed``): the shadow-scorer scores
+it on live traffic and ``driftloop.training.live_judge`` promotes or rejects it there, under
+the same rules; the judge also rolls back any promotion that loses on its first live labelled
+rows.
 
 **Work objects**: the training set, the holdout and the feature declaration are written as
 ``retraining/<model>/<dag run id>/`` in the data bucket (``driftloop.training.workspace``), read by
