@@ -72,6 +72,11 @@ class ShadowRig:
     client: httpx.AsyncClient
     shadow_scorer: ConsumerProcess
     feature_logger: ConsumerProcess
+    shadow_scorer_port: int
+
+    async def shadow_metric(self, name: str, **labels: str) -> float | None:
+        """One sample of the shadow-scorer's /metrics (labels in name order, as exposed)."""
+        return await metric(self.shadow_scorer_port, name, **labels)
 
     async def model_events(self) -> list[ModelEvent]:
         records = await read_to_end(self.kafka, self.kafka.topic(Topic.MODEL_EVENTS))
@@ -146,7 +151,15 @@ async def shadow_rig(
                 transport=httpx.ASGITransport(app=app), base_url="http://gateway", timeout=30
             ) as client,
         ):
-            rig = ShadowRig(name, unique, topics, client, shadow_scorer, feature_logger)
+            rig = ShadowRig(
+                name,
+                unique,
+                topics,
+                client,
+                shadow_scorer,
+                feature_logger,
+                ports["shadow-scorer"],
+            )
             await rig.following()
             for consumer, port in ports.items():
                 # Consuming: its migrations ran and its partitions are assigned.

@@ -25,6 +25,7 @@ from driftloop.training.retrain import CHAMPION_VERSION_TAG, DECISION_TAG, Outco
 from driftloop_tools.demo.replay import load_replay_hours
 from schemas.events import ModelRolledBack
 from schemas.features import FeatureSpec, LiveEvidence, load_feature_spec
+from tests.integration.consumer_support import eventually
 from tests.integration.shadow_support import (
     LiveTraffic,
     judged_live,
@@ -97,6 +98,30 @@ async def test_a_promotion_that_loses_live_is_rolled_back_without_a_failed_reque
             await traffic.stop()
         events = await rig.model_events()
 
+        # The counterfactual of the window: the bad promotion's rows made the served error
+        # worse than the first champion (v1, in shadow on them) would have had.
+        async def accounted() -> bool:
+            lift = await rig.shadow_metric(
+                "driftloop_counterfactual_lift", baseline="first_champion", model=name
+            )
+            return lift is not None and lift < 0
+
+        await eventually(accounted, within=30, what="a negative lift over the first champion")
+        verdicts = await rig.shadow_metric(
+            "driftloop_live_verdicts_total", action="swap", kind="rollback", model=name
+        )
+        served_error = await rig.shadow_metric("driftloop_live_error", metric="rmse", model=name)
+        first_error = await rig.shadow_metric(
+            "driftloop_counterfactual_baseline_error",
+            baseline="first_champion",
+            metric="rmse",
+            model=name,
+        )
+
+    assert verdicts == 1
+    assert served_error is not None
+    assert first_error is not None
+    assert served_error > first_error
     assert traffic.statuses
     assert set(traffic.statuses) == {200}, "a request failed around the rollback"
     versions = traffic.versions
