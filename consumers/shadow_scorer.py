@@ -208,6 +208,9 @@ class ShadowScorer:
         self.models = models
         self.shadow_log = shadow_log
         self.client = client
+        self.without_champion: set[str] = set()
+        """Models seen on the stream with no champion: nothing to score in shadow until the
+        plans' poll finds one (not asked of the registry at every batch)."""
 
     def is_transient(self, error: BaseException) -> bool:
         return isinstance(error, (*UNAVAILABLE_ERRORS, KafkaError, DeliveryError, MlflowException))
@@ -215,12 +218,15 @@ class ShadowScorer:
     async def refresh(self, model_name: str) -> None:
         """Read the model's versions in shadow from the registry and load them."""
         plan = await asyncio.to_thread(resolve_plan, self.client, model_name)
-        if plan is not None:
-            await self.models.apply(plan)
+        if plan is None:
+            self.without_champion.add(model_name)
+            return
+        self.without_champion.discard(model_name)
+        await self.models.apply(plan)
 
     async def refresh_known(self) -> None:
         """Refresh every model seen so far; a registry failure keeps the plans it had."""
-        for model_name in list(self.models.plans):
+        for model_name in [*self.models.plans, *self.without_champion]:
             try:
                 await self.refresh(model_name)
             except (MlflowException, OSError) as error:
@@ -230,7 +236,8 @@ class ShadowScorer:
         if not deliveries:
             return
         events = [delivery.event for delivery in deliveries]
-        for model_name in {event.model_name for event in events} - set(self.models.plans):
+        seen = {event.model_name for event in events}
+        for model_name in seen - set(self.models.plans) - self.without_champion:
             # First rows of a model: its plan before its rows (an unreachable registry is
             # transient, and the batch is retried rather than logged without its shadows).
             await self.refresh(model_name)

@@ -208,11 +208,14 @@ class ShadowModels:
         plan = self.plans.get(model_name)
         if plan is None:
             return []
-        return [
-            (shadow, self._loaded[(model_name, version)])
-            for version, shadow in plan.shadows.items()
-            if (model_name, version) in self._loaded
-        ]
+        # Read from a worker thread while ``apply`` may run on the event loop: one lookup per
+        # version, so a version dropped meanwhile is skipped rather than a KeyError.
+        found = []
+        for version, shadow in plan.shadows.items():
+            model = self._loaded.get((model_name, version))
+            if model is not None:
+                found.append((shadow, model))
+        return found
 
     def score(self, events: Iterable[PredictionEvent]) -> list[ShadowPrediction]:
         """Every event scored by each shadow version of its model other than the one that

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -89,6 +91,7 @@ SHADOW: Final = "shadow"
 _LIVE_NAMESPACE: Final = uuid.UUID("0c6d2b1e-5a7f-4f3b-8e0d-9b1f6a2c4d71")
 
 Publish = Callable[[ModelDecision], Awaitable[None]]
+EXPIRY_INTERVAL_SECONDS: Final = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +143,7 @@ class LiveJudge:
         self.publish = publish
         self.declaration = declaration
         self.window = window or (lambda spec: spec.monitoring.window)
+        self._expired_at: dict[str, float] = {}
 
     async def judge(self, name: str) -> Judgement | None:
         """One round for one model: pending event, rollback, challenger, window figures.
@@ -181,7 +185,12 @@ class LiveJudge:
             challenger, event = await self._judge_challenger(plan, spec, metric)
             if event is not None:
                 published.append(event)
-        await self.shadow_log.expire(name, spec.retention.hot)
+        now = time.monotonic()
+        if now - self._expired_at.get(name, -math.inf) >= EXPIRY_INTERVAL_SECONDS:
+            # Rows leave by the day (the hot retention is at least one): a sweep every few
+            # minutes keeps the table bounded without a DELETE at every round.
+            await self.shadow_log.expire(name, spec.retention.hot)
+            self._expired_at[name] = now
         window = await self.window_figures(plan, metric, self.window(spec))
         return Judgement(
             name, plan.champion.version, rollback, challenger, window, tuple(published)

@@ -19,5 +19,6 @@ CREATE TABLE shadow_predictions (
     scored_at      timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (request_id, model_version)
 );
-CREATE INDEX shadow_predictions_model_time
-    ON shadow_predictions (model_name, model_version, predicted_at);
+-- The comparisons join on the primary key (request_id, then model_version); expiry goes by
+-- model and time.
+CREATE INDEX shadow_predictions_model_time ON shadow_predictions (model_name, predicted_at);
