@@ -15,6 +15,7 @@ from schemas.events import (
     ENVELOPE_FIELDS,
     EVENT_CLASSES,
     TOPIC_EVENTS,
+    ChallengerShadowed,
     DeadLetter,
     DriftDetected,
     Event,
@@ -104,6 +105,16 @@ def sample_events() -> dict[type[Event], Event]:
             challenger_score=44.0,
             champion_score=41.2,
             reason="challenger rmse 44.0 is not below champion rmse 41.2",
+        ),
+        ChallengerShadowed(
+            model_name="bikeshare",
+            model_version=6,
+            run_id=RUN_ID,
+            champion_version=4,
+            metric_name="rmse",
+            greater_is_better=False,
+            challenger_score=39.0,
+            champion_score=41.2,
         ),
         ModelRolledBack(
             model_name="bikeshare",
@@ -219,7 +230,12 @@ def test_event_types_are_unique() -> None:
 
 def test_every_topic_has_its_events() -> None:
     assert set(TOPIC_EVENTS) == set(Topic)
-    assert TOPIC_EVENTS[Topic.MODEL_EVENTS] == (ModelPromoted, ModelRejected, ModelRolledBack)
+    assert TOPIC_EVENTS[Topic.MODEL_EVENTS] == (
+        ModelPromoted,
+        ModelRejected,
+        ChallengerShadowed,
+        ModelRolledBack,
+    )
 
 
 def test_defaults_fill_the_envelope() -> None:
