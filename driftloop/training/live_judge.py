@@ -25,7 +25,8 @@ tagged after the move; the event is published last, waiting for the broker. So t
 between the move and the acknowledgement loses no event, the event is written first as the tag
 ``driftloop.pending_event`` of the version about to become champion, published again by the
 next round while that tag is there, and the tag removed once acknowledged (the event id is
-derived from model, version and outcome, so a repeat is recognisable).
+derived from model, version and outcome, so a repeat is recognisable). A challenger's
+rejection is kept the same way on the champion, which stays.
 """
 
 from __future__ import annotations
@@ -336,6 +337,10 @@ class LiveJudge:
             reason=f"live evidence in shadow: {verdict.reason}",
             **fields,
         )
+        document = rejected.to_bytes().decode()
+        # Pending on the champion, which stays: once the alias is gone no later round would
+        # find this challenger again to announce it.
+        await self._tag(name, champion, {PENDING_EVENT_TAG: document})
         await asyncio.to_thread(self.client.delete_registered_model_alias, name, CHALLENGER_ALIAS)
         await self._tag(
             name,
@@ -343,8 +348,7 @@ class LiveJudge:
             {DECISION_TAG: Outcome.REJECTED.value, DECISION_REASON_TAG: rejected.reason},
         )
         log.info("REJECTED %s v%d in shadow: %s", name, challenger, verdict.reason)
-        await self.publish(rejected)
-        return verdict, rejected
+        return verdict, await self._publish(champion, document)
 
     # --- the alias move ----------------------------------------------------------------------
 
