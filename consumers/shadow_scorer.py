@@ -79,9 +79,9 @@ SHADOW_ROWS = Counter(
 )
 LIVE_ERROR = Gauge(
     "driftloop_live_error",
-    "The promotion metric of the served predictions on every labelled row of the model's "
+    "The promotion metric of the served predictions on the labelled rows of the model's "
     "latest window that had any (span: the declaration's monitoring.window or "
-    "SHADOW_SCORER_WINDOW_SECONDS).",
+    "SHADOW_SCORER_WINDOW_SECONDS; its newest 20,000 labelled rows at most).",
     ["model", "metric"],
 )
 LIVE_LABELLED_ROWS = Gauge(

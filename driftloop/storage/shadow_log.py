@@ -89,14 +89,20 @@ ORDER BY p.predicted_at, p.request_id
 LIMIT $4
 """
 
+# The newest labelled rows of a window (at most $4), each with every shadow prediction of it.
 _WINDOW: Final = """
-SELECT p.request_id, p.model_version AS served_version, l.label, p.prediction,
+WITH served AS (
+    SELECT p.request_id, p.model_version, p.prediction, l.label
+    FROM prediction_log p
+    JOIN labels l ON l.request_id = p.request_id AND l.predicted_at = p.predicted_at
+    WHERE p.model_name = $1 AND p.predicted_at >= $2 AND p.predicted_at < $3
+    ORDER BY p.predicted_at DESC
+    LIMIT $4
+)
+SELECT r.request_id, r.model_version AS served_version, r.label, r.prediction,
        s.model_version AS shadow_version, s.prediction AS shadow
-FROM prediction_log p
-JOIN labels l ON l.request_id = p.request_id AND l.predicted_at = p.predicted_at
-LEFT JOIN shadow_predictions s ON s.request_id = p.request_id
-WHERE p.model_name = $1 AND p.predicted_at >= $2 AND p.predicted_at < $3
-ORDER BY p.request_id
+FROM served r
+LEFT JOIN shadow_predictions s ON s.request_id = r.request_id
 """
 
 
@@ -142,9 +148,12 @@ class ShadowLog:
             for record in records
         ]
 
-    async def window_rows(self, model_name: str, start: datetime, end: datetime) -> list[WindowRow]:
-        """Every labelled row predicted in ``[start, end)`` with all its predictions."""
-        records = await self.pool.fetch(_WINDOW, model_name, start, end)
+    async def window_rows(
+        self, model_name: str, start: datetime, end: datetime, *, limit: int
+    ) -> list[WindowRow]:
+        """The newest ``limit`` labelled rows predicted in ``[start, end)``, each with all its
+        predictions (the served one and every shadow version's)."""
+        records = await self.pool.fetch(_WINDOW, model_name, start, end, limit)
         rows: dict[str, WindowRow] = {}
         for record in records:
             row = rows.get(record["request_id"])

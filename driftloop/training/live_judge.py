@@ -93,6 +93,9 @@ _LIVE_NAMESPACE: Final = uuid.UUID("0c6d2b1e-5a7f-4f3b-8e0d-9b1f6a2c4d71")
 
 Publish = Callable[[ModelDecision], Awaitable[None]]
 EXPIRY_INTERVAL_SECONDS: Final = 600.0
+# The counterfactual of a window is computed on its newest labelled rows, at most this many:
+# the judge runs every few seconds, and a week of a busy model's rows would be millions.
+WINDOW_ROWS_LIMIT: Final = 20_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +217,9 @@ class LiveJudge:
         the first champion's on the same labelled rows."""
         end = utc_now()
         start = end - span
-        rows = await self.shadow_log.window_rows(plan.model_name, start, end)
+        rows = await self.shadow_log.window_rows(
+            plan.model_name, start, end, limit=WINDOW_ROWS_LIMIT
+        )
         baselines = {"first_champion": plan.first}
         if plan.previous is not None:
             baselines["previous_champion"] = plan.previous
