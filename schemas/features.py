@@ -7,6 +7,7 @@ means adding a file to ``schemas/models/``, not code.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
@@ -30,6 +31,7 @@ from pydantic import (
     StrictStr,
     ValidationError,
     create_model,
+    field_validator,
     model_validator,
 )
 
@@ -394,6 +396,16 @@ TASK_METRICS: Final[Mapping[Task, tuple[Metric, ...]]] = {
 }
 """The metrics of each task, the default promotion metric first."""
 
+# A regression's scale is its own: 1-2.5-5 steps over six decades on each side of 0, so any
+# model's quantiles read within a step without knowing its range (a model declares tighter
+# bounds in monitoring.prediction_buckets). A classifier serves probabilities: steps of 0.05.
+_DECADES: Final = tuple(step * 10.0**power for power in range(6) for step in (1, 2.5, 5))
+TASK_PREDICTION_BUCKETS: Final[Mapping[Task, tuple[float, ...]]] = {
+    Task.REGRESSION: (-1e6, *(-bound for bound in reversed(_DECADES)), 0.0, *_DECADES, 1e6),
+    Task.CLASSIFICATION: tuple(round(0.05 * step, 2) for step in range(1, 21)),
+}
+"""Histogram bounds of a task's served predictions when its declaration names none."""
+
 
 class Training(_Declaration):
     """How models are trained and judged."""
@@ -421,6 +433,16 @@ class Monitoring(_Declaration):
     window: timedelta = Field(default=timedelta(hours=1), gt=timedelta(0))
     """Span of prediction time judged as one window (ISO 8601, e.g. PT1M, PT1H, P7D): windows
     are aligned on multiples of it since the Unix epoch, and judged once closed and settled."""
+    prediction_buckets: tuple[FiniteFloat, ...] | None = Field(default=None, min_length=1)
+    """Upper bounds of the served predictions' histogram (``gateway_prediction_value``),
+    increasing; none: the task's (``FeatureSpec.prediction_buckets``)."""
+
+    @field_validator("prediction_buckets")
+    @classmethod
+    def _increasing(cls, bounds: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if bounds is not None and any(low >= high for low, high in itertools.pairwise(bounds)):
+            raise ValueError(f"prediction_buckets must increase, got {list(bounds)}")
+        return bounds
 
 
 DEFAULT_HOT_RETENTION: Final = timedelta(days=14)
@@ -507,6 +529,11 @@ class FeatureSpec(_Declaration):
     def promotion_metric(self) -> Metric:
         """The declared promotion metric, else the task's default."""
         return self.training.promotion_metric or TASK_METRICS[self.task][0]
+
+    @property
+    def prediction_buckets(self) -> tuple[float, ...]:
+        """Histogram bounds of the served predictions: the declared ones, else the task's."""
+        return self.monitoring.prediction_buckets or TASK_PREDICTION_BUCKETS[self.task]
 
     @property
     def metrics(self) -> tuple[Metric, ...]:
