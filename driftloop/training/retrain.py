@@ -112,7 +112,7 @@ from driftloop.training.policy import (
 )
 from driftloop.training.workspace import get_objects, put_objects, work_prefix
 from schemas.events import ModelDecision, ModelPromoted, ModelRejected
-from schemas.features import TASK_METRICS, FeatureKind, FeatureSpec, Metric
+from schemas.features import TASK_METRICS, FeatureKind, FeatureSpec, Metric, TrainingData
 from schemas.fields import (
     EpisodeId,
     FeatureName,
@@ -459,13 +459,17 @@ def reference_times(spec: FeatureSpec, reference: pd.DataFrame) -> pd.Series:
 
 
 def choose_history(
-    spec: FeatureSpec, training_set: pd.DataFrame, as_of: datetime
+    training_set: pd.DataFrame, data: TrainingData, as_of: datetime, *, min_rows: int
 ) -> tuple[pd.DataFrame, bool]:
-    """The model's training-data policy applied to the assembled training set: the rows kept,
-    with ``WEIGHT_COLUMN`` when the policy weighs them; and whether it does."""
-    chosen = select_history(
-        training_set, training_set[PREDICTED_AT_COLUMN], spec.training_data, as_of=as_of
-    )
+    """A training-data policy applied to the assembled training set: the rows kept, with
+    ``WEIGHT_COLUMN`` when the policy weighs them; and whether it does. ``TooFewLabelsError``
+    when fewer than ``min_rows`` are kept (a span shorter than the holdout keeps none)."""
+    chosen = select_history(training_set, training_set[PREDICTED_AT_COLUMN], data, as_of=as_of)
+    if len(chosen.rows) < min_rows:
+        raise TooFewLabelsError(
+            f"too few rows to train on: the training-data policy ({data.describe()}) keeps "
+            f"{len(chosen.rows)} of the {len(training_set)} rows before the holdout"
+        )
     rows = chosen.rows
     if chosen.weights is not None:
         rows = rows.assign(**{WEIGHT_COLUMN: chosen.weights})
@@ -764,16 +768,15 @@ def extract_step(
         raise TooFewLabelsError(f"{error} ({where}); champion v{champion_version} stays") from error
     reference = trainer.load_reference(uri, name, champion_version)
     holdout_end = holdout[PREDICTED_AT_COLUMN].iloc[-1].to_pydatetime()
-    training_set, weighted = choose_history(
-        spec, assemble_training_set(spec, reference, older), holdout_end
-    )
-    if len(training_set) < policy.min_holdout_rows:
-        raise TooFewLabelsError(
-            f"too few rows to train on: the training-data policy "
-            f"({spec.training_data.describe()}) keeps {len(training_set)} of the "
-            f"{len(reference) + len(older)} rows before the holdout ({where}); "
-            f"champion v{champion_version} stays"
+    try:
+        training_set, weighted = choose_history(
+            assemble_training_set(spec, reference, older),
+            spec.training_data,
+            holdout_end,
+            min_rows=policy.min_holdout_rows,
         )
+    except TooFewLabelsError as error:
+        raise TooFewLabelsError(f"{error} ({where}); champion v{champion_version} stays") from error
     metric = holdout_metric(spec)
     prefix = work_prefix(name, dag_run_id)
     bucket = connections.object_store.data_bucket

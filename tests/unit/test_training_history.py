@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from driftloop.training import retrain, trainer
 from driftloop.training.history import select_history
-from driftloop.training.policy import RetrainPolicy
+from driftloop.training.policy import RetrainPolicy, TooFewLabelsError
 from schemas.features import FeatureSpec, TrainingData, load_feature_spec
 
 NOW = datetime(2011, 6, 1, tzinfo=UTC)
@@ -143,7 +143,9 @@ def test_the_dag_trains_on_the_policys_share_and_weights_reach_the_trainer() -> 
     as_of = holdout[retrain.PREDICTED_AT_COLUMN].iloc[-1].to_pydatetime()
 
     # bikeshare's default: the last 90 days before the holdout's newest row.
-    chosen, weighted = retrain.choose_history(spec, assembled, as_of)
+    chosen, weighted = retrain.choose_history(
+        assembled, spec.training_data, as_of, min_rows=RetrainPolicy().min_holdout_rows
+    )
     assert not weighted
     oldest = chosen[retrain.PREDICTED_AT_COLUMN].min()
     assert oldest > pd.Timestamp(as_of) - pd.Timedelta(days=90)
@@ -153,7 +155,9 @@ def test_the_dag_trains_on_the_policys_share_and_weights_reach_the_trainer() -> 
     document = yaml.safe_load(trainer.feature_spec_document(spec))
     document["training"]["data"] = {"half_life_days": 30}
     weighing = FeatureSpec.model_validate(document)
-    rows, weighted = retrain.choose_history(weighing, assembled, as_of)
+    rows, weighted = retrain.choose_history(
+        assembled, weighing.training_data, as_of, min_rows=RetrainPolicy().min_holdout_rows
+    )
     assert weighted
     assert len(rows) == len(assembled)
     weights = rows.pop(retrain.WEIGHT_COLUMN).to_numpy()
@@ -165,3 +169,6 @@ def test_the_dag_trains_on_the_policys_share_and_weights_reach_the_trainer() -> 
     assert np.mean(np.asarray(recent.predict(matrix))) > np.mean(np.asarray(flat.predict(matrix)))
     with pytest.raises(ValueError, match="weights"):
         trainer.train_booster(weighing, rows, weights=weights[:-1])
+    # A span shorter than the holdout keeps no row before it: the run fails, champion stays.
+    with pytest.raises(TooFewLabelsError, match="keeps 0 of"):
+        retrain.choose_history(assembled, TrainingData(last_days=3), as_of, min_rows=50)
