@@ -244,15 +244,21 @@ class DemoOptions:
 
 @dataclass(frozen=True, slots=True)
 class SimulatedTime:
-    """The replay's clock: real moment ``started`` is simulated ``first``, at a given pace."""
+    """The replay's clock: real moment ``started`` is simulated ``first``, at a given pace,
+    stopped while it was held (``holds``: the replay's real intervals, the last maybe open)."""
 
     started: datetime
     first: datetime
     hours_per_second: float
+    holds: Sequence[tuple[datetime, datetime | None]] = ()
 
     def at(self, moment: datetime) -> datetime:
         """The simulated moment of a real one."""
         seconds = (moment - self.started).total_seconds()
+        for held_from, held_until in self.holds:
+            end = moment if held_until is None else min(held_until, moment)
+            if end > held_from:
+                seconds -= (end - held_from).total_seconds()
         return self.first + timedelta(hours=seconds * self.hours_per_second)
 
 
@@ -510,7 +516,7 @@ async def _closed_loop(options: DemoOptions) -> bool:
             replayers.append(replayer)
             holder.append(replayer.stats)
             tally.simulated = SimulatedTime(
-                datetime.now(UTC), hours[0].moment, options.hours_per_second
+                datetime.now(UTC), hours[0].moment, options.hours_per_second, replayer.stats.holds
             )
             stats = await replayer.run()
             console.print(

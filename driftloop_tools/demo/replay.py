@@ -83,6 +83,8 @@ class ReplayStats:
     """Real seconds the clock was held (retrainings in flight)."""
     holds_timed_out: int = 0
     """Holds released by the replayer's own limit rather than by the loop."""
+    holds: list[tuple[datetime, datetime | None]] = field(default_factory=list)
+    """Real (UTC) intervals the clock was held; the last is open while it holds."""
 
     def record_error(self, kind: str, detail: str) -> None:
         """Count one failed call by kind and keep its detail for the display."""
@@ -220,11 +222,14 @@ class Replayer:
             return 0.0
         loop = asyncio.get_running_loop()
         held_at = loop.time()
+        # The wall clock too: the demo maps the logged rows' times back to simulated time.
+        self.stats.holds.append((datetime.now(UTC), None))
         try:
             await asyncio.wait_for(self._running.wait(), timeout=self.max_hold_seconds)
         except TimeoutError:
             self.stats.holds_timed_out += 1
             self._running.set()
+        self.stats.holds[-1] = (self.stats.holds[-1][0], datetime.now(UTC))
         held = loop.time() - held_at
         self.stats.held_seconds += held
         return held

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pandas as pd
 
 from driftloop.evaluation import loop_value
 from driftloop_tools.demo import replay
-from driftloop_tools.demo.cli import LoopTally, _value_table, account_for_loop
+from driftloop_tools.demo.cli import LoopTally, SimulatedTime, _value_table, account_for_loop
 from schemas.features import load_feature_spec
 
 
@@ -41,15 +42,33 @@ def test_the_frozen_champions_own_predictions_have_no_lift_over_it() -> None:
     assert np.isfinite(found.realised)
 
 
+def busy(tally: LoopTally) -> bool:
+    return tally.retraining
+
+
 def test_a_retraining_is_in_flight_until_its_version_is_served() -> None:
     tally = LoopTally()
-    assert not tally.retraining
+    assert not busy(tally)
     tally.in_flight.add("episode-1")
-    assert tally.retraining
+    assert busy(tally)
     tally.in_flight.clear()
     tally.promoted.append(2)
-    assert tally.retraining
+    assert busy(tally)
     tally.served.append(2)
-    assert not tally.retraining
+    assert not busy(tally)
     tally.triggers.update({"triggered": 2, "already_triggered": 1, "failed": 4})
     assert tally.retrains == 3
+
+
+def test_simulated_time_stops_while_the_clock_is_held() -> None:
+    started = datetime(2026, 12, 6, 9, 0, tzinfo=UTC)
+    first = datetime(2011, 4, 1, tzinfo=UTC)
+    holds = [(started + timedelta(seconds=10), started + timedelta(seconds=70))]
+    clock = SimulatedTime(started, first, 30.0, holds)
+    assert clock.at(started + timedelta(seconds=10)) == first + timedelta(hours=300)
+    # Held from 10 s to 70 s: the simulated clock stands still, then runs on from there.
+    assert clock.at(started + timedelta(seconds=40)) == first + timedelta(hours=300)
+    assert clock.at(started + timedelta(seconds=80)) == first + timedelta(hours=600)
+    # A hold still open stops the clock at its start.
+    still = SimulatedTime(started, first, 30.0, [(started + timedelta(seconds=10), None)])
+    assert still.at(started + timedelta(seconds=500)) == first + timedelta(hours=300)
