@@ -41,7 +41,14 @@ from driftloop.drift import episodes
 from driftloop.drift.baseline import PreparedBaseline, calibrate, prepare, reference_arrays
 from driftloop.drift.policy import DriftPolicy
 from driftloop.drift.sketch import WindowSketch
-from driftloop.orchestration.ledger import Decision, PriorTrigger, decide
+from driftloop.orchestration.ledger import (
+    Decision,
+    LedgerEntry,
+    PriorTrigger,
+    TriggerState,
+    dag_run_id_for,
+    decide,
+)
 from driftloop.training import trainer
 from driftloop.training.bootstrap import split_holdout
 from driftloop.training.history import select_history
@@ -283,7 +290,7 @@ def serve_drift_loop(
         1, first, _baseline(spec, first, first_reference, settings), pd.Timestamp(start)
     )
     state = episodes.start(model, 1)
-    accepted: set[str] = set()
+    ledger: dict[str, LedgerEntry] = {}
     last_trigger: PriorTrigger | None = None
     pending: _Version | None = None
     predictions = np.full(len(replay), np.nan, dtype=np.float64)
@@ -325,7 +332,9 @@ def serve_drift_loop(
             policy=settings.drift,
         )
         state = step.state
+        # While a run is in flight (``lag``) no other starts: the DAG allows one active run.
         if step.drift_holds and step.episode_id is not None and pending is None:
+            # A DriftDetected as the monitor publishes it; the report is not written offline.
             event = DriftDetected(
                 model_name=model,
                 model_version=version.number,
@@ -342,16 +351,23 @@ def serve_drift_loop(
             verdict = decide(
                 event,
                 known_models=frozenset({model}),
-                previous=None,
+                previous=ledger.get(step.episode_id),
                 last_trigger=last_trigger,
                 cooldown=cooldown,
             )
-            if step.episode_id in accepted:
-                pass  # a duplicate: the episode's run exists
-            elif verdict.decision is Decision.SUPPRESS_COOLDOWN:
+            if verdict.decision is Decision.SUPPRESS_COOLDOWN:
                 note(f"{window_end:%Y-%m-%d} v{version.number} drift {share:.2f}: suppressed")
-            else:
-                accepted.add(step.episode_id)
+            elif verdict.decision is Decision.TRIGGER:
+                ledger[step.episode_id] = LedgerEntry(
+                    episode_id=step.episode_id,
+                    model_name=model,
+                    dag_id="retrain_model",
+                    dag_run_id=dag_run_id_for(step.episode_id),
+                    state=TriggerState.TRIGGERED,
+                    reason=None,
+                    triggered_at=window_end,
+                    dag_run_state=None,
+                )
                 last_trigger = PriorTrigger(step.episode_id, window_end)
                 retrains += 1
                 challenger = _retrain(
