@@ -150,9 +150,9 @@ class RetrainTriggerSettings(ServiceSettings):
     )
     cooldown_windows: Annotated[float, Field(gt=0)] | None = Field(
         default=None,
-        description="RETRAIN_TRIGGER_COOLDOWN_WINDOWS: the cooldown as a number of the drifted "
-        "model's windows (each event's window end minus start), replacing "
-        "RETRAIN_TRIGGER_COOLDOWN_SECONDS when set. It scales with the window, so a replay "
+        description="RETRAIN_TRIGGER_COOLDOWN_WINDOWS: a cooldown of this many of the drifted "
+        "model's windows (each event's window end minus start); the longer of it and "
+        "RETRAIN_TRIGGER_COOLDOWN_SECONDS applies. It scales with the window, so a replay "
         "faster than real time (DRIFT_MONITOR_WINDOW_SECONDS) keeps the same cooldown in "
         "simulated time (default unset).",
     )
@@ -271,10 +271,11 @@ class RetrainTrigger:
             await self.handle(delivery.event)
 
     def cooldown_for(self, event: DriftDetected) -> timedelta:
-        """The cooldown after ``event``'s model triggered: fixed, or a number of its windows."""
+        """The cooldown after ``event``'s model triggered: the fixed one, or a number of its
+        windows when that is longer (a setting of either never shortens the other)."""
         if self.cooldown_windows is None:
             return self.cooldown
-        return (event.window_end - event.window_start) * self.cooldown_windows
+        return max(self.cooldown, (event.window_end - event.window_start) * self.cooldown_windows)
 
     async def handle(self, event: DriftDetected) -> TriggerState | None:
         """Decide, trigger if due, record; None for a duplicate of an accepted episode."""
@@ -457,12 +458,13 @@ async def run_retrain_trigger(settings: RetrainTriggerSettings) -> None:
         )
         try:
             log.info(
-                "triggering %s for models %s (cooldown %s of prediction time) from %s",
+                "triggering %s for models %s (cooldown %.0f s%s of prediction time) from %s",
                 settings.dag_id,
                 sorted(settings.known_models()),
-                f"{settings.cooldown_windows:g} windows"
+                settings.cooldown_seconds,
+                f" or {settings.cooldown_windows:g} windows, the longer"
                 if settings.cooldown_windows is not None
-                else f"{settings.cooldown_seconds:.0f} s",
+                else "",
                 topic,
             )
             await loop.run()

@@ -252,9 +252,10 @@ class LoopSettings:
     data: TrainingData = field(default_factory=TrainingData)
     drift: DriftPolicy = field(default_factory=DriftPolicy)
     retrain: RetrainPolicy = field(default_factory=RetrainPolicy)
-    cooldown: timedelta | None = None
-    """Fixed cooldown in prediction time; None: ``cooldown_windows`` windows."""
-    cooldown_windows: float = 2.0
+    cooldown: timedelta = timedelta(0)
+    """Fixed cooldown in prediction time (``RETRAIN_TRIGGER_COOLDOWN_SECONDS``)."""
+    cooldown_windows: float | None = 2.0
+    """Cooldown in windows (``RETRAIN_TRIGGER_COOLDOWN_WINDOWS``); the longer applies."""
     window: timedelta | None = None
     """Span of a drift window; None: the declaration's ``monitoring.window``."""
     lag: timedelta = timedelta(0)
@@ -347,7 +348,8 @@ def serve_drift_loop(
                 prediction_drifted=False,
                 report_uri="s3://offline/none.json",
             )
-            cooldown = settings.cooldown or window * settings.cooldown_windows
+            # RetrainTrigger.cooldown_for: the longer of the fixed and the windows' cooldowns.
+            cooldown = max(settings.cooldown, window * (settings.cooldown_windows or 0))
             verdict = decide(
                 event,
                 known_models=frozenset({model}),

@@ -329,12 +329,24 @@ async def test_a_cooldown_in_windows_scales_with_the_window(rig: Rig) -> None:
     # A replay at 30 simulated hours a second has 5.6 s windows for a week of traffic: two
     # windows of cooldown are 11.2 s of its prediction time, two weeks of its simulated time.
     rig.trigger.cooldown_windows = 2
+    rig.trigger.cooldown = timedelta(0)
     window = timedelta(seconds=5.6)
     await rig.trigger.handle(drift("e1", window=window))
     second = drift("e2", window_end=NOW + 1.5 * window, window=window)
     assert await rig.trigger.handle(second) is TriggerState.SUPPRESSED_COOLDOWN
     third = drift("e3", window_end=NOW + 2 * window, window=window)
     assert await rig.trigger.handle(third) is TriggerState.TRIGGERED
+
+
+async def test_the_longer_of_the_seconds_and_the_windows_applies(rig: Rig) -> None:
+    # A test or an operator that sets the seconds is not overridden by a shorter windows'
+    # cooldown from a .env, and the other way round.
+    rig.trigger.cooldown_windows = 2
+    rig.trigger.cooldown = HOUR
+    short = drift("e1", window=timedelta(seconds=5.6))
+    assert rig.trigger.cooldown_for(short) == HOUR
+    long = drift("e2", window=timedelta(days=7))
+    assert rig.trigger.cooldown_for(long) == timedelta(days=14)
 
 
 async def test_unknown_model_is_recorded_failed_without_calling_airflow(rig: Rig) -> None:
