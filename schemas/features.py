@@ -407,6 +407,44 @@ TASK_PREDICTION_BUCKETS: Final[Mapping[Task, tuple[float, ...]]] = {
 """Histogram bounds of a task's served predictions when its declaration names none."""
 
 
+class TrainingData(_Declaration):
+    """Which labelled history a retrained version learns from (``training.data``).
+
+    Written ``all`` (every labelled row: the seed rows and the logged traffic), or
+    ``{last_days: N}`` (the rows of the last N days of prediction time before the retraining),
+    or ``{half_life_days: H}`` (every row, weighted 0.5 ** (age / H) days). Ages count back
+    from the newest labelled row, not the wall clock, so a replay trains as live traffic would.
+    Seed rows of a dataset without a time column have no age: they count as old as the oldest
+    dated row (out of a ``last_days`` window, at the smallest weight under a half-life).
+    """
+
+    last_days: float | None = Field(default=None, gt=0)
+    """Keep only the rows of the last this many days."""
+    half_life_days: float | None = Field(default=None, gt=0)
+    """Weight each row by its age: half the weight every this many days."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _spelled(cls, value: Any) -> Any:
+        if value == "all":
+            return {}
+        return value
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> Self:
+        if self.last_days is not None and self.half_life_days is not None:
+            raise ValueError("training.data is all, last_days or half_life_days, not several")
+        return self
+
+    def describe(self) -> str:
+        """The policy as it is written in a declaration."""
+        if self.last_days is not None:
+            return f"last {self.last_days:g} days"
+        if self.half_life_days is not None:
+            return f"half-life {self.half_life_days:g} days"
+        return "all history"
+
+
 class Training(_Declaration):
     """How models are trained and judged."""
 
@@ -425,6 +463,9 @@ class Training(_Declaration):
     """Without a time column: the share of the rows held out, drawn at random."""
     seed: int = 7
     """Seed of the random holdout (the same rows every time)."""
+    data: TrainingData | None = None
+    """Which labelled history a retrained version learns from; None: as much as the first
+    model learned (``FeatureSpec.training_data``)."""
 
 
 class Monitoring(_Declaration):
@@ -524,6 +565,25 @@ class FeatureSpec(_Declaration):
         ):
             raise ValueError("training.since must be before training.until")
         return self
+
+    @property
+    def training_data(self) -> TrainingData:
+        """The declared ``training.data``, else the span the first model learned.
+
+        By default a retrained version learns as much history as the declaration gave the first
+        model (``training.until`` minus ``training.since``: bikeshare's winter quarter, 90
+        days), so the training set and the reference (the version's own training data, which
+        the drift thresholds are calibrated on) keep the size and the sensitivity the author
+        chose, instead of diluting each season into all the ones before it. Measured on the
+        demo replay (``bench/loop_value.py``). Without both bounds there is no such span (a
+        dataset without a time column, like breast_cancer): every labelled row is kept.
+        """
+        if self.training.data is not None:
+            return self.training.data
+        since, until = self.training.since, self.training.until
+        if since is None or until is None:
+            return TrainingData()
+        return TrainingData(last_days=(until - since) / timedelta(days=1))
 
     @property
     def promotion_metric(self) -> Metric:
