@@ -278,6 +278,8 @@ class LoopTally:
     in_flight: set[str] = field(default_factory=set)
     simulated: SimulatedTime | None = None
     """Set when the replay starts: windows are shown in simulated time."""
+    metric: str = "rmse"
+    """The model's promotion metric, shown for each window as the retrain DAG names it."""
 
     @property
     def retraining(self) -> bool:
@@ -355,10 +357,12 @@ def _window_line(run: DriftRun, tally: LoopTally) -> str:
         return f"[yellow]window[/yellow] v{run.model_version} {span} refused: {run.refusal_reason}"
     if run.outcome == "drifted" and tally.first_drifted_report is None:
         tally.first_drifted_report = run.report_uri
-    rmse = (run.quality or {}).get("rmse")
+    value = (run.quality or {}).get(tally.metric)
     colour = "red" if run.outcome == "drifted" else "green"
     features = f" ({', '.join(run.drifted_features)})" if run.drifted_features else ""
-    quality = f", RMSE {rmse:.1f} on {run.labelled_rows} labels" if rmse is not None else ""
+    quality = (
+        f", {tally.metric} {value:.4g} on {run.labelled_rows} labels" if value is not None else ""
+    )
     return (
         f"[{colour}]window[/{colour}] v{run.model_version} {span}, {run.window_rows} rows: "
         f"drift share {run.drift_share or 0:.2f}{features}{quality}"
@@ -463,7 +467,7 @@ async def _closed_loop(options: DemoOptions) -> bool:
     hours = load_replay_hours(spec, first_day=options.first_day, last_day=options.last_day)
     drift_store = await open_drift_store(stack.postgres, give_up_after_seconds=30)
     ledger = await open_retrain_ledger(stack.postgres, give_up_after_seconds=30)
-    tally = LoopTally()
+    tally = LoopTally(metric=spec.promotion_metric.value)
     timeline = LoopTimeline()
     holder: list[ReplayStats] = []
     limits = httpx.Limits(max_connections=options.concurrency + 4)
