@@ -13,9 +13,9 @@ first drifted window (the moment its last row was logged), the loop's total agai
 one-task DAG (``platform_healthcheck``) from trigger to finish. Results go to
 ``bench/results/closed_loop-<time>.json``.
 
-The stack's retrain-trigger applies its cooldown (RETRAIN_TRIGGER_COOLDOWN_SECONDS, 120 s in
-.env.example): runs closer together than that are refused by the cooldown, so the script
-waits it out between runs.
+The stack's retrain-trigger applies its cooldown in prediction time (RETRAIN_TRIGGER_COOLDOWN_*
+in .env.example): the replays here log at the wall clock, so runs closer together than the
+cooldown are refused by it, and the script waits it out between runs (``--pause``).
 """
 
 from __future__ import annotations

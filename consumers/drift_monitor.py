@@ -45,6 +45,7 @@ from driftloop.settings import (
 from driftloop.storage.migrations import SCHEMA_NAME
 from driftloop.storage.objectstore import s3_client
 from schemas.events import DriftDetected
+from schemas.features import declared_specs
 from schemas.topics import Topic
 
 if TYPE_CHECKING:
@@ -217,16 +218,19 @@ async def run_drift_monitor(settings: DriftMonitorSettings) -> None:
 
 async def print_status(settings: DriftMonitorSettings, limit: int) -> None:
     """Print the latest windows judged, newest first."""
+    # Each model's quality is shown by its promotion metric, as the retrain DAG judges it.
+    metrics = {spec.registered_model_name: spec.promotion_metric.value for spec in declared_specs()}
     store = await open_drift_store(settings.postgres, settings.db_schema, give_up_after_seconds=10)
     try:
         for run in await store.recent(limit=limit):
             share = "-" if run.drift_share is None else f"{run.drift_share:.2f}"
-            rmse = (run.quality or {}).get("rmse")
+            metric = metrics.get(run.model_name, "quality")
+            value = (run.quality or {}).get(metric)
             print(  # noqa: T201 - a command-line report
                 f"{run.checked_at:%Y-%m-%d %H:%M:%S}\t{run.model_name} v{run.model_version}\t"
                 f"{run.outcome}\t{run.window_rows} rows\tshare {share}\t"
                 f"{','.join(run.drifted_features) or '-'}\t"
-                f"rmse {'-' if rmse is None else f'{rmse:.1f}'}\t"
+                f"{metric} {'-' if value is None else f'{value:.4g}'}\t"
                 f"{run.episode_id or '-'}{' (event)' if run.drift_holds else ''}\t"
                 f"{run.report_uri or run.refusal_reason or ''}"
             )

@@ -3,7 +3,9 @@
 Consumes ``drift.events`` in one group on the shared consumer loop. Each ``DriftDetected`` is
 decided against the ledger (``retrain_triggers``): a duplicate of an accepted episode is
 skipped, an unknown model is recorded as failed, another episode of the model inside the
-cooldown is recorded as suppressed, anything else triggers the DAG with the run id
+cooldown (in prediction time: the event's window end against the window end that last
+triggered, ``driftloop.orchestration.ledger``) is recorded as suppressed, anything else
+triggers the DAG with the run id
 ``drift-<episode_id>`` — a replay gets 409 from Airflow, never a second run. While Airflow is
 unreachable the loop pauses and retries the batch, so the offset is committed only after the
 trigger was accepted and written to the ledger. A background task follows the DAG runs'
@@ -143,7 +145,16 @@ class RetrainTriggerSettings(ServiceSettings):
     cooldown_seconds: Annotated[float, Field(ge=0)] = Field(
         default=3600.0,
         description="RETRAIN_TRIGGER_COOLDOWN_SECONDS: after a model's run is triggered, other "
-        "episodes of that model within this time are suppressed (default 3600).",
+        "episodes of that model whose window ends within this much prediction time of the "
+        "triggering window's end are suppressed (default 3600).",
+    )
+    cooldown_windows: Annotated[float, Field(gt=0)] | None = Field(
+        default=None,
+        description="RETRAIN_TRIGGER_COOLDOWN_WINDOWS: a cooldown of this many of the drifted "
+        "model's windows (each event's window end minus start); the longer of it and "
+        "RETRAIN_TRIGGER_COOLDOWN_SECONDS applies. It scales with the window, so a replay "
+        "faster than real time (DRIFT_MONITOR_WINDOW_SECONDS) keeps the same cooldown in "
+        "simulated time (default unset).",
     )
     dag_params: dict[str, Any] = Field(
         default_factory=dict,
@@ -235,6 +246,7 @@ class RetrainTrigger:
         *,
         dag_id: str,
         cooldown: timedelta,
+        cooldown_windows: float | None = None,
         known_models: frozenset[str] | Callable[[], frozenset[str]],
         conf_extras: Mapping[str, Any] | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -243,6 +255,7 @@ class RetrainTrigger:
         self.airflow = airflow
         self.dag_id = dag_id
         self.cooldown = cooldown
+        self.cooldown_windows = cooldown_windows
         # A callable is asked at every event: a model declared since the start is retrained.
         self.known_models = known_models
         self.conf_extras = dict(conf_extras or {})
@@ -257,9 +270,15 @@ class RetrainTrigger:
         for delivery in deliveries:
             await self.handle(delivery.event)
 
+    def cooldown_for(self, event: DriftDetected) -> timedelta:
+        """The cooldown after ``event``'s model triggered: the fixed one, or a number of its
+        windows when that is longer (a setting of either never shortens the other)."""
+        if self.cooldown_windows is None:
+            return self.cooldown
+        return max(self.cooldown, (event.window_end - event.window_start) * self.cooldown_windows)
+
     async def handle(self, event: DriftDetected) -> TriggerState | None:
         """Decide, trigger if due, record; None for a duplicate of an accepted episode."""
-        now = self._clock()
         previous = await self.ledger.entry(event.episode_id)
         last_trigger = await self.ledger.last_trigger(event.model_name)
         known = self.known_models
@@ -268,8 +287,7 @@ class RetrainTrigger:
             known_models=known() if callable(known) else known,
             previous=previous,
             last_trigger=last_trigger,
-            now=now,
-            cooldown=self.cooldown,
+            cooldown=self.cooldown_for(event),
         )
         if verdict.decision is Decision.DUPLICATE:
             TRIGGERS.labels("duplicate").inc()
@@ -428,6 +446,7 @@ async def run_retrain_trigger(settings: RetrainTriggerSettings) -> None:
             airflow,
             dag_id=settings.dag_id,
             cooldown=timedelta(seconds=settings.cooldown_seconds),
+            cooldown_windows=settings.cooldown_windows,
             known_models=settings.known_models,
             conf_extras=settings.conf_extras(),
         )
@@ -439,10 +458,13 @@ async def run_retrain_trigger(settings: RetrainTriggerSettings) -> None:
         )
         try:
             log.info(
-                "triggering %s for models %s (cooldown %.0fs) from %s",
+                "triggering %s for models %s (cooldown %.0f s%s of prediction time) from %s",
                 settings.dag_id,
                 sorted(settings.known_models()),
                 settings.cooldown_seconds,
+                f" or {settings.cooldown_windows:g} windows, the longer"
+                if settings.cooldown_windows is not None
+                else "",
                 topic,
             )
             await loop.run()

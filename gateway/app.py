@@ -23,9 +23,9 @@ from gateway.contract import (
     ADMIN_BEARER,
     API_KEY,
     SECURITY_SCHEMES,
-    Feedback,
     ProblemDetails,
     feedback_request_body,
+    feedback_schemas,
     predict_request_body,
     row_schemas,
 )
@@ -150,14 +150,14 @@ def create_app(
         schemas = components.setdefault("schemas", {})
         for served in service.models.values():
             schemas.update(row_schemas(served.spec))
-        schemas["Feedback"] = Feedback.model_json_schema(ref_template=_REF_TEMPLATE)
+            schemas.update(feedback_schemas(served.spec))
         problem = ProblemDetails.model_json_schema(ref_template=_REF_TEMPLATE)
         schemas.update(problem.pop("$defs", {}))
         schemas["ProblemDetails"] = problem
         components["securitySchemes"] = SECURITY_SCHEMES
         paths = document["paths"]
         paths["/predict"]["post"]["requestBody"] = predict_request_body(spec, settings.max_rows)
-        paths["/feedback"]["post"]["requestBody"] = feedback_request_body(settings.max_rows)
+        paths["/feedback"]["post"]["requestBody"] = feedback_request_body(spec, settings.max_rows)
         paths["/admin/reload"]["post"]["security"] = [{ADMIN_BEARER: []}]
         # The API key is asked for only when the gateway is configured with keys: the document
         # describes this gateway, and a client of a keyless one needs none.
@@ -176,6 +176,7 @@ def create_app(
             feedback = copy.deepcopy(paths["/feedback"]["post"])
             feedback["summary"] = f"Send the true values of earlier {name} predictions"
             feedback["operationId"] = f"feedback_{name}"
+            feedback["requestBody"] = feedback_request_body(served.spec, settings.max_rows)
             feedback["responses"].update(not_served)
             paths[model_predict_path(name)] = {"post": predict}
             paths[f"/models/{name}/feedback"] = {"post": feedback}

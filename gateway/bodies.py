@@ -4,18 +4,28 @@ a list of them. Each refusal is a ``RequestProblemError`` naming what was sent."
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
 from pydantic import ValidationError
 
-from gateway.contract import Feedback
+from gateway.contract import Feedback, code_label
 from gateway.problems import RequestProblemError
-from schemas.validation import Problem, problems_of
+from schemas.features import Target
+from schemas.validation import Problem, field_path, problems_of
 
 _JSON: Final = "application/json"
 # application/json, or a structured syntax suffix such as application/merge-patch+json.
 _JSON_MEDIA_TYPE: Final = re.compile(r"application/(?:[\w.+-]+\+)?json", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class CodedFeedback:
+    """A label as sent, and its value coded for the model (what ``GroundTruth`` carries)."""
+
+    feedback: Feedback
+    coded: float
 
 
 def require_json(content_type: str | None) -> None:
@@ -60,18 +70,26 @@ def item_prefix(position: int, single: bool) -> str:
     return "" if single else f"[{position}]"
 
 
-def read_feedback(body: bytes, content_type: str | None, *, max_items: int) -> list[Feedback]:
-    """The checked labels of a /feedback body (one object or a list)."""
+def read_feedback(
+    body: bytes, content_type: str | None, *, max_items: int, target: Target
+) -> list[CodedFeedback]:
+    """The checked labels of a /feedback body (one object or a list), each coded as the model
+    learns it (``Target.encode``: a categorical target's class names become 1.0 or 0.0)."""
     require_json(content_type)
     items, single = one_or_many(parse_json(body), max_items=max_items, what="label")
-    labels: list[Feedback] = []
+    labels: list[CodedFeedback] = []
     problems: list[Problem] = []
     for position, item in enumerate(items):
         prefix = item_prefix(position, single)
         try:
-            labels.append(Feedback.model_validate(item))
+            feedback = Feedback.model_validate(item)
         except ValidationError as error:
             problems += problems_of(error.errors(include_url=False), prefix)
+            continue
+        try:
+            labels.append(CodedFeedback(feedback, code_label(target, feedback.label)))
+        except ValueError as error:
+            problems.append(Problem(field_path(("label",), prefix), str(error)))
     if problems:
         raise RequestProblemError(422, problems)
     return labels

@@ -11,9 +11,9 @@ import re
 from datetime import datetime
 from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
-from schemas.features import Feature, FeatureKind, FeatureSpec
+from schemas.features import Feature, FeatureKind, FeatureSpec, Target, TargetType
 from schemas.fields import FiniteFloat, ModelName, ModelVersion, RequestId, RunId, UtcDatetime
 
 # RFC 3339 section 5.6 date-time, the JSON Schema "date-time" format.
@@ -134,7 +134,10 @@ class Feedback(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     request_id: RequestId = Field(description="The prediction's request id (row id of a list).")
-    label: FiniteFloat = Field(description="The observed target value.")
+    label: StrictInt | FiniteFloat | StrictStr = Field(
+        description="The observed target value: a number for a regression; a classifier's class "
+        "(as declared), or 0/1 for a classifier whose classes are strings."
+    )
     observed_at: UtcDatetime | None = Field(
         default=None, description="When it was observed (RFC 3339 date-time); default now."
     )
@@ -149,6 +152,55 @@ class Feedback(BaseModel):
         if not isinstance(value, str) or not _RFC3339_DATE_TIME.fullmatch(value):
             raise ValueError("must be an RFC 3339 date-time string, e.g. 2011-05-01T13:00:00Z")
         return value
+
+
+def code_label(target: Target, value: int | float | str) -> float:
+    """A label as the model learns it (``label_schema`` says what is taken), else ValueError.
+
+    A classifier with string classes also takes 0 and 1 (already coded); one with integer
+    classes takes only its classes, where 0 or 1 could be a class of either meaning.
+    """
+    if target.type is TargetType.NUMERIC:
+        return target.encode(value)
+    string_classes = isinstance(target.positive, str)
+    if string_classes and not isinstance(value, str) and value in (0, 1):
+        return float(value)
+    if isinstance(value, str) == string_classes and not isinstance(value, float):
+        return target.encode(value)
+    taken = "one of its classes or 0/1" if string_classes else "one of its (integer) classes"
+    raise ValueError(f"target {target.name}: {value!r} is not {taken}")
+
+
+def label_schema(target: Target) -> dict[str, Any]:
+    """JSON Schema of the labels ``code_label`` takes for ``target``."""
+    if target.type is TargetType.NUMERIC:
+        return {"type": "number", "description": f"The observed {target.name}."}
+    description = f"The observed {target.name}: {target.positive!r} is the positive class."
+    if isinstance(target.positive, str):
+        classes: dict[str, Any] = (
+            {"type": "string", "enum": list(target.categories)}
+            if target.categories is not None
+            else {"type": "string"}
+        )
+        coded = {"type": "number", "enum": [0, 1]}
+        return {"anyOf": [classes, coded], "description": description + " Or 0/1."}
+    if target.categories is not None:
+        return {"type": "integer", "enum": list(target.categories), "description": description}
+    return {"type": "integer", "description": description}
+
+
+def feedback_schema_name(spec: FeatureSpec) -> str:
+    """Component name of a model's feedback schema (beside its row schema)."""
+    return spec.row_model.__name__.removesuffix("FeatureRow") + "Feedback"
+
+
+def feedback_schemas(spec: FeatureSpec) -> dict[str, Any]:
+    """The component schema of one label of ``spec``'s model: ``Feedback`` with its label typed
+    by the declared target."""
+    schema = Feedback.model_json_schema()
+    schema["title"] = feedback_schema_name(spec)
+    schema["properties"]["label"] = label_schema(spec.target)
+    return {feedback_schema_name(spec): schema}
 
 
 class FeedbackAccepted(BaseModel):
@@ -198,15 +250,17 @@ def predict_request_body(spec: FeatureSpec, max_rows: int) -> dict[str, Any]:
     }
 
 
-def feedback_request_body(max_items: int) -> dict[str, Any]:
-    """OpenAPI ``requestBody`` of /feedback: one label or a list, with an example."""
-    label_ref = {"$ref": "#/components/schemas/Feedback"}
+def feedback_request_body(spec: FeatureSpec, max_items: int) -> dict[str, Any]:
+    """OpenAPI ``requestBody`` of a model's feedback: one label or a list, with an example."""
+    label_ref = {"$ref": f"#/components/schemas/{feedback_schema_name(spec)}"}
+    target = spec.target
+    example = 42.0 if target.positive is None else target.positive
     return {
         "required": True,
         "content": {
             "application/json": {
                 "schema": _one_or_many(label_ref, max_items),
-                "example": {"request_id": "3f2a9c", "label": 42.0},
+                "example": {"request_id": "3f2a9c", "label": example},
             }
         },
     }

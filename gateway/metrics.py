@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import itertools
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from driftloop.serving.champion import Champion, LoadEvent
@@ -17,8 +24,6 @@ from schemas.events import ChallengerShadowed, ModelDecision, ModelPromoted, Mod
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1.0,
 )  # fmt: skip
-# Predicted values of the demo (bikes per hour, 0 to ~1000); other models set their own.
-_PREDICTION_BUCKETS = (0, 10, 25, 50, 100, 150, 200, 300, 400, 600, 800, 1000)
 
 
 class GatewayMetrics:
@@ -46,13 +51,8 @@ class GatewayMetrics:
             ("model_name", "model_version"),
             registry=registry,
         )
-        self.prediction_values = Histogram(
-            "gateway_prediction_value",
-            "Distribution of the predicted values.",
-            ("model_name",),
-            buckets=_PREDICTION_BUCKETS,
-            registry=registry,
-        )
+        self.prediction_values = PredictionHistograms()
+        registry.register(self.prediction_values)
         self.relay_restarts = Counter(
             "gateway_relay_restarts",
             "Times the publishing relay process exited unexpectedly and was started again "
@@ -147,6 +147,60 @@ class GatewayMetrics:
         else:
             decision = "rejected"
         self.model_decisions.labels(event.model_name, decision).inc()
+
+
+class PredictionHistogram:
+    """One model's served predictions: counts per bucket (not cumulative) and their sum.
+
+    Observed on the event loop's thread only; a scrape reads the counts from another thread,
+    and the count it reports is the sum of the buckets it read, so it matches them.
+    """
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last: above every bound (+Inf)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        """Count one prediction (``le`` buckets: a value on a bound counts in that bound's)."""
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+
+class PredictionHistograms(Collector):
+    """``gateway_prediction_value``: a histogram per served model, each with the buckets its
+    declaration names or its task's (``FeatureSpec.prediction_buckets``).
+
+    prometheus_client gives every series of a histogram the same buckets, which cannot hold
+    bike counts and probabilities at once; Prometheus itself takes ``le`` sets per series.
+    """
+
+    def __init__(self) -> None:
+        self._models: dict[str, PredictionHistogram] = {}
+
+    def model(self, name: str, bounds: tuple[float, ...]) -> PredictionHistogram:
+        """The histogram of model ``name``: its first bounds stay (a series keeps its ``le``)."""
+        histogram = self._models.get(name)
+        if histogram is None:
+            histogram = self._models[name] = PredictionHistogram(bounds)
+        return histogram
+
+    def collect(self) -> Iterator[Metric]:
+        """The family, with one series per model that has a histogram."""
+        family = HistogramMetricFamily(
+            "gateway_prediction_value",
+            "Distribution of the predicted values, by model (buckets from its declaration, "
+            "else its task's).",
+            labels=["model_name"],
+        )
+        for name, histogram in sorted(self._models.items()):
+            counts = list(histogram.counts)
+            cumulative = list(itertools.accumulate(counts))
+            bounds = [*(str(bound) for bound in histogram.bounds), "+Inf"]
+            family.add_metric([name], list(zip(bounds, cumulative, strict=True)), histogram.total)
+        yield family
 
 
 class _PublisherCollector(Collector):

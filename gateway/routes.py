@@ -126,33 +126,35 @@ async def _predict(service: Gateway, model: ServedModel, request: Request) -> Re
 )
 async def feedback(request: Request) -> Response:
     """Publish each label as a GroundTruth event to the labels topic."""
-    return await _feedback(gateway(request), request)
+    service = gateway(request)
+    return await _feedback(service, service.default, request)
 
 
 @router.post("/models/{name}/feedback", include_in_schema=False, status_code=202)
 async def feedback_model(name: str, request: Request) -> Response:
     """Labels of model ``name``'s predictions (documented per model: see ``gateway.app``)."""
     service = gateway(request)
-    service.model(name)
     # A label names its prediction by request id; the feature-logger joins it to that
-    # prediction's row whatever model made it, so every model's labels share one topic.
-    return await _feedback(service, request)
+    # prediction's row whatever model made it, so every model's labels share one topic. The
+    # route's model says how a label is coded (a classifier's class names).
+    return await _feedback(service, service.model(name), request)
 
 
-async def _feedback(service: Gateway, request: Request) -> Response:
+async def _feedback(service: Gateway, model: ServedModel, request: Request) -> Response:
     service.check_api_key(request.headers.get("x-api-key"))
     labels = read_feedback(
         await request.body(),
         request.headers.get("content-type"),
         max_items=service.settings.max_rows,
+        target=model.spec.target,
     )
     now = utc_now()
     for label in labels:
         service.publish_label(
             GroundTruth(
-                request_id=label.request_id,
-                label=label.label,
-                observed_at=label.observed_at or now,
+                request_id=label.feedback.request_id,
+                label=label.coded,
+                observed_at=label.feedback.observed_at or now,
             )
         )
     return JSONBytesResponse({"accepted": len(labels)}, status_code=202)

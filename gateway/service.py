@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter
 
 from driftloop.events.producer import RecordProducer
 from driftloop.events.spool import Spool
@@ -25,7 +25,7 @@ from driftloop.serving.champion import (
 )
 from driftloop.serving.hot_swap import FollowerState, ModelEventFollower
 from driftloop.serving.scoring import ScoringService
-from gateway.metrics import GatewayMetrics
+from gateway.metrics import GatewayMetrics, PredictionHistogram
 from gateway.problems import RequestProblemError
 from gateway.publishing import Answer, EventPublisher, ModelKey, PredictionRecords, Publisher
 from gateway.relay import RelayConfig, RelayPublisher
@@ -44,7 +44,7 @@ class _ChampionOutputs:
     """What the gateway writes for one model version: its metric children, its name in events."""
 
     predictions: Counter
-    values: Histogram
+    values: PredictionHistogram
     model: ModelKey
 
 
@@ -207,7 +207,9 @@ class Gateway:
         if outputs is None:
             outputs = self._champion_outputs[key] = _ChampionOutputs(
                 self.metrics.predictions.labels(champion.name, str(champion.version)),
-                self.metrics.prediction_values.labels(champion.name),
+                self.metrics.prediction_values.model(
+                    champion.name, self.model(champion.name).spec.prediction_buckets
+                ),
                 ModelKey(champion.name, champion.version, champion.run_id),
             )
         return outputs

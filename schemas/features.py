@@ -7,6 +7,7 @@ means adding a file to ``schemas/models/``, not code.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
@@ -30,6 +31,7 @@ from pydantic import (
     StrictStr,
     ValidationError,
     create_model,
+    field_validator,
     model_validator,
 )
 
@@ -394,6 +396,54 @@ TASK_METRICS: Final[Mapping[Task, tuple[Metric, ...]]] = {
 }
 """The metrics of each task, the default promotion metric first."""
 
+# A regression's scale is its own: 1-2.5-5 steps over six decades on each side of 0, so any
+# model's quantiles read within a step without knowing its range (a model declares tighter
+# bounds in monitoring.prediction_buckets). A classifier serves probabilities: steps of 0.05.
+_DECADES: Final = tuple(step * 10.0**power for power in range(6) for step in (1, 2.5, 5))
+TASK_PREDICTION_BUCKETS: Final[Mapping[Task, tuple[float, ...]]] = {
+    Task.REGRESSION: (-1e6, *(-bound for bound in reversed(_DECADES)), 0.0, *_DECADES, 1e6),
+    Task.CLASSIFICATION: tuple(round(0.05 * step, 2) for step in range(1, 21)),
+}
+"""Histogram bounds of a task's served predictions when its declaration names none."""
+
+
+class TrainingData(_Declaration):
+    """Which labelled history a retrained version learns from (``training.data``).
+
+    Written ``all`` (every labelled row: the seed rows and the logged traffic), or
+    ``{last_days: N}`` (the rows of the last N days of prediction time before the retraining),
+    or ``{half_life_days: H}`` (every row, weighted 0.5 ** (age / H) days). Ages count back
+    from the newest labelled row, not the wall clock, so a replay trains as live traffic would.
+    Seed rows of a dataset without a time column have no age: they count as old as the oldest
+    dated row (out of a ``last_days`` window, at the smallest weight under a half-life).
+    """
+
+    last_days: float | None = Field(default=None, gt=0)
+    """Keep only the rows of the last this many days."""
+    half_life_days: float | None = Field(default=None, gt=0)
+    """Weight each row by its age: half the weight every this many days."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _spelled(cls, value: Any) -> Any:
+        if value == "all":
+            return {}
+        return value
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> Self:
+        if self.last_days is not None and self.half_life_days is not None:
+            raise ValueError("training.data is all, last_days or half_life_days, not several")
+        return self
+
+    def describe(self) -> str:
+        """The policy as it is written in a declaration."""
+        if self.last_days is not None:
+            return f"last {self.last_days:g} days"
+        if self.half_life_days is not None:
+            return f"half-life {self.half_life_days:g} days"
+        return "all history"
+
 
 class PromotionEvidence(StrEnum):
     """What a challenger that passed the holdout gate needs before it becomes champion."""
@@ -440,6 +490,9 @@ class Training(_Declaration):
     """Without a time column: the share of the rows held out, drawn at random."""
     seed: int = 7
     """Seed of the random holdout (the same rows every time)."""
+    data: TrainingData | None = None
+    """Which labelled history a retrained version learns from; None: as much as the first
+    model learned (``FeatureSpec.training_data``)."""
     live: LiveEvidence = Field(default_factory=LiveEvidence)
     """Evidence on live traffic: shadow promotion and rollback."""
 
@@ -450,6 +503,16 @@ class Monitoring(_Declaration):
     window: timedelta = Field(default=timedelta(hours=1), gt=timedelta(0))
     """Span of prediction time judged as one window (ISO 8601, e.g. PT1M, PT1H, P7D): windows
     are aligned on multiples of it since the Unix epoch, and judged once closed and settled."""
+    prediction_buckets: tuple[FiniteFloat, ...] | None = Field(default=None, min_length=1)
+    """Upper bounds of the served predictions' histogram (``gateway_prediction_value``),
+    increasing; none: the task's (``FeatureSpec.prediction_buckets``)."""
+
+    @field_validator("prediction_buckets")
+    @classmethod
+    def _increasing(cls, bounds: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if bounds is not None and any(low >= high for low, high in itertools.pairwise(bounds)):
+            raise ValueError(f"prediction_buckets must increase, got {list(bounds)}")
+        return bounds
 
 
 DEFAULT_HOT_RETENTION: Final = timedelta(days=14)
@@ -533,9 +596,33 @@ class FeatureSpec(_Declaration):
         return self
 
     @property
+    def training_data(self) -> TrainingData:
+        """The declared ``training.data``, else the span the first model learned.
+
+        By default a retrained version learns as much history as the declaration gave the first
+        model (``training.until`` minus ``training.since``: bikeshare's winter quarter, 90
+        days), so the training set and the reference (the version's own training data, which
+        the drift thresholds are calibrated on) keep the size and the sensitivity the author
+        chose, instead of diluting each season into all the ones before it. Measured on the
+        demo replay (``bench/loop_value.py``). Without both bounds there is no such span (a
+        dataset without a time column, like breast_cancer): every labelled row is kept.
+        """
+        if self.training.data is not None:
+            return self.training.data
+        since, until = self.training.since, self.training.until
+        if since is None or until is None:
+            return TrainingData()
+        return TrainingData(last_days=(until - since) / timedelta(days=1))
+
+    @property
     def promotion_metric(self) -> Metric:
         """The declared promotion metric, else the task's default."""
         return self.training.promotion_metric or TASK_METRICS[self.task][0]
+
+    @property
+    def prediction_buckets(self) -> tuple[float, ...]:
+        """Histogram bounds of the served predictions: the declared ones, else the task's."""
+        return self.monitoring.prediction_buckets or TASK_PREDICTION_BUCKETS[self.task]
 
     @property
     def metrics(self) -> tuple[Metric, ...]:

@@ -14,6 +14,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Literal, Self
 
+import numpy as np
 import pandas as pd
 from evidently import BinaryClassification, DataDefinition, Dataset, Regression, Report
 from evidently.metrics import (
@@ -33,8 +34,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from driftloop.drift.baseline import PREDICTION_COLUMN as PREDICTION_COLUMN
 from driftloop.drift.baseline import calibrate
 from driftloop.drift.policy import DriftPolicy
+from driftloop.training.metrics import metric_value
 from schemas.events import DriftDetected
-from schemas.features import FeatureKind, FeatureSpec, Task
+from schemas.features import TASK_METRICS, FeatureKind, FeatureSpec, Task
 from schemas.fields import UtcDatetime
 
 
@@ -71,7 +73,8 @@ class QualityAssessment(_Result):
     """Rows with both a label and a prediction."""
     metrics: dict[str, float]
     """Metric name -> value: mean_error, mae, rmse, r2 (regression) or roc_auc, log_loss,
-    accuracy, f1 (classification)."""
+    brier, accuracy, f1 (classification); the task's holdout metrics (``TASK_METRICS``) as
+    ``driftloop.training.metrics`` computes them."""
 
 
 class WindowBounds(_Result):
@@ -478,6 +481,14 @@ def _quality(
     values = {
         name: _metric_value(snapshot.metric_results[metric.metric_id]) for name, metric in metrics
     }
+    # The task's holdout metrics by the platform's own code, under the same names bootstrap, the
+    # retrain DAG and the events use, so a window's RMSE or Brier is the DAG's (Evidently has no
+    # Brier score, and clips log loss otherwise).
+    truth = frame[target].to_numpy(dtype=np.float64)
+    predicted = frame[prediction_column].to_numpy(dtype=np.float64)
+    values.update(
+        {metric.value: metric_value(metric, truth, predicted) for metric in TASK_METRICS[spec.task]}
+    )
     quality = QualityAssessment(task=spec.task, labelled_rows=len(labelled), metrics=values)
     return quality, snapshot
 

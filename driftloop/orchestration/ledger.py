@@ -1,7 +1,12 @@
 """The retrain trigger's decisions and its ledger (``retrain_triggers``, one row per episode).
 
 The decision is a pure function of the drift event, the episode's ledger row and the model's
-last accepted trigger, so it is unit-tested without a database. The ledger is written
+last accepted trigger, so it is unit-tested without a database. The cooldown runs on
+prediction time (event time): a drift event's window end against the window end of the
+model's last accepted trigger, never the wall clock when the events happen to be handled. A
+replay faster than real time, a backlog the monitor catches up on, or a trigger restarted
+after an outage then decide exactly as live traffic would have; in production, where windows
+close as the traffic arrives, prediction time is real time. The ledger is written
 idempotently: a row that reached ``triggered`` or ``already_triggered`` is final; a
 ``suppressed_cooldown`` or ``failed`` row is decided again when its episode drifts again
 (the cooldown may be over, the missing DAG may have been deployed).
@@ -63,10 +68,11 @@ class Verdict:
 
 @dataclass(frozen=True, slots=True)
 class PriorTrigger:
-    """The model's most recent accepted trigger (for the cooldown)."""
+    """The model's accepted trigger with the latest window (for the cooldown)."""
 
     episode_id: str
-    triggered_at: datetime
+    window_end: datetime
+    """End of the drifted window that triggered it, in prediction time."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,10 +106,13 @@ def decide(
     known_models: frozenset[str],
     previous: LedgerEntry | None,
     last_trigger: PriorTrigger | None,
-    now: datetime,
     cooldown: timedelta,
 ) -> Verdict:
-    """Trigger, skip as a duplicate, suppress for the model's cooldown, or refuse the model."""
+    """Trigger, skip as a duplicate, suppress for the model's cooldown, or refuse the model.
+
+    The cooldown holds while the event's window ends less than ``cooldown`` of prediction time
+    after the window that last triggered (an older window, delivered late, is inside it too).
+    """
     if previous is not None and previous.state.accepted:
         return Verdict(Decision.DUPLICATE, f"episode already {previous.state.value}")
     if event.model_name not in known_models:
@@ -114,13 +123,14 @@ def decide(
     if (
         last_trigger is not None
         and last_trigger.episode_id != event.episode_id
-        and now < last_trigger.triggered_at + cooldown
+        and event.window_end < last_trigger.window_end + cooldown
     ):
-        until = last_trigger.triggered_at + cooldown
+        until = last_trigger.window_end + cooldown
         return Verdict(
             Decision.SUPPRESS_COOLDOWN,
-            f"episode {last_trigger.episode_id} triggered {event.model_name} at "
-            f"{last_trigger.triggered_at.isoformat()}; cooldown until {until.isoformat()}",
+            f"episode {last_trigger.episode_id} triggered {event.model_name} on the window "
+            f"ending {last_trigger.window_end.isoformat()}; cooldown until windows ending "
+            f"{until.isoformat()} (prediction time)",
         )
     return Verdict(Decision.TRIGGER)
 
@@ -140,10 +150,13 @@ _ENTRY = """
 SELECT episode_id, model_name, dag_id, dag_run_id, state, reason, triggered_at, dag_run_state
 FROM retrain_triggers WHERE episode_id = $1
 """
+# The accepted trigger with the latest window, in prediction time: the order the triggers were
+# accepted in (wall clock) may differ when windows arrive late. A model has one accepted row
+# per episode, so the scan is small; retrain_triggers_cooldown narrows it to the model.
 _LAST_TRIGGER = """
-SELECT episode_id, triggered_at FROM retrain_triggers
+SELECT episode_id, window_end FROM retrain_triggers
 WHERE model_name = $1 AND triggered_at IS NOT NULL
-ORDER BY triggered_at DESC LIMIT 1
+ORDER BY window_end DESC, triggered_at DESC LIMIT 1
 """
 _OPEN_RUNS = """
 SELECT episode_id, model_name, dag_id, dag_run_id, state, reason, triggered_at, dag_run_state
@@ -194,9 +207,9 @@ class RetrainLedger:
         return None if row is None else _entry(row)
 
     async def last_trigger(self, model_name: str) -> PriorTrigger | None:
-        """The model's most recent accepted trigger."""
+        """The model's accepted trigger with the latest window end (prediction time)."""
         row = await self.pool.fetchrow(_LAST_TRIGGER, model_name)
-        return None if row is None else PriorTrigger(row["episode_id"], row["triggered_at"])
+        return None if row is None else PriorTrigger(row["episode_id"], row["window_end"])
 
     async def record(
         self,

@@ -17,8 +17,14 @@ ordinary function here, with a typed result small enough for XCom.
   ``min_holdout_rows``), cut in time order and never shuffled: hourly traffic is
   autocorrelated, so a random holdout would flatter both models.
 - *training set*: the champion's reference dataset (its own training and holdout rows: the
-  features and the target) plus the recent rows older than the holdout. The old rows keep the
-  model good on what it already knew; the recent ones teach it what drifted.
+  features and the target) plus the recent rows older than the holdout, of which the model's
+  training-data policy keeps its share (``FeatureSpec.training_data``,
+  ``driftloop.training.history``): all of them, those of the last N days, or all of them
+  weighted by a half-life. Ages count back from the holdout's newest row in prediction time;
+  seed rows are dated by the dataset's time columns the reference carries. By default a model
+  learns as much history as its first version did (bikeshare: 90 days), measured against all
+  history and half-lives on the demo replay (``bench/loop_value.py``): all history dilutes
+  each season into the ones before it, and the reference built from it stops seeing drift.
 
 The champion (alias ``champion``) and the challenger are both loaded from the registry and
 scored on that same holdout with every metric of the task (all logged to the challenger's
@@ -53,9 +59,10 @@ the later tasks, and deleted by the DAG's last task once the decision is publish
 run keeps them for inspection (a few MB; clearing its tasks re-runs it on the same data).
 
 The challenger's reference dataset (logged like the first model's, so the drift monitor and the
-next retraining find it) is its training set and the holdout, with its own predictions, the
-``split`` of each row, the ``origin`` of each row (``seed`` data or ``logged`` traffic) and
-the ``predicted_at`` of logged rows.
+next retraining find it) is its own training data: the rows the policy chose and the holdout,
+with its own predictions, the ``split`` of each row, the ``origin`` of each row (``seed`` data
+or ``logged`` traffic) and the time of every row (``predicted_at``; seed rows by the
+dataset's time columns, when it has some).
 """
 
 from __future__ import annotations
@@ -98,6 +105,7 @@ from driftloop.storage.database import create_pool
 from driftloop.storage.hot_store import day_start, existing_days
 from driftloop.storage.migrations import SCHEMA_NAME
 from driftloop.training import trainer
+from driftloop.training.history import select_history
 from driftloop.training.metrics import metric_value
 from driftloop.training.policy import (
     HoldoutMetric,
@@ -110,7 +118,14 @@ from driftloop.training.policy import (
 )
 from driftloop.training.workspace import get_objects, put_objects, work_prefix
 from schemas.events import ChallengerShadowed, ModelDecision, ModelPromoted, ModelRejected
-from schemas.features import TASK_METRICS, FeatureKind, FeatureSpec, Metric, PromotionEvidence
+from schemas.features import (
+    TASK_METRICS,
+    FeatureKind,
+    FeatureSpec,
+    Metric,
+    PromotionEvidence,
+    TrainingData,
+)
 from schemas.fields import (
     EpisodeId,
     FeatureName,
@@ -127,6 +142,8 @@ log = logging.getLogger(__name__)
 PREDICTED_AT_COLUMN: Final = "predicted_at"
 REQUEST_ID_COLUMN: Final = "request_id"
 ORIGIN_COLUMN: Final = "origin"
+# Each training row's weight, when the data policy weighs rows (a half-life).
+WEIGHT_COLUMN: Final = "training_weight"
 SEED_ORIGIN: Final = "seed"
 LOGGED_ORIGIN: Final = "logged"
 
@@ -268,6 +285,13 @@ class Extracted(_Result):
     recent_rows: int
     skipped_rows: int
     recent_training_rows: int
+    history_rows: int
+    """Rows the challenger is trained on: the data policy's share of the reference and the
+    older recent rows."""
+    data_policy: str
+    """The training-data policy applied, as declared (``TrainingData.describe``)."""
+    weighted: bool = False
+    """Whether the training rows carry weights (``WEIGHT_COLUMN``)."""
     holdout_rows: int
     holdout_start: UtcDatetime
     holdout_end: UtcDatetime
@@ -279,7 +303,7 @@ class Extracted(_Result):
     @property
     def training_rows(self) -> int:
         """Rows the challenger is trained on."""
-        return self.reference_rows + self.recent_training_rows
+        return self.history_rows
 
     @property
     def metric(self) -> HoldoutMetric:
@@ -408,19 +432,14 @@ def assemble_training_set(
 ) -> pd.DataFrame:
     """The champion's reference rows then the recent ones: ``origin``, ``predicted_at``, the
     features and the target. A reference row keeps the origin and time it already had (rows an
-    earlier retraining took from the log), else it is ``seed`` data without a time."""
+    earlier retraining took from the log), else it is ``seed`` data, dated by the dataset's
+    time columns when the reference carries them (bootstrap logs them), else without a time."""
     wanted = [*spec.feature_names, spec.target.name]
     missing = [name for name in wanted if name not in reference.columns]
     if missing:
         raise RetrainRefusedError(f"the champion's reference lacks the columns {missing}")
     old = reference[wanted].copy()
-    old.insert(
-        0,
-        PREDICTED_AT_COLUMN,
-        pd.to_datetime(reference[PREDICTED_AT_COLUMN], utc=True)
-        if PREDICTED_AT_COLUMN in reference.columns
-        else pd.Series(pd.NaT, index=reference.index, dtype="datetime64[ns, UTC]"),
-    )
+    old.insert(0, PREDICTED_AT_COLUMN, reference_times(spec, reference))
     old.insert(
         0,
         ORIGIN_COLUMN,
@@ -431,6 +450,48 @@ def assemble_training_set(
     combined = pd.concat([_typed_features(spec, old), _typed_features(spec, new)])
     combined[spec.target.name] = pd.to_numeric(combined[spec.target.name]).astype(np.float64)
     return combined.reset_index(drop=True)
+
+
+def reference_times(spec: FeatureSpec, reference: pd.DataFrame) -> pd.Series:
+    """When each reference row happened: its ``predicted_at`` (logged rows), else the time the
+    dataset's columns give (seed rows), else NaT (seed data without a time column)."""
+    times = (
+        pd.to_datetime(reference[PREDICTED_AT_COLUMN], utc=True)
+        if PREDICTED_AT_COLUMN in reference.columns
+        else pd.Series(pd.NaT, index=reference.index, dtype="datetime64[ns, UTC]")
+    )
+    timing = spec.dataset.time if spec.dataset is not None else None
+    if timing is None or not set(timing.columns) <= set(reference.columns):
+        return times
+    undated = times.isna()
+    if undated.any():
+        seed = reference[undated]
+        columns = list(timing.columns)
+        # Rows an earlier retraining took from the log have no dataset time (NaN columns).
+        known = seed[columns].notna().all(axis=1)
+        if known.any():
+            dated = trainer.dataset_times(spec, seed[known])
+            times = times.copy()
+            times[dated.index] = dated.to_numpy()
+    return times
+
+
+def choose_history(
+    training_set: pd.DataFrame, data: TrainingData, as_of: datetime, *, min_rows: int
+) -> tuple[pd.DataFrame, bool]:
+    """A training-data policy applied to the assembled training set: the rows kept, with
+    ``WEIGHT_COLUMN`` when the policy weighs them; and whether it does. ``TooFewLabelsError``
+    when fewer than ``min_rows`` are kept (a span shorter than the holdout keeps none)."""
+    chosen = select_history(training_set, training_set[PREDICTED_AT_COLUMN], data, as_of=as_of)
+    if len(chosen.rows) < min_rows:
+        raise TooFewLabelsError(
+            f"too few rows to train on: the training-data policy ({data.describe()}) keeps "
+            f"{len(chosen.rows)} of the {len(training_set)} rows before the holdout"
+        )
+    rows = chosen.rows
+    if chosen.weights is not None:
+        rows = rows.assign(**{WEIGHT_COLUMN: chosen.weights})
+    return rows, chosen.weights is not None
 
 
 def holdout_frame(spec: FeatureSpec, holdout: pd.DataFrame) -> pd.DataFrame:
@@ -726,7 +787,16 @@ def extract_step(
     except TooFewLabelsError as error:
         raise TooFewLabelsError(f"{error} ({where}); champion v{champion_version} stays") from error
     reference = trainer.load_reference(uri, name, champion_version)
-    training_set = assemble_training_set(spec, reference, older)
+    holdout_end = holdout[PREDICTED_AT_COLUMN].iloc[-1].to_pydatetime()
+    try:
+        training_set, weighted = choose_history(
+            assemble_training_set(spec, reference, older),
+            spec.training_data,
+            holdout_end,
+            min_rows=policy.min_holdout_rows,
+        )
+    except TooFewLabelsError as error:
+        raise TooFewLabelsError(f"{error} ({where}); champion v{champion_version} stays") from error
     metric = holdout_metric(spec)
     prefix = work_prefix(name, dag_run_id)
     bucket = connections.object_store.data_bucket
@@ -759,13 +829,16 @@ def extract_step(
         recent_rows=len(recent),
         skipped_rows=skipped,
         recent_training_rows=len(older),
+        history_rows=len(training_set),
+        data_policy=spec.training_data.describe(),
+        weighted=weighted,
         holdout_rows=len(holdout),
         holdout_start=holdout[PREDICTED_AT_COLUMN].iloc[0].to_pydatetime(),
-        holdout_end=holdout[PREDICTED_AT_COLUMN].iloc[-1].to_pydatetime(),
+        holdout_end=holdout_end,
     )
     log.info(
         "%s (DAG run %s, episode %s): champion v%d; holdout %d newest rows (%s to %s); "
-        "training set %d = %d reference rows of v%d + %d older recent rows; "
+        "training set %d rows (%s%s) of %d reference rows of v%d + %d older recent rows; "
         "work objects in s3://%s/%s",
         name,
         dag_run_id,
@@ -775,6 +848,8 @@ def extract_step(
         extracted.holdout_start.isoformat(),
         extracted.holdout_end.isoformat(),
         extracted.training_rows,
+        extracted.data_policy,
+        ", weighted" if weighted else "",
         len(reference),
         champion_version,
         len(older),
@@ -807,8 +882,13 @@ def train_step(
     )
     assert training_set is not None  # noqa: S101 - asked for above
     policy = extracted.policy
+    weights: npt.NDArray[np.float64] | None = None
+    if WEIGHT_COLUMN in training_set.columns:
+        weights = training_set.pop(WEIGHT_COLUMN).to_numpy(dtype=np.float64)
     started = time.perf_counter()
-    booster = trainer.train_booster(spec, training_set, num_boost_round=policy.num_boost_round)
+    booster = trainer.train_booster(
+        spec, training_set, num_boost_round=policy.num_boost_round, weights=weights
+    )
     training_seconds = time.perf_counter() - started
     reference = challenger_reference(spec, training_set, holdout, booster)
     episode = extracted.request.episode_id
@@ -822,6 +902,7 @@ def train_step(
         "training_rows": len(training_set),
         "reference_rows": extracted.reference_rows,
         "recent_training_rows": extracted.recent_training_rows,
+        "data_policy": extracted.data_policy,
         "holdout_rows": len(holdout),
         "feature_spec": spec.name,
         **trainer.DEFAULT_PARAMS,

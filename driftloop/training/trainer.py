@@ -184,12 +184,17 @@ def train_booster(
     *,
     num_boost_round: int = 200,
     params: Mapping[str, Any] | None = None,
+    weights: npt.NDArray[np.float64] | None = None,
 ) -> lgb.Booster:
-    """Fit a LightGBM model on the declared features and target of ``frame``."""
+    """Fit a LightGBM model on the declared features and target of ``frame``, each row
+    weighted by ``weights`` when given (``driftloop.training.history``)."""
     objective = "regression" if spec.task is Task.REGRESSION else "binary"
+    if weights is not None and len(weights) != len(frame):
+        raise ValueError(f"{len(weights)} weights for {len(frame)} rows")
     dataset = lgb.Dataset(
         feature_matrix(spec, frame),
         label=target_vector(spec, frame),
+        weight=weights,
         feature_name=list(spec.feature_names),
         categorical_feature=list(spec.categorical_positions),
         free_raw_data=True,

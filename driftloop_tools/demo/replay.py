@@ -6,6 +6,13 @@ the hour. Hours are sent when the accelerated clock reaches them, so gaps in the
 with no row) pass as time too. An hour's true value is sent to ``POST /feedback`` once the
 clock has passed the end of that hour, as a real label would arrive. Every non-2xx answer and
 transport failure is counted by kind and shown; nothing is retried silently.
+
+The clock can be held (``Replayer.hold``): while the closed-loop demo has a retraining in
+flight, no hour is sent and no label falls due, and the clock resumes where it stopped. At 30
+simulated hours a second a DAG run of a minute would otherwise be 75 simulated days of traffic
+served by the drifted champion; in real time the same minute is under one hourly request. The
+served predictions are kept by hour (``ReplayStats.served``) so the demo can score the loop
+against the baselines on the same rows.
 """
 
 from __future__ import annotations
@@ -70,6 +77,14 @@ class ReplayStats:
     labelled_row_ids: list[str] = field(default_factory=list)
     squared_errors: float = 0.0
     recent: deque[tuple[datetime, float]] = field(default_factory=deque)
+    served: dict[datetime, float] = field(default_factory=dict)
+    """The prediction served for each replayed hour."""
+    held_seconds: float = 0.0
+    """Real seconds the clock was held (retrainings in flight)."""
+    holds_timed_out: int = 0
+    """Holds released by the replayer's own limit rather than by the loop."""
+    holds: list[tuple[datetime, datetime | None]] = field(default_factory=list)
+    """Real (UTC) intervals the clock was held; the last is open while it holds."""
 
     def record_error(self, kind: str, detail: str) -> None:
         """Count one failed call by kind and keep its detail for the display."""
@@ -81,6 +96,7 @@ class ReplayStats:
         squared = (prediction - truth) ** 2
         self.squared_errors += squared
         self.recent.append((moment, squared))
+        self.served[moment] = prediction
 
     def last_day_rmse(self) -> float | None:
         """RMSE over the 24 replayed hours before the latest answered one."""
@@ -175,6 +191,7 @@ class Replayer:
         replay_id: str,
         hours_per_second: float,
         concurrency: int = 8,
+        max_hold_seconds: float | None = None,
     ) -> None:
         if hours_per_second <= 0:
             raise ValueError("the clock must run forward")
@@ -185,6 +202,37 @@ class Replayer:
         self.stats = ReplayStats(total_hours=len(hours))
         self._slots = asyncio.Semaphore(concurrency)
         self._waiting: list[DueLabel] = []
+        # Set: the clock runs; cleared by hold(), set again by release().
+        self._running = asyncio.Event()
+        self._running.set()
+        # A hold nobody releases (a watcher that missed the run's end) must not stop the demo.
+        self.max_hold_seconds = max_hold_seconds
+
+    def hold(self) -> None:
+        """Stop the clock before the next hour (a retraining is in flight)."""
+        self._running.clear()
+
+    def release(self) -> None:
+        """Let the clock run on from where it was held."""
+        self._running.set()
+
+    async def _wait_while_held(self) -> float:
+        # The real seconds held: the schedule of the remaining hours moves by as much.
+        if self._running.is_set():
+            return 0.0
+        loop = asyncio.get_running_loop()
+        held_at = loop.time()
+        # The wall clock too: the demo maps the logged rows' times back to simulated time.
+        self.stats.holds.append((datetime.now(UTC), None))
+        try:
+            await asyncio.wait_for(self._running.wait(), timeout=self.max_hold_seconds)
+        except TimeoutError:
+            self.stats.holds_timed_out += 1
+            self._running.set()
+        self.stats.holds[-1] = (self.stats.holds[-1][0], datetime.now(UTC))
+        held = loop.time() - held_at
+        self.stats.held_seconds += held
+        return held
 
     async def run(self) -> ReplayStats:
         """Replay every hour, then send the labels still due; the stats of the whole run."""
@@ -197,6 +245,7 @@ class Replayer:
             for hour in self.hours:
                 offset = (hour.moment - origin) / ONE_HOUR / self.hours_per_second
                 await asyncio.sleep(max(0.0, started + offset - loop.time()))
+                started += await self._wait_while_held()
                 self.stats.clock = hour.moment
                 await self._send_labels(take_due(self._waiting, hour.moment))
                 # Backpressure: a slow gateway slows the replay instead of piling up requests.

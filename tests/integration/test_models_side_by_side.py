@@ -213,7 +213,7 @@ async def platform(
 
 async def _send_cancer_traffic(platform: Platform, rounds: int) -> int:
     """The breast-cancer rows, their "mean_" measurements scaled, ``rounds`` times over, in
-    small batches, each followed by its labels (1 malignant, 0 benign); the rows sent."""
+    small batches, each followed by its labels (the diagnosis, by class name); the rows sent."""
     spec = platform.cancer_spec
     frame = trainer.read_dataset(spec)
     shifted = [name for name in spec.feature_names if name.startswith("mean_")]
@@ -240,7 +240,8 @@ async def _send_cancer_traffic(platform: Platform, rounds: int) -> int:
                 labels = [
                     {
                         "request_id": item["request_id"],
-                        "label": 1.0 if row["diagnosis"] == "malignant" else 0.0,
+                        # The declared class names; the gateway codes them 1/0.
+                        "label": row["diagnosis"],
                     }
                     for item, row in zip(body["predictions"], chunk, strict=True)
                 ]

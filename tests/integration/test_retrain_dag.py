@@ -393,3 +393,57 @@ def test_summer_rows_are_enough_for_the_default_policy() -> None:
     )
 
     assert len(frame) >= 4 * 200
+
+
+async def test_the_steps_train_on_the_declared_history_and_log_it_as_the_reference(
+    setup: RetrainSetup,
+    postgres_settings: PostgresSettings,
+    mlflow_settings: MlflowSettings,
+) -> None:
+    # The stack's Airflow runs the DAG from its own checkout: the steps are called here
+    # directly, against the same Postgres, object store and MLflow, to test this code's.
+    await setup.log_served_rows(SUMMER)
+    connections = retrain.RetrainConnections(
+        postgres=postgres_settings,
+        object_store=setup.object_store,
+        mlflow=mlflow_settings,
+        kafka=setup.kafka,
+    )
+    run_id = f"steps-{setup.unique}"
+    cutoff = datetime.now(UTC)
+    extracted = await asyncio.to_thread(
+        retrain.extract_step,
+        setup.conf(),
+        {},
+        dag_run_id=run_id,
+        cutoff=cutoff,
+        connections=connections,
+    )
+    try:
+        # bikeshare learns as many days as its first model did. The logged rows are today's
+        # (minutes apart), the first model's seed rows are dated 2011 by the dataset: the
+        # span keeps only the logged rows older than the holdout.
+        assert extracted.data_policy == "last 90 days"
+        assert not extracted.weighted
+        assert extracted.reference_rows > 0
+        assert extracted.history_rows == extracted.recent_training_rows
+        challenger = await asyncio.to_thread(retrain.train_step, extracted, connections=connections)
+        # The new version's reference is its own training data and the holdout, nothing else.
+        reference = await asyncio.to_thread(
+            trainer.load_reference, setup.uri, setup.model_name, challenger.version
+        )
+        assert len(reference) == extracted.history_rows + extracted.holdout_rows
+        assert set(reference[retrain.ORIGIN_COLUMN]) == {retrain.LOGGED_ORIGIN}
+        times = pd.to_datetime(reference[retrain.PREDICTED_AT_COLUMN], utc=True)
+        assert times.min() > pd.Timestamp(cutoff) - pd.Timedelta(days=90)
+        assert reference[trainer.SPLIT_COLUMN].value_counts().to_dict() == {
+            "train": extracted.history_rows,
+            "holdout": extracted.holdout_rows,
+        }
+    finally:
+        await asyncio.to_thread(
+            workspace.delete_work_objects,
+            extracted.bucket,
+            extracted.prefix,
+            settings=setup.object_store,
+        )

@@ -356,12 +356,35 @@ async def test_ledger_writes_are_idempotent_and_final_once_accepted(
         assert entry is not None
         assert entry.state is TriggerState.TRIGGERED
         assert entry.reason is None
-        assert await ledger.last_trigger("bikeshare") == PriorTrigger(event.episode_id, accepted_at)
+        assert await ledger.last_trigger("bikeshare") == PriorTrigger(
+            event.episode_id, event.window_end
+        )
+        # An older window accepted later (delivered late) is not the last trigger: the
+        # cooldown counts from the latest window in prediction time.
+        late = event.model_copy(
+            update={
+                "episode_id": f"bikeshare:2:{unique}-late",
+                "window_start": event.window_start - timedelta(days=7),
+                "window_end": event.window_end - timedelta(days=7),
+            }
+        )
+        assert await ledger.record(
+            late,
+            dag_id="d",
+            dag_run_id=dag_run_id_for(late.episode_id),
+            state=TriggerState.TRIGGERED,
+            reason=None,
+            triggered_at=accepted_at + timedelta(seconds=5),
+        )
+        assert await ledger.last_trigger("bikeshare") == PriorTrigger(
+            event.episode_id, event.window_end
+        )
+        await ledger.update_run_state(late.episode_id, "success", accepted_at, accepted_at)
         assert [row.episode_id for row in await ledger.open_runs()] == [event.episode_id]
         started = accepted_at + timedelta(seconds=1)
         await ledger.update_run_state(event.episode_id, "success", started, started)
         assert await ledger.open_runs() == []
-        assert [row.dag_run_state for row in await ledger.recent()] == ["success"]
+        assert [row.dag_run_state for row in await ledger.recent()] == ["success", "success"]
     finally:
         await ledger.pool.execute(f"DROP SCHEMA IF EXISTS {unique} CASCADE")
         await ledger.close()

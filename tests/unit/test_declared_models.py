@@ -3,10 +3,8 @@ at test time with data the test generates, both trained and registered by the un
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -14,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from driftloop.training import bootstrap, trainer
 from schemas.features import FeatureSpec, Metric, TargetType, Task, load_feature_spec
-from tests.unit.churn_declaration import CHURN_FEATURES
+from tests.unit.churn_declaration import CHURN_FEATURES, SUBSCRIPTIONS_YAML, subscriptions_data
 
 pytestmark = pytest.mark.unit
 
@@ -71,51 +69,6 @@ def test_breast_cancer_bootstraps_with_classification_metrics(tracking_uri: str)
 
 
 # --- a third model, declared and generated here -------------------------------------------------
-
-SUBSCRIPTIONS_YAML = """
-name: subscriptions
-description: Probability that a subscriber renews, declared by a test.
-task: classification
-registered_model_name: subscriptions
-target:
-  name: renewed
-  type: categorical
-  positive: "Yes"
-  categories: ["No", "Yes"]
-  description: Whether the subscriber renewed, Yes or No.
-training:
-  promotion_metric: roc_auc
-  since: 2025-01-01T00:00:00Z
-  until: 2025-05-01T00:00:00Z
-  holdout: P14D
-dataset:
-  path: {path}
-  time:
-    column: signed_up_at
-"""
-
-
-def subscriptions_data(rows: int, seed: int) -> pd.DataFrame:
-    """Subscribers from January to June 2025, in shuffled order; renewal depends on all three
-    features, so a model can learn it."""
-    rng = np.random.default_rng(seed)
-    start = datetime(2025, 1, 1, tzinfo=UTC)
-    signed_up = [start + timedelta(minutes=int(m)) for m in rng.integers(0, 181 * 24 * 60, rows)]
-    tenure = rng.integers(0, 48, rows)
-    plan = rng.choice(["basic", "plus", "family"], rows)
-    spend = rng.gamma(2.0, 15.0, rows)
-    logit = -1.0 + 0.08 * tenure + np.where(plan == "family", 1.5, 0.0) - 0.02 * spend
-    renewed = rng.random(rows) < 1 / (1 + np.exp(-logit))
-    frame = pd.DataFrame(
-        {
-            "signed_up_at": [moment.isoformat() for moment in signed_up],
-            "tenure_months": tenure,
-            "plan": plan,
-            "monthly_spend": np.where(rng.random(rows) < 0.05, np.nan, spend.round(2)),
-            "renewed": np.where(renewed, "Yes", "No"),
-        }
-    )
-    return frame
 
 
 @pytest.fixture

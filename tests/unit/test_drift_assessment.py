@@ -23,6 +23,7 @@ from driftloop.drift.assessment import (
 )
 from driftloop.drift.baseline import calibrate
 from driftloop.drift.policy import DriftPolicy
+from driftloop.training.metrics import metric_value
 from schemas.events import DriftDetected
 from schemas.features import FeatureKind, FeatureSpec, Task, load_feature_spec
 
@@ -328,5 +329,12 @@ def test_classification_quality_reads_probabilities() -> None:
     assert not verdict.drifted
     assert verdict.quality is not None
     assert verdict.quality.task is Task.CLASSIFICATION
-    assert set(verdict.quality.metrics) == {"roc_auc", "log_loss", "accuracy", "f1"}
+    assert set(verdict.quality.metrics) == {"roc_auc", "log_loss", "brier", "accuracy", "f1"}
     assert 0.6 < verdict.quality.metrics["roc_auc"] <= 1.0
+    # The holdout metrics are the retrain DAG's, computed by the same code on the same rows.
+    labelled = frame.sample(frac=1.0, random_state=1)
+    truth = labelled["churned"].to_numpy()
+    for metric in ("roc_auc", "log_loss", "brier"):
+        assert verdict.quality.metrics[metric] == pytest.approx(
+            metric_value(metric, truth, labelled["prediction"].to_numpy()), rel=1e-12
+        )

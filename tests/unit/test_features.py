@@ -295,6 +295,8 @@ def test_int_classes_are_classes_not_codes() -> None:
             "either a time column|cannot also",
         ),
         ({"training": {"holdout_fraction": 1}}, "holdout_fraction"),
+        ({"monitoring": {"prediction_buckets": [0, 10, 5]}}, "must increase"),
+        ({"monitoring": {"prediction_buckets": []}}, "prediction_buckets"),
     ],
 )
 def test_inconsistent_training_declarations_are_refused(

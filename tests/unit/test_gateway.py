@@ -458,7 +458,9 @@ def test_metrics_cover_requests_predictions_and_the_model(client: TestClient) ->
     assert 'gateway_requests_total{method="POST",route="/predict",status="422"} 1.0' in text
     assert "gateway_request_duration_seconds_bucket" in text
     assert 'gateway_predictions_total{model_name="bikeshare",model_version="1"} 2.0' in text
-    assert "gateway_prediction_value_bucket" in text
+    # The declaration's buckets (bikes per hour), each row in one of them.
+    assert 'gateway_prediction_value_bucket{le="1000.0",model_name="bikeshare"} 2.0' in text
+    assert 'gateway_prediction_value_count{model_name="bikeshare"} 2.0' in text
     assert (
         f'gateway_model_info{{model_name="bikeshare",model_version="1",run_id="{RUNS[1]}"}}' in text
     )

@@ -22,7 +22,7 @@ from driftloop.training import trainer
 from gateway.app import create_app
 from gateway.contract import ProblemDetails, example_row
 from gateway.settings import GatewaySettings
-from schemas.events import PredictionEvent
+from schemas.events import GroundTruth, PredictionEvent
 from schemas.features import MODELS_DIRS_VARIABLE, FeatureSpec, load_feature_spec
 from tests.unit.churn_declaration import CHURN_YAML
 from tests.unit.fake_kafka import FakeRecordProducer
@@ -121,6 +121,15 @@ def client(
         yield client
 
 
+def _published(producer: FakeRecordProducer, count: int) -> list[bytes]:
+    """The values of the first ``count`` records, once the publisher has sent them."""
+    deadline = time.monotonic() + 5
+    while len(producer.sent) < count:
+        assert time.monotonic() < deadline, "events not published in time"
+        time.sleep(0.01)
+    return [value for _, _, value in producer.sent[:count]]
+
+
 def _add_churn(declarations: Path, client: TestClient) -> None:
     (declarations / "churn.yaml").write_text(CHURN_YAML, encoding="utf-8")
     reload = client.post("/admin/reload", headers={"Authorization": f"Bearer {ADMIN}"})
@@ -162,11 +171,7 @@ def test_each_model_scores_and_publishes_under_its_own_name(
     churn = client.post(f"/models/{CHURN}/predict", json=[CHURN_ROW, CHURN_ROW])
     assert [bikes.status_code, same.status_code, churn.status_code] == [200, 200, 200]
     assert bikes.json()["prediction"] == same.json()["prediction"]
-    deadline = time.monotonic() + 5
-    while len(producer.sent) < 4:
-        assert time.monotonic() < deadline, "events not published in time"
-        time.sleep(0.01)
-    events = [PredictionEvent.from_bytes(value) for _, _, value in producer.sent]
+    events = [PredictionEvent.from_bytes(value) for value in _published(producer, 4)]
     assert [event.model_name for event in events] == ["bikeshare", "bikeshare", CHURN, CHURN]
     assert events[2].features == CHURN_ROW
 
@@ -210,3 +215,106 @@ def test_the_document_has_each_models_own_paths_and_rows(
     body = paths[f"/models/{CHURN}/predict"]["post"]["requestBody"]["content"]["application/json"]
     assert body["examples"]["one row"]["value"].keys() == CHURN_ROW.keys()
     assert "404" in paths[f"/models/{CHURN}/predict"]["post"]["responses"]
+
+
+# The churn declaration with its target declared by class name, as a user would write it.
+CHURN_BY_CLASS_YAML = CHURN_YAML.replace(
+    "target:\n  name: churned\n",
+    "target:\n  name: churned\n  type: categorical\n"
+    '  positive: "yes"\n  categories: ["yes", "no"]\n',
+)
+
+
+def test_a_classifiers_labels_are_taken_by_class_name_and_coded(
+    client: TestClient, declarations: Path, producer: FakeRecordProducer
+) -> None:
+    assert CHURN_BY_CLASS_YAML != CHURN_YAML
+    (declarations / "churn.yaml").write_text(CHURN_BY_CLASS_YAML, encoding="utf-8")
+    reload = client.post("/admin/reload", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert reload.status_code == 200, reload.text
+    labels = [
+        {"request_id": "a", "label": "yes"},
+        {"request_id": "b", "label": "no"},
+        {"request_id": "c", "label": 1},
+        {"request_id": "d", "label": 0.0},
+    ]
+
+    accepted = client.post(f"/models/{CHURN}/feedback", json=labels)
+
+    assert accepted.status_code == 202, accepted.text
+    coded = [GroundTruth.from_bytes(value) for value in _published(producer, 4)]
+    assert [(label.request_id, label.label) for label in coded] == [
+        ("a", 1.0),
+        ("b", 0.0),
+        ("c", 1.0),
+        ("d", 0.0),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("path", "label", "reason"),
+    [
+        (f"/models/{CHURN}/feedback", "maybe", "is not one of its classes"),
+        (f"/models/{CHURN}/feedback", 0.5, "is not one of its classes or 0/1"),
+        ("/feedback", "yes", "is not a number"),
+    ],
+)
+def test_a_label_the_models_target_does_not_take_is_refused_naming_it(
+    client: TestClient, declarations: Path, path: str, label: object, reason: str
+) -> None:
+    (declarations / "churn.yaml").write_text(CHURN_BY_CLASS_YAML, encoding="utf-8")
+    client.post("/admin/reload", headers={"Authorization": f"Bearer {ADMIN}"})
+
+    refused = client.post(
+        path, json=[{"request_id": "a", "label": 1}, {"request_id": "b", "label": label}]
+    )
+
+    assert refused.status_code == 422, refused.text
+    problem = ProblemDetails.model_validate(refused.json())
+    assert [(error.field, reason in error.reason) for error in problem.errors] == [
+        ("[1].label", True)
+    ]
+
+
+def test_the_document_types_each_models_labels_by_its_target(
+    client: TestClient, declarations: Path
+) -> None:
+    (declarations / "churn.yaml").write_text(CHURN_BY_CLASS_YAML, encoding="utf-8")
+    client.post("/admin/reload", headers={"Authorization": f"Bearer {ADMIN}"})
+    document = client.get("/openapi.json").json()
+    schemas = document["components"]["schemas"]
+
+    def label_of(path: str) -> dict[str, Any]:
+        body = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+        reference = body["schema"]["oneOf"][0]["$ref"].rsplit("/", 1)[-1]
+        label: dict[str, Any] = schemas[reference]["properties"]["label"]
+        return label
+
+    assert label_of("/feedback")["type"] == "number"
+    assert label_of(f"/models/{CHURN}/feedback")["anyOf"] == [
+        {"type": "string", "enum": ["yes", "no"]},
+        {"type": "number", "enum": [0, 1]},
+    ]
+
+
+def test_each_models_predictions_have_the_buckets_of_its_task_or_declaration(
+    client: TestClient, declarations: Path
+) -> None:
+    _add_churn(declarations, client)
+    client.post("/predict", json=example_row(load_feature_spec("bikeshare")))
+    client.post(f"/models/{CHURN}/predict", json=CHURN_ROW)
+
+    text = client.get("/metrics").text
+    bounds = {
+        model: [
+            line.split('le="')[1].split('"')[0]
+            for line in text.splitlines()
+            if line.startswith("gateway_prediction_value_bucket") and f'"{model}"' in line
+        ]
+        for model in ("bikeshare", CHURN)
+    }
+
+    # bikeshare declares bikes per hour; the churn declaration names none: probabilities.
+    assert bounds["bikeshare"][:3] == ["0.0", "10.0", "25.0"]
+    assert bounds[CHURN] == [str(round(0.05 * step, 2)) for step in range(1, 21)] + ["+Inf"]
+    assert f'gateway_prediction_value_count{{model_name="{CHURN}"}} 1.0' in text

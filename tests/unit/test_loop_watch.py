@@ -155,7 +155,7 @@ def test_each_change_has_a_line_and_is_tallied() -> None:
         ServingChanged(2, 1),
     ]
     lines = [describe(change, tally) for change in changes]
-    assert "drift share 0.60 (temp, atemp), RMSE 80.0" in lines[0]
+    assert "drift share 0.60 (temp, atemp), rmse 80 on" in lines[0]
     assert "episode bikeshare-v1-x opened" in lines[1]
     assert lines[2] == ""  # the episode goes on: no second line
     assert "promoted" in lines[5]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -128,3 +129,44 @@ async def test_replay_sends_each_hour_and_its_label_after_it(
     # A label goes out only after its hour: never in the same step as its own prediction.
     first_feedback = next(index for index, call in enumerate(calls) if call[0] == "/feedback")
     assert first_feedback > 0
+
+
+async def test_a_held_clock_sends_nothing_until_released(
+    spec: FeatureSpec, frame: pd.DataFrame
+) -> None:
+    hours = replay.replay_hours(spec, frame, first_day=91, last_day=91)[:3]
+    paths: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        paths.append(request.url.path)
+        if request.url.path == "/feedback":
+            return httpx.Response(202, json={"accepted": 1})
+        request_id = request.headers["x-request-id"]
+        return httpx.Response(
+            200,
+            json={
+                "request_id": request_id,
+                "model_name": "bikeshare",
+                "model_version": 1,
+                "predictions": [{"request_id": f"{request_id}:0", "prediction": 7.0}],
+            },
+        )
+
+    transport = httpx.MockTransport(answer)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        replayer = replay.Replayer(
+            client, hours, replay_id="replay-held", hours_per_second=1000, concurrency=1
+        )
+        replayer.hold()
+        running = asyncio.create_task(replayer.run())
+        # Time enough for a free-running replay of three hours (3 ms) to finish many times.
+        await asyncio.sleep(0.2)
+        assert paths == []
+        assert not running.done()
+        replayer.release()
+        stats = await running
+
+    assert paths.count("/predict") == 3
+    assert stats.held_seconds > 0
+    # Every served hour is kept for the loop's accounting, by its moment.
+    assert stats.served == {hour.moment: 7.0 for hour in hours}

@@ -36,14 +36,18 @@ MODELS = frozenset({"bikeshare"})
 
 
 def drift(
-    episode_id: str = "bikeshare:1:20260701T000000Z", model: str = "bikeshare"
+    episode_id: str = "bikeshare:1:20260701T000000Z",
+    model: str = "bikeshare",
+    *,
+    window_end: datetime = NOW,
+    window: timedelta = HOUR,
 ) -> DriftDetected:
     return DriftDetected(
         model_name=model,
         model_version=1,
         episode_id=episode_id,
-        window_start=NOW - HOUR,
-        window_end=NOW,
+        window_start=window_end - window,
+        window_end=window_end,
         window_rows=500,
         drift_share=0.6,
         drifted_features=("temp", "hum"),
@@ -99,7 +103,6 @@ def verdict(
     *,
     previous: LedgerEntry | None = None,
     last: PriorTrigger | None = None,
-    now: datetime = NOW,
     cooldown: timedelta = HOUR,
 ) -> Decision:
     return decide(
@@ -107,7 +110,6 @@ def verdict(
         known_models=MODELS,
         previous=previous,
         last_trigger=last,
-        now=now,
         cooldown=cooldown,
     ).decision
 
@@ -127,7 +129,6 @@ def test_unknown_model_is_refused_with_a_reason() -> None:
         known_models=MODELS,
         previous=None,
         last_trigger=None,
-        now=NOW,
         cooldown=HOUR,
     )
     assert result.decision is Decision.UNKNOWN_MODEL
@@ -137,9 +138,7 @@ def test_unknown_model_is_refused_with_a_reason() -> None:
 
 def test_another_episode_inside_the_cooldown_is_suppressed() -> None:
     last = PriorTrigger("older-episode", NOW - timedelta(minutes=59))
-    result = decide(
-        drift(), known_models=MODELS, previous=None, last_trigger=last, now=NOW, cooldown=HOUR
-    )
+    result = decide(drift(), known_models=MODELS, previous=None, last_trigger=last, cooldown=HOUR)
     assert result.decision is Decision.SUPPRESS_COOLDOWN
     assert result.reason is not None
     assert "older-episode" in result.reason
@@ -148,6 +147,21 @@ def test_another_episode_inside_the_cooldown_is_suppressed() -> None:
 def test_the_cooldown_ends() -> None:
     last = PriorTrigger("older-episode", NOW - HOUR)
     assert verdict(last=last) is Decision.TRIGGER
+
+
+def test_the_cooldown_counts_prediction_time_not_when_the_event_is_handled() -> None:
+    # A window of last year, handled now (a replay, a backlog): two windows a week apart in
+    # prediction time are a week apart whatever the clock says when they are decided.
+    last = PriorTrigger("older-episode", datetime(2011, 5, 1, tzinfo=UTC))
+    week_later = drift(window_end=datetime(2011, 5, 8, tzinfo=UTC))
+    assert verdict(week_later, last=last, cooldown=timedelta(days=6)) is Decision.TRIGGER
+    assert verdict(week_later, last=last, cooldown=timedelta(days=8)) is Decision.SUPPRESS_COOLDOWN
+
+
+def test_a_late_window_older_than_the_last_trigger_is_inside_the_cooldown() -> None:
+    last = PriorTrigger("newer-episode", NOW)
+    late = drift("late-episode", window_end=NOW - timedelta(days=30))
+    assert verdict(late, last=last, cooldown=HOUR) is Decision.SUPPRESS_COOLDOWN
 
 
 def test_zero_cooldown_never_suppresses() -> None:
@@ -188,6 +202,7 @@ def test_models_are_comma_separated_and_default_to_the_declarations(
 @dataclass
 class MemoryLedger:
     rows: dict[str, LedgerEntry] = field(default_factory=dict)
+    window_ends: dict[str, datetime] = field(default_factory=dict)
 
     async def entry(self, episode_id: str) -> LedgerEntry | None:
         return self.rows.get(episode_id)
@@ -200,9 +215,8 @@ class MemoryLedger:
         ]
         if not accepted:
             return None
-        latest = max(accepted, key=lambda row: row.triggered_at or NOW)
-        assert latest.triggered_at is not None
-        return PriorTrigger(latest.episode_id, latest.triggered_at)
+        latest = max(accepted, key=lambda row: self.window_ends[row.episode_id])
+        return PriorTrigger(latest.episode_id, self.window_ends[latest.episode_id])
 
     async def record(
         self,
@@ -217,6 +231,7 @@ class MemoryLedger:
         current = self.rows.get(event.episode_id)
         if current is not None and current.state.accepted:
             return False
+        self.window_ends[event.episode_id] = event.window_end
         self.rows[event.episode_id] = LedgerEntry(
             event.episode_id,
             event.model_name,
@@ -295,12 +310,43 @@ async def test_a_run_created_by_an_earlier_attempt_is_already_triggered(rig: Rig
 
 async def test_cooldown_suppresses_then_releases_the_episode(rig: Rig) -> None:
     await rig.trigger.handle(drift("e1"))
-    rig.clock[0] = NOW + timedelta(minutes=10)
-    assert await rig.trigger.handle(drift("e2")) is TriggerState.SUPPRESSED_COOLDOWN
+    later = NOW + timedelta(minutes=10)
+    assert await rig.trigger.handle(drift("e2", window_end=later)) is (
+        TriggerState.SUPPRESSED_COOLDOWN
+    )
     assert rig.airflow.runs == ["drift-e1"]
-    rig.clock[0] = NOW + HOUR + timedelta(minutes=1)
-    assert await rig.trigger.handle(drift("e2")) is TriggerState.TRIGGERED
+    # The wall clock moving on does not end the cooldown: the next window's end does.
+    rig.clock[0] = NOW + 10 * HOUR
+    assert await rig.trigger.handle(drift("e2", window_end=later)) is (
+        TriggerState.SUPPRESSED_COOLDOWN
+    )
+    next_window = NOW + HOUR + timedelta(minutes=1)
+    assert await rig.trigger.handle(drift("e2", window_end=next_window)) is (TriggerState.TRIGGERED)
     assert rig.airflow.runs == ["drift-e1", "drift-e2"]
+
+
+async def test_a_cooldown_in_windows_scales_with_the_window(rig: Rig) -> None:
+    # A replay at 30 simulated hours a second has 5.6 s windows for a week of traffic: two
+    # windows of cooldown are 11.2 s of its prediction time, two weeks of its simulated time.
+    rig.trigger.cooldown_windows = 2
+    rig.trigger.cooldown = timedelta(0)
+    window = timedelta(seconds=5.6)
+    await rig.trigger.handle(drift("e1", window=window))
+    second = drift("e2", window_end=NOW + 1.5 * window, window=window)
+    assert await rig.trigger.handle(second) is TriggerState.SUPPRESSED_COOLDOWN
+    third = drift("e3", window_end=NOW + 2 * window, window=window)
+    assert await rig.trigger.handle(third) is TriggerState.TRIGGERED
+
+
+async def test_the_longer_of_the_seconds_and_the_windows_applies(rig: Rig) -> None:
+    # A test or an operator that sets the seconds is not overridden by a shorter windows'
+    # cooldown from a .env, and the other way round.
+    rig.trigger.cooldown_windows = 2
+    rig.trigger.cooldown = HOUR
+    short = drift("e1", window=timedelta(seconds=5.6))
+    assert rig.trigger.cooldown_for(short) == HOUR
+    long = drift("e2", window=timedelta(days=7))
+    assert rig.trigger.cooldown_for(long) == timedelta(days=14)
 
 
 async def test_unknown_model_is_recorded_failed_without_calling_airflow(rig: Rig) -> None:
@@ -357,6 +403,9 @@ def test_conf_extras_carry_the_namespace_and_cannot_hide_the_event() -> None:
 
 
 def test_dag_params_setting_refuses_event_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The secrets a checkout's .env would give: the test needs no .env to pass.
+    monkeypatch.setenv("POSTGRES_PASSWORD", "x")
+    monkeypatch.setenv("AIRFLOW_API_PASSWORD", "x")
     monkeypatch.setenv("RETRAIN_TRIGGER_DAG_PARAMS", '{"promotion_margin": 0.5}')
     settings = load_settings(RetrainTriggerSettings)
     assert settings.conf_extras()["promotion_margin"] == 0.5

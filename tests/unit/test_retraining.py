@@ -431,8 +431,15 @@ def test_training_set_is_the_reference_then_the_older_recent_rows(
     assert len(training_set) == len(reference) + len(older)
     origins = training_set[retrain.ORIGIN_COLUMN].value_counts().to_dict()
     assert origins == {"seed": len(reference), "logged": len(older)}
-    assert training_set.loc[: len(reference) - 1, "predicted_at"].isna().all()
+    # Seed rows are dated by the dataset's time columns the reference carries (day, hr).
+    np.testing.assert_array_equal(
+        training_set.loc[: len(reference) - 1, "predicted_at"].to_numpy(),
+        trainer.dataset_times(spec, winter).to_numpy(),
+    )
     assert training_set.loc[len(reference) :, "predicted_at"].notna().all()
+    # Without the time columns a seed row has no time.
+    undated = retrain.assemble_training_set(spec, reference.drop(columns=["day"]), older)
+    assert undated.loc[: len(reference) - 1, "predicted_at"].isna().all()
     # Through Parquet (the work objects) and into a model, unchanged.
     path = tmp_path / "train.parquet"
     training_set.to_parquet(path, index=False)
@@ -555,6 +562,8 @@ def extracted_for(registry: Registry, margin: float = 0.02) -> Extracted:
         recent_rows=1000,
         skipped_rows=0,
         recent_training_rows=750,
+        history_rows=2750,
+        data_policy="all history",
         holdout_rows=250,
         holdout_start=START,
         holdout_end=START + timedelta(hours=249),
