@@ -11,7 +11,11 @@ run (so the load of the shared machine disturbs every target alike):
    gateway reloads (p99 and failures during the swap against a steady run of the same length);
 6. the gateway publishing through ``EventProducer`` on its own event loop, no relay
    (``GATEWAY_PUBLISHER_PROCESS=false``);
-7. with ``--reference-checkout DIR``, the gateway of another commit, publishing on.
+7. with ``--reference-checkout DIR``, the gateway of another commit, publishing on;
+8. the gateway publishing on while the shadow-scorer consumes its predictions and scores each
+   with the version the champion replaced (``consumers.shadow_scorer``, off the request path:
+   what it costs /predict is the CPU it, Kafka and Postgres take on the same machine); its
+   rows scored against the requests answered, and its lag after the run.
 
 Needs the dev stack (Kafka, MLflow) and ``wrk`` (Debian package). Every request is the
 declaration's example row (``gateway.contract.example_row``, the one the OpenAPI document
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -44,12 +49,15 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import asyncpg
 import httpx
 import orjson
+from mlflow.tracking import MlflowClient
 
 from driftloop.events.kafka import create_topics
-from driftloop.settings import KafkaSettings, MlflowSettings, load_settings
+from driftloop.settings import KafkaSettings, MlflowSettings, PostgresSettings, load_settings
 from driftloop.training import trainer
+from driftloop.training.retrain import CHAMPION_VERSION_TAG, DECISION_TAG
 from gateway.contract import example_row
 from schemas.features import load_feature_spec
 from schemas.topics import Topic
@@ -94,6 +102,8 @@ def wrk(name: str, url: str, body: bytes, seconds: float) -> Run:
         check=True,
     ).stdout
     percentiles = dict(re.findall(r"^\s+(\d+)%\s+(\S+)$", output, re.MULTILINE))
+    if "99" not in percentiles:
+        raise RuntimeError(f"wrk measured no latency for {name}:\n{output}")
     errors = re.search(
         r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
     )
@@ -214,6 +224,17 @@ def main() -> None:
 
     frame = trainer.read_dataset(spec, since="2011-01-01", until="2011-04-01")
     name = f"bench-gateway-{stamp}"
+    # The champion replaced this version (tagged as the retrain DAG tags a promotion), so the
+    # shadow-scorer has a version to score every prediction with.
+    replaced = trainer.train_champion(
+        spec,
+        frame,
+        tracking_uri=mlflow_settings.tracking_uri,
+        model_name=name,
+        work_dir=work,
+        num_boost_round=arguments.trees,
+        params={"seed": 5},
+    )
     first = trainer.train_champion(
         spec,
         frame,
@@ -221,6 +242,14 @@ def main() -> None:
         model_name=name,
         work_dir=work,
         num_boost_round=arguments.trees,
+    )
+
+    registry = MlflowClient(
+        tracking_uri=mlflow_settings.tracking_uri, registry_uri=mlflow_settings.tracking_uri
+    )
+    registry.set_model_version_tag(name, str(first.version), DECISION_TAG, "promoted")
+    registry.set_model_version_tag(
+        name, str(first.version), CHAMPION_VERSION_TAG, str(replaced.version)
     )
 
     env = {
@@ -280,6 +309,27 @@ def main() -> None:
             ROOT,
         )
     )
+    shadow_scorer_env = {
+        **env,
+        "KAFKA_TOPIC_PREFIX": kafka_settings.topic_prefix,
+        "SHADOW_SCORER_GROUP": f"bench-shadow-{stamp}",
+        "SHADOW_SCORER_DB_SCHEMA": f"bench_{stamp.lower()}",
+        "SHADOW_SCORER_MODELS": name,
+        "SHADOW_SCORER_MODEL_CACHE_DIR": str(work / "shadow-models"),
+        "SHADOW_SCORER_METRICS_PORT": str(SHADOW_SCORER_PORT),
+    }
+    targets.append(
+        (
+            SHADOW_LABEL,
+            gateway_command,
+            "http://127.0.0.1:18107/health/ready",
+            {**gateway_env(18107, True), "GATEWAY_PUBLISHER_PROCESS": "true"},
+            "http://127.0.0.1:18107/predict",
+            body,
+            ROOT,
+        )
+    )
+    shadow_figures: dict[str, float] = {}
     reference = arguments.reference_checkout
     if reference is not None:
         revision = subprocess.run(
@@ -305,9 +355,20 @@ def main() -> None:
     for round_number in range(arguments.rounds):
         for label, command, ready_url, target_env, url, payload, cwd in targets:
             log = work / f"{label}-{round_number}.log"
-            with server(command, ready_url, target_env, log, cwd):
+            with contextlib.ExitStack() as beside:
+                shadowed = label == SHADOW_LABEL
+                if shadowed:
+                    beside.enter_context(shadow_scorer(shadow_scorer_env, work, round_number))
+                beside.enter_context(server(command, ready_url, target_env, log, cwd))
                 warm(url, payload)
+                before = shadow_rows() if shadowed else 0.0
                 run = wrk(label, url, payload, seconds)
+                if shadowed:
+                    # Whether it kept up: rows scored during the run and its lag after it.
+                    figure = f"round {round_number}"
+                    shadow_figures[f"{figure}, rows scored"] = shadow_rows() - before
+                    shadow_figures[f"{figure}, requests answered"] = run.requests
+                    shadow_figures[f"{figure}, lag after the run"] = shadow_lag()
             # Interleaved rounds; the best of each target is kept, the run least disturbed by
             # the other work on the shared machine.
             if label not in runs or run.requests_per_second > runs[label].requests_per_second:
@@ -339,10 +400,58 @@ def main() -> None:
         trigger.join()
         print(f"swap: reload answered version {reload_status}", file=sys.stderr)
 
-    report(runs, work, stamp)
+    report(runs, work, stamp, shadow_figures)
+    asyncio.run(_drop_schema(shadow_scorer_env["SHADOW_SCORER_DB_SCHEMA"]))
 
 
-def report(runs: dict[str, Run], work: Path, stamp: str) -> None:
+async def _drop_schema(schema: str) -> None:
+    """The shadow-scorer's tables of this run are of no further use."""
+    connection = await asyncpg.connect(load_settings(PostgresSettings).dsn())
+    try:
+        await connection.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    finally:
+        await connection.close()
+
+
+SHADOW_SCORER_PORT = 18199
+SHADOW_LABEL = "gateway, publishing on, shadow-scorer running"
+
+
+def _scrape(name: str) -> float:
+    """The sum of a metric's samples on the shadow-scorer's /metrics (0 when absent)."""
+    text = httpx.get(f"http://127.0.0.1:{SHADOW_SCORER_PORT}/metrics", timeout=5).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith((f"{name}{{", f"{name} "))
+    )
+
+
+def shadow_rows() -> float:
+    """Shadow predictions the shadow-scorer logged so far."""
+    return _scrape("driftloop_shadow_predictions_total")
+
+
+def shadow_lag() -> float:
+    """Predictions not committed yet by the shadow-scorer, over its partitions."""
+    return _scrape("driftloop_consumer_lag")
+
+
+@contextmanager
+def shadow_scorer(env: dict[str, str], work: Path, round_number: int) -> Iterator[None]:
+    """The shadow-scorer running beside the gateway, consuming once it has joined its group."""
+    log = work / f"shadow-scorer-{round_number}.log"
+    ready = f"http://127.0.0.1:{SHADOW_SCORER_PORT}/metrics"
+    with server([str(VENV_BIN / "python"), "-m", "consumers.shadow_scorer"], ready, env, log):
+        deadline = time.monotonic() + 120
+        while _scrape("driftloop_consumer_ready") < 1:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the shadow-scorer is not consuming; see {log}")
+            time.sleep(0.2)
+        yield
+
+
+def report(runs: dict[str, Run], work: Path, stamp: str, shadow_figures: dict[str, float]) -> None:
     """Print the table and the ratios; keep them as JSON."""
     load = Path("/proc/loadavg").read_text().split()[:3]
     print(f"\ngateway benchmark {stamp}  (load average {' '.join(load)}, 2 cores, shared)")
@@ -363,6 +472,12 @@ def report(runs: dict[str, Run], work: Path, stamp: str) -> None:
         "p99 during swap / steady p99 (goal <= 2)": runs["during swap"].p99_ms
         / runs["steady (before swap)"].p99_ms,
     }
+    shadow = runs.get(SHADOW_LABEL)
+    if shadow is not None:
+        ratios["shadow-scorer running / publishing on (req/s)"] = (
+            shadow.requests_per_second / on.requests_per_second
+        )
+        ratios["shadow-scorer running / publishing on (p99)"] = shadow.p99_ms / on.p99_ms
     for name, run in runs.items():
         if name.startswith("gateway at ") or name == "gateway, publishing from the event loop":
             ratios[f"publishing on / {name} (req/s)"] = (
@@ -376,11 +491,14 @@ def report(runs: dict[str, Run], work: Path, stamp: str) -> None:
         print(f"{label:60} {value:7.2f}")
     print(f"gateway p99 with publishing on: {on.p99_ms:.2f} ms (goal <= 15)")
     print(f"failed requests during swap: {runs['during swap'].non_2xx}")
+    for label, value in shadow_figures.items():
+        print(f"shadow-scorer, {label}: {value:.0f}")
     document = {
         "stamp": stamp,
         "load_average": load,
         "runs": [asdict(run) for run in runs.values()],
         "ratios": ratios,
+        "shadow": shadow_figures,
     }
     path = RESULTS / f"gateway-{stamp}.json"
     path.write_text(json.dumps(document, indent=2))

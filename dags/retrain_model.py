@@ -10,7 +10,9 @@ cut the holdout, write the training set and the holdout to the object store) ▸
 (the challenger, logged to MLflow with its reference dataset and registered; once per run) ▸
 ``evaluate`` (challenger and champion on the same holdout) ▸ ``decide`` (move the ``champion``
 alias when the margin is met and the alias did not move meanwhile, tag the version, publish
-``ModelPromoted`` or ``ModelRejected`` to ``model.events``) ▸ ``cleanup`` (work objects).
+``ModelPromoted`` or ``ModelRejected`` to ``model.events``; a model declared
+``training.live.promotion: shadow`` gets the ``challenger`` alias and ``ChallengerShadowed``
+instead, and the shadow-scorer decides on live rows) ▸ ``cleanup`` (work objects).
 
 **conf**: ``model_name`` (required); from the retrain-trigger also ``model_version`` (champion
 version that drifted), ``episode_id``, ``event_id``, ``window_start``, ``window_end``,

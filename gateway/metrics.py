@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 
 from driftloop.serving.champion import Champion, LoadEvent
 from gateway.publishing import PublisherState, PublisherStatus
-from schemas.events import ModelDecision, ModelPromoted
+from schemas.events import ChallengerShadowed, ModelDecision, ModelPromoted, ModelRolledBack
 
 # Request latency: the gateway answers in about a millisecond; the tail matters to 100 ms.
 _LATENCY_BUCKETS = (
@@ -98,7 +98,8 @@ class GatewayMetrics:
         self._info_labels: dict[str, tuple[str, str, str]] = {}
         self.model_decisions = Counter(
             "gateway_model_decisions",
-            "Retrain decisions read from model.events, by model and decision (promoted, rejected).",
+            "Model decisions read from model.events, by model and decision (promoted, rejected, "
+            "shadowed, rolled_back).",
             ("model_name", "decision"),
             registry=registry,
         )
@@ -131,12 +132,20 @@ class GatewayMetrics:
         """Export the decision counters of ``model_name`` at 0 before its first decision."""
         # An increase() over a counter that first appears at 1 is 0: the first promotion after
         # a restart would be missed by the dashboards' annotations.
-        for decision in ("promoted", "rejected"):
+        for decision in ("promoted", "rejected", "shadowed", "rolled_back"):
             self.model_decisions.labels(model_name, decision)
 
     def record_decision(self, event: ModelDecision) -> None:
-        """Count one ``ModelPromoted`` or ``ModelRejected`` read from model.events."""
-        decision = "promoted" if isinstance(event, ModelPromoted) else "rejected"
+        """Count one decision read from model.events (promoted, rejected, shadowed,
+        rolled_back)."""
+        if isinstance(event, ModelPromoted):
+            decision = "promoted"
+        elif isinstance(event, ModelRolledBack):
+            decision = "rolled_back"
+        elif isinstance(event, ChallengerShadowed):
+            decision = "shadowed"
+        else:
+            decision = "rejected"
         self.model_decisions.labels(event.model_name, decision).inc()
 
 

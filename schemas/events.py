@@ -521,6 +521,34 @@ class ModelRejected(ModelDecision):
     """Why the challenger was not promoted."""
 
 
+class ChallengerShadowed(ModelDecision):
+    """The challenger passed the holdout and waits under the alias ``challenger``, scored in
+    shadow on live traffic, for live evidence (a model declared ``training.live.promotion:
+    shadow``); the champion stays until the live judge promotes or rejects it."""
+
+    event_type: Literal["challenger_shadowed"] = "challenger_shadowed"
+    schema_version: Literal[1] = 1
+
+
+class ModelRolledBack(ModelDecision):
+    """A promotion lost on live traffic: the ``champion`` alias moved back to the version it
+    replaced, whose shadow predictions beat the new champion's on the same labelled rows.
+
+    ``model_version``/``run_id`` name the version champion again; ``champion_version`` the one
+    demoted. Scores are the promotion metric on the first ``live_rows`` labelled rows the
+    demoted version served: ``challenger_score`` the restored version's (scored in shadow),
+    ``champion_score`` the demoted version's (served).
+    """
+
+    event_type: Literal["model_rolled_back"] = "model_rolled_back"
+    schema_version: Literal[1] = 1
+
+    reason: NonEmptyText
+    """Why the promotion was undone."""
+    live_rows: PositiveInt
+    """Labelled rows both versions were compared on."""
+
+
 class DeadLetter(Event):
     """A message a consumer could not handle, kept with its origin for inspection and replay."""
 
@@ -556,7 +584,7 @@ class DeadLetter(Event):
         return f"{self.source_topic}/{self.source_partition}".encode()
 
 
-ModelEvent: TypeAlias = ModelPromoted | ModelRejected
+ModelEvent: TypeAlias = ModelPromoted | ModelRejected | ChallengerShadowed | ModelRolledBack
 E = TypeVar("E", bound=Event)
 
 EVENT_CLASSES: Final[tuple[type[Event], ...]] = (
@@ -567,9 +595,16 @@ EVENT_CLASSES: Final[tuple[type[Event], ...]] = (
     DriftDetected,
     ModelPromoted,
     ModelRejected,
+    ChallengerShadowed,
+    ModelRolledBack,
     DeadLetter,
 )
-MODEL_EVENTS: Final[tuple[type[ModelEvent], ...]] = (ModelPromoted, ModelRejected)
+MODEL_EVENTS: Final[tuple[type[ModelEvent], ...]] = (
+    ModelPromoted,
+    ModelRejected,
+    ChallengerShadowed,
+    ModelRolledBack,
+)
 TOPIC_EVENTS: Final[Mapping[Topic, tuple[type[Event], ...]]] = MappingProxyType(
     {
         Topic.PREDICTIONS: (PredictionEvent,),
@@ -602,5 +637,6 @@ def decode_event(raw: bytes, accepted: Iterable[type[E]]) -> E:
 
 
 def decode_model_event(raw: bytes) -> ModelEvent:
-    """Decode a ``model.events`` message: a promotion or a rejection."""
+    """Decode a ``model.events`` message: a promotion, a rejection, a challenger put in shadow or
+    a rollback."""
     return decode_event(raw, MODEL_EVENTS)

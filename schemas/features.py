@@ -445,6 +445,33 @@ class TrainingData(_Declaration):
         return "all history"
 
 
+class PromotionEvidence(StrEnum):
+    """What a challenger that passed the holdout gate needs before it becomes champion."""
+
+    HOLDOUT = "holdout"
+    """The holdout is enough: the alias moves at once."""
+    SHADOW = "shadow"
+    """It waits under the ``challenger`` alias, scored in shadow on live traffic, and is
+    promoted when its error on the labelled rows that arrive beats the champion's."""
+
+
+class LiveEvidence(_Declaration):
+    """How versions are judged on live labelled rows, against the one they would replace."""
+
+    promotion: PromotionEvidence = PromotionEvidence.HOLDOUT
+    """``holdout`` (default): promote on the holdout alone; ``shadow``: live evidence first."""
+    rows: int = Field(default=200, ge=10)
+    """Labelled rows of the comparison: a challenger in shadow is judged over its first
+    ``rows`` labelled rows, a new champion against the one it replaced over its first ``rows``
+    (default 200)."""
+    margin: float = Field(default=0.02, ge=0, lt=1)
+    """Relative improvement of the promotion metric on those rows that decides (default 0.02):
+    a challenger in shadow needs it over the champion; a new champion is rolled back when the
+    version it replaced beats it by it."""
+    rollback: bool = True
+    """Whether a promotion that loses on live rows is undone (default true)."""
+
+
 class Training(_Declaration):
     """How models are trained and judged."""
 
@@ -466,6 +493,8 @@ class Training(_Declaration):
     data: TrainingData | None = None
     """Which labelled history a retrained version learns from; None: as much as the first
     model learned (``FeatureSpec.training_data``)."""
+    live: LiveEvidence = Field(default_factory=LiveEvidence)
+    """Evidence on live traffic: shadow promotion and rollback."""
 
 
 class Monitoring(_Declaration):

@@ -1,4 +1,5 @@
-"""Following ``model.events``: a ``ModelPromoted`` triggers a reload of the model it names.
+"""Following ``model.events``: a ``ModelPromoted`` or ``ModelRolledBack`` (the alias moved, forward
+or back) triggers a reload of the model it names.
 
 Shared by every process that serves the champion (the gateway, the batch-scorer), so a
 promotion reaches all of them within a second; alias polling stays as the safety net.
@@ -17,7 +18,13 @@ from aiokafka.errors import KafkaError
 
 from driftloop.events import kafka
 from driftloop.settings import KafkaSettings
-from schemas.events import EventDecodeError, ModelDecision, ModelPromoted, decode_model_event
+from schemas.events import (
+    EventDecodeError,
+    ModelDecision,
+    ModelPromoted,
+    ModelRolledBack,
+    decode_model_event,
+)
 from schemas.topics import Topic
 
 log = logging.getLogger(__name__)
@@ -93,6 +100,12 @@ class ModelEventFollower:
         if self.on_decision is not None:
             # Every model's decisions, promotions and rejections: what the metrics count.
             self.on_decision(event)
-        if isinstance(event, ModelPromoted):
-            log.info("model %s version %d promoted", event.model_name, event.model_version)
+        if isinstance(event, ModelPromoted | ModelRolledBack):
+            # A rollback moves the alias like a promotion does: the same reload swaps back.
+            log.info(
+                "model %s version %d %s",
+                event.model_name,
+                event.model_version,
+                "promoted" if isinstance(event, ModelPromoted) else "restored by a rollback",
+            )
             await self.on_promoted(event.model_name)

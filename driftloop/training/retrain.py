@@ -47,6 +47,12 @@ alias already on its challenger only re-tags and publishes again (at least once:
 is derived from model, version and outcome, so a repeat is recognisable). MLflow down at any
 point leaves the alias where it was, or already moved with a retry still to publish.
 
+**Live evidence**: a model declared ``training.live.promotion: shadow`` gets the alias
+``challenger`` moved instead of ``champion`` (``ChallengerShadowed``): the shadow-scorer scores
+it on live traffic and ``driftloop.training.live_judge`` promotes or rejects it there, under
+the same rules; the judge also rolls back any promotion that loses on its first live labelled
+rows.
+
 **Work objects**: the training set, the holdout and the feature declaration are written as
 ``retraining/<model>/<dag run id>/`` in the data bucket (``driftloop.training.workspace``), read by
 the later tasks, and deleted by the DAG's last task once the decision is published. A failed
@@ -111,8 +117,15 @@ from driftloop.training.policy import (
     judge_challenger,
 )
 from driftloop.training.workspace import get_objects, put_objects, work_prefix
-from schemas.events import ModelDecision, ModelPromoted, ModelRejected
-from schemas.features import TASK_METRICS, FeatureKind, FeatureSpec, Metric, TrainingData
+from schemas.events import ChallengerShadowed, ModelDecision, ModelPromoted, ModelRejected
+from schemas.features import (
+    TASK_METRICS,
+    FeatureKind,
+    FeatureSpec,
+    Metric,
+    PromotionEvidence,
+    TrainingData,
+)
 from schemas.fields import (
     EpisodeId,
     FeatureName,
@@ -170,6 +183,8 @@ class Outcome(StrEnum):
 
     PROMOTED = "promoted"
     REJECTED = "rejected"
+    SHADOWED = "shadowed"
+    """Passed the holdout; waits under the alias ``challenger`` for live evidence."""
 
 
 class RetrainRequest(BaseModel):
@@ -327,6 +342,9 @@ class Evaluation(_Result):
     champion_version: int
     champion_score: float
     holdout_rows: int
+    promotion_evidence: PromotionEvidence = PromotionEvidence.HOLDOUT
+    """What the model's declaration (``training.live.promotion``) asks for before a challenger
+    that passed the holdout becomes champion."""
 
     @property
     def metric(self) -> HoldoutMetric:
@@ -523,7 +541,7 @@ def decision_event(
     evaluation: Evaluation,
     episode_id: str | None,
     reason: str,
-) -> ModelPromoted | ModelRejected:
+) -> ModelPromoted | ModelRejected | ChallengerShadowed:
     """The ``model.events`` message of a decision; its id is the same for every retry."""
     fields: dict[str, Any] = {
         "event_id": uuid.uuid5(
@@ -541,6 +559,8 @@ def decision_event(
     }
     if outcome is Outcome.PROMOTED:
         return ModelPromoted(**fields)
+    if outcome is Outcome.SHADOWED:
+        return ChallengerShadowed(**fields)
     return ModelRejected(**fields, reason=reason)
 
 
@@ -980,6 +1000,7 @@ def evaluate_step(
         champion_version=extracted.champion_version,
         champion_score=champion_score,
         holdout_rows=len(holdout),
+        promotion_evidence=spec.training.live.promotion,
     )
 
 
@@ -991,7 +1012,9 @@ def decide_step(
     connections: RetrainConnections | None = None,
     publish: Callable[[ModelDecision], str] | None = None,
 ) -> Decision:
-    """Promote or reject, tag the challenger, publish the decision (see the module docstring).
+    """Promote, reject or (a model declared ``training.live.promotion: shadow``) put the
+    challenger in shadow under the alias ``challenger``; tag the challenger, publish the
+    decision (see the module docstring).
 
     ``publish`` sends the event and returns the topic once acknowledged (default: Kafka, on
     the run's topic prefix).
@@ -1030,6 +1053,12 @@ def decide_step(
             f"champion moved {moved} during the run (evaluated against "
             f"v{evaluation.champion_version}); {verdict.reason}"
         )
+    elif verdict.promote and evaluation.promotion_evidence is PromotionEvidence.SHADOW:
+        # The model's declaration asks for live evidence: the champion stays, the challenger
+        # is scored in shadow and judged by the shadow-scorer (driftloop.training.live_judge).
+        outcome = Outcome.SHADOWED
+        reason = f"{verdict.reason}; waits in shadow for live evidence"
+        client.set_registered_model_alias(name, trainer.CHALLENGER_ALIAS, str(challenger.version))
     elif verdict.promote:
         outcome, reason = Outcome.PROMOTED, verdict.reason
         trainer.set_champion(

@@ -43,6 +43,8 @@ from driftloop.training.metrics import HoldoutScores, holdout_scores
 from schemas.features import FeatureKind, FeatureSpec, TargetType, Task
 
 CHAMPION_ALIAS: Final = "champion"
+# A challenger that passed the holdout and waits for live evidence (training.live.promotion).
+CHALLENGER_ALIAS: Final = "challenger"
 # The stand-alone pyfunc, logged as an MLflow model from code (see its docstring). Named by its
 # path, not imported: importing it registers its model with MLflow's loader.
 PYFUNC_CODE: Final = Path(__file__).resolve().parents[1] / "serving" / "declared_pyfunc.py"

@@ -513,6 +513,17 @@ def platform_programs(settings: StackSettings) -> list[Program]:
             stop_wait_seconds=60,
         ),
         Program(
+            # One group; the live judge runs in one replica at a time (an advisory lock).
+            name="shadow-scorer",
+            command=[python, "-m", "consumers.shadow_scorer"],
+            environment={
+                **MLFLOW_CLIENT_ENVIRONMENT,
+                "SHADOW_SCORER_METRICS_PORT": str(settings.shadow_scorer_metrics_port),
+            },
+            directory=REPO_ROOT,
+            stop_wait_seconds=60,
+        ),
+        Program(
             name="retrain-trigger",
             command=[python, "-m", "consumers.retrain_trigger"],
             environment={

@@ -45,6 +45,7 @@ def scrape_ports(settings: StackSettings) -> dict[str, list[int]]:
         "batch-scorer": settings.batch_scorer_metrics_ports,
         "drift-monitor": [settings.drift_monitor_metrics_port],
         "retrain-trigger": [settings.retrain_trigger_metrics_port],
+        "shadow-scorer": [settings.shadow_scorer_metrics_port],
         "alertmanager": [settings.alertmanager_port],
         "alert-receiver": [settings.alert_receiver_port],
     }

@@ -165,6 +165,10 @@ async def probe_retrain_trigger(settings: StackSettings) -> None:
     await _get_ok(f"http://127.0.0.1:{settings.retrain_trigger_metrics_port}/metrics")
 
 
+async def probe_shadow_scorer(settings: StackSettings) -> None:
+    await _get_ok(f"http://127.0.0.1:{settings.shadow_scorer_metrics_port}/metrics")
+
+
 def address_of(service: str, settings: StackSettings) -> str:
     addresses = {
         "gateway": f"http://127.0.0.1:{settings.gateway_port}",
@@ -172,6 +176,7 @@ def address_of(service: str, settings: StackSettings) -> str:
         "batch-scorer": f"http://127.0.0.1:{settings.batch_scorer_metrics_port}/metrics",
         "drift-monitor": f"http://127.0.0.1:{settings.drift_monitor_metrics_port}/metrics",
         "retrain-trigger": f"http://127.0.0.1:{settings.retrain_trigger_metrics_port}/metrics",
+        "shadow-scorer": f"http://127.0.0.1:{settings.shadow_scorer_metrics_port}/metrics",
         "postgres": f"localhost:{settings.postgres.port}",
         "kafka": settings.kafka.bootstrap_servers,
         "s3proxy": settings.s3.endpoint_url,
@@ -198,6 +203,7 @@ PROBES: dict[str, Probe] = {
     "batch-scorer": probe_batch_scorer,
     "drift-monitor": probe_drift_monitor,
     "retrain-trigger": probe_retrain_trigger,
+    "shadow-scorer": probe_shadow_scorer,
 }
 
 

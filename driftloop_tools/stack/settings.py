@@ -128,6 +128,9 @@ class StackSettings(DriftloopSettings):
     retrain_trigger_metrics_port: Port = Field(
         default=9104, description="STACK_RETRAIN_TRIGGER_METRICS_PORT (default 9104)."
     )
+    shadow_scorer_metrics_port: Port = Field(
+        default=9105, description="STACK_SHADOW_SCORER_METRICS_PORT (default 9105)."
+    )
     gateway_replicas: Replicas = Field(
         default=1,
         description="STACK_GATEWAY_REPLICAS: gateway processes behind nginx (default 1).",
@@ -214,6 +217,7 @@ class StackSettings(DriftloopSettings):
             "nginx (STACK_GATEWAY_PORT)": self.gateway_port,
             "drift-monitor metrics": self.drift_monitor_metrics_port,
             "retrain-trigger metrics": self.retrain_trigger_metrics_port,
+            "shadow-scorer metrics": self.shadow_scorer_metrics_port,
         }
         replicated = {
             "gateway": self.gateway_replica_ports,

@@ -38,7 +38,13 @@ from driftloop.storage.database import create_pool
 from driftloop.storage.objectstore import s3_client
 from driftloop.training.bootstrap import bootstrap_model, current_champion
 from driftloop_tools.demo.replay import Replayer, ReplayStats, day_of_year, load_replay_hours
-from schemas.events import DriftDetected, ModelPromoted, ModelRejected, decode_model_event
+from schemas.events import (
+    DriftDetected,
+    ModelEvent,
+    ModelPromoted,
+    ModelRejected,
+    decode_model_event,
+)
 from schemas.features import load_feature_spec
 from schemas.topics import Topic
 from tests.integration.consumer_support import (
@@ -238,7 +244,7 @@ async def make_rig(
                     await connection.close()
 
 
-async def _decision(rig: LoopRig, within: float) -> ModelPromoted | ModelRejected:
+async def _decision(rig: LoopRig, within: float) -> ModelEvent:
     records = await read_topic(
         rig.kafka, rig.kafka.topic(Topic.MODEL_EVENTS), expected=1, within=within
     )
@@ -341,7 +347,7 @@ async def test_winter_against_the_winter_model_raises_no_drift(
 
 async def _drift_until_decided(
     rig: LoopRig,
-) -> tuple[DriftDetected, ModelPromoted | ModelRejected]:
+) -> tuple[DriftDetected, ModelEvent]:
     """Replay spring and summer until the episode's run decided; the first drift event."""
     decision_task = asyncio.create_task(_decision(rig, within=420))
     stats = await rig.replay("04-01", "06-30", hours_per_second=60)

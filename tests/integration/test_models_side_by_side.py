@@ -35,7 +35,12 @@ from driftloop.settings import KafkaSettings, MlflowSettings, PostgresSettings
 from driftloop.training import trainer
 from driftloop.training.bootstrap import bootstrap_model
 from gateway.contract import example_row
-from schemas.events import DriftDetected, ModelPromoted, ModelRejected, decode_model_event
+from schemas.events import (
+    DriftDetected,
+    ModelEvent,
+    ModelPromoted,
+    decode_model_event,
+)
 from schemas.features import MODELS_DIR, MODELS_DIRS_VARIABLE, FeatureSpec, load_feature_spec
 from schemas.topics import Topic
 from tests.integration.consumer_support import ConsumerProcess, eventually, free_port, read_topic
@@ -248,7 +253,7 @@ async def _send_cancer_traffic(platform: Platform, rounds: int) -> int:
     return sent
 
 
-async def _decision(platform: Platform) -> ModelPromoted | ModelRejected:
+async def _decision(platform: Platform) -> ModelEvent:
     records = await read_topic(
         platform.kafka, platform.kafka.topic(Topic.MODEL_EVENTS), expected=1, within=600
     )

@@ -38,7 +38,13 @@ from driftloop.storage.database import open_migrated_pool
 from driftloop.storage.hot_store import ensure_partitions, partition_day
 from driftloop.storage.objectstore import s3_client
 from driftloop.training import bootstrap, retrain, trainer, workspace
-from schemas.events import DriftDetected, ModelPromoted, ModelRejected, decode_model_event
+from schemas.events import (
+    DriftDetected,
+    ModelEvent,
+    ModelPromoted,
+    ModelRejected,
+    decode_model_event,
+)
 from schemas.features import FeatureSpec, load_feature_spec
 from schemas.topics import Topic
 from tests.integration.consumer_support import eventually, read_topic
@@ -255,7 +261,7 @@ async def task_log(client: httpx.AsyncClient, run_id: str, task_id: str, attempt
     return response.text
 
 
-async def decisions(setup: RetrainSetup, expected: int) -> list[ModelPromoted | ModelRejected]:
+async def decisions(setup: RetrainSetup, expected: int) -> list[ModelEvent]:
     records = await read_topic(setup.kafka, setup.topic, expected=expected, within=30)
     return [decode_model_event(record.value) for record in records]
 

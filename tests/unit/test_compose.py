@@ -42,6 +42,7 @@ PLATFORM_COMMANDS = {
     "batch-scorer": ["python", "-m", "consumers.batch_scorer"],
     "drift-monitor": ["python", "-m", "consumers.drift_monitor"],
     "retrain-trigger": ["python", "-m", "consumers.retrain_trigger"],
+    "shadow-scorer": ["python", "-m", "consumers.shadow_scorer"],
     "alert-receiver": ["python", "-m", "driftloop.alerting"],
 }
 AIRFLOW_COMMANDS = {
@@ -154,7 +155,9 @@ def test_gateway_is_healthy_only_when_ready(services: dict[str, dict[str, Any]])
     assert "/metrics" not in probe
 
 
-@pytest.mark.parametrize("name", ["feature-logger", "batch-scorer", "retrain-trigger"])
+@pytest.mark.parametrize(
+    "name", ["feature-logger", "batch-scorer", "retrain-trigger", "shadow-scorer"]
+)
 def test_kafka_consumers_are_healthy_only_when_consuming(
     services: dict[str, dict[str, Any]], name: str
 ) -> None:

@@ -39,6 +39,7 @@ SCRAPE_PORTS = {
     "batch-scorer": 9102,
     "drift-monitor": 9103,
     "retrain-trigger": 9104,
+    "shadow-scorer": 9105,
     "alertmanager": 9095,
     "alert-receiver": 9099,
 }
@@ -51,6 +52,7 @@ SHIFTED_PORTS = {
     "STACK_BATCH_SCORER_METRICS_PORT": ("batch-scorer", 19102),
     "STACK_DRIFT_MONITOR_METRICS_PORT": ("drift-monitor", 19103),
     "STACK_RETRAIN_TRIGGER_METRICS_PORT": ("retrain-trigger", 19104),
+    "STACK_SHADOW_SCORER_METRICS_PORT": ("shadow-scorer", 19105),
     "STACK_ALERTMANAGER_PORT": ("alertmanager", 19095),
     "STACK_ALERT_RECEIVER_PORT": ("alert-receiver", 19099),
 }

@@ -41,7 +41,13 @@ from driftloop.training.retrain import (
     RetrainConnections,
     RetrainRequest,
 )
-from schemas.events import DriftDetected, ModelPromoted, ModelRejected, decode_model_event
+from schemas.events import (
+    DriftDetected,
+    ModelEvent,
+    ModelPromoted,
+    ModelRejected,
+    decode_model_event,
+)
 from schemas.features import FeatureSpec, Metric, Task, Training, load_feature_spec
 
 START = datetime(2026, 6, 1, tzinfo=UTC)
@@ -582,7 +588,7 @@ def evaluation_of(challenger_score: float, champion_score: float = 100.0) -> Eva
 
 class Published:
     def __init__(self) -> None:
-        self.events: list[ModelPromoted | ModelRejected] = []
+        self.events: list[ModelEvent] = []
 
     def __call__(self, event: object) -> str:
         assert isinstance(event, ModelPromoted | ModelRejected)

@@ -15,6 +15,7 @@ from schemas.events import (
     ENVELOPE_FIELDS,
     EVENT_CLASSES,
     TOPIC_EVENTS,
+    ChallengerShadowed,
     DeadLetter,
     DriftDetected,
     Event,
@@ -23,6 +24,7 @@ from schemas.events import (
     GroundTruth,
     ModelPromoted,
     ModelRejected,
+    ModelRolledBack,
     PredictionEvent,
     ScoringRequest,
     ScoringResult,
@@ -103,6 +105,28 @@ def sample_events() -> dict[type[Event], Event]:
             challenger_score=44.0,
             champion_score=41.2,
             reason="challenger rmse 44.0 is not below champion rmse 41.2",
+        ),
+        ChallengerShadowed(
+            model_name="bikeshare",
+            model_version=6,
+            run_id=RUN_ID,
+            champion_version=4,
+            metric_name="rmse",
+            greater_is_better=False,
+            challenger_score=39.0,
+            champion_score=41.2,
+        ),
+        ModelRolledBack(
+            model_name="bikeshare",
+            model_version=3,
+            run_id=RUN_ID,
+            champion_version=4,
+            metric_name="rmse",
+            greater_is_better=False,
+            challenger_score=40.1,
+            champion_score=52.7,
+            reason="v4 served rmse 52.7 on its first 200 labelled rows, v3 in shadow 40.1",
+            live_rows=200,
         ),
         DeadLetter(
             original_value=b"\xff\xfe not json",
@@ -206,7 +230,12 @@ def test_event_types_are_unique() -> None:
 
 def test_every_topic_has_its_events() -> None:
     assert set(TOPIC_EVENTS) == set(Topic)
-    assert TOPIC_EVENTS[Topic.MODEL_EVENTS] == (ModelPromoted, ModelRejected)
+    assert TOPIC_EVENTS[Topic.MODEL_EVENTS] == (
+        ModelPromoted,
+        ModelRejected,
+        ChallengerShadowed,
+        ModelRolledBack,
+    )
 
 
 def test_defaults_fill_the_envelope() -> None:
@@ -357,6 +386,9 @@ def test_model_events_decode_to_their_type() -> None:
     assert isinstance(promoted, ModelPromoted)
     assert isinstance(rejected, ModelRejected)
     assert rejected.reason.startswith("challenger")
+    rolled_back = decode_model_event(SAMPLES[ModelRolledBack].to_bytes())
+    assert isinstance(rolled_back, ModelRolledBack)
+    assert (rolled_back.model_version, rolled_back.champion_version) == (3, 4)
 
 
 def test_model_events_refuse_other_events() -> None:

@@ -82,6 +82,7 @@ def test_every_stack_program_is_rendered(settings: StackSettings) -> None:
         "feature-logger",
         "batch-scorer",
         "drift-monitor",
+        "shadow-scorer",
         "retrain-trigger",
     }
 

@@ -35,6 +35,7 @@ def test_one_replica_each_by_default_behind_nginx(stack_env: Path) -> None:
         "feature-logger",
         "batch-scorer",
         "drift-monitor",
+        "shadow-scorer",
         "retrain-trigger",
     ]
     (gateway,) = [p for p in platform_programs(settings) if p.name == "gateway"]
