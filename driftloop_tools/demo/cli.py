@@ -42,7 +42,7 @@ from rich.table import Table
 from driftloop.orchestration.airflow import AirflowClient
 from driftloop.settings import PostgresSettings, SettingsError, load_settings
 from driftloop_tools.stack.settings import StackSettings
-from schemas.events import ModelDecision, ModelRejected
+from schemas.events import ChallengerShadowed, ModelDecision, ModelRejected, ModelRolledBack
 from schemas.features import FeatureSpec, TrainingData, load_feature_spec
 
 if TYPE_CHECKING:
@@ -382,6 +382,17 @@ def _decision_line(event: ModelDecision, tally: LoopTally) -> str:
     if isinstance(event, ModelRejected):
         tally.decisions.append(f"v{event.model_version} rejected")
         return f"[yellow]rejected[/yellow] {line}: {event.reason}"
+    if isinstance(event, ChallengerShadowed):
+        tally.decisions.append(f"v{event.model_version} in shadow")
+        return f"[cyan]shadowed[/cyan] {line}: scored in shadow until live labels decide"
+    if isinstance(event, ModelRolledBack):
+        # The version champion again is model_version; the demoted one is champion_version.
+        tally.decisions.append(f"v{event.champion_version} rolled back to v{event.model_version}")
+        return (
+            f"[bold red]rolled back[/bold red] v{event.champion_version} -> "
+            f"v{event.model_version}: {event.metric_name} {event.champion_score:.4g} served "
+            f"against {event.challenger_score:.4g} in shadow on {event.live_rows} labelled rows"
+        )
     tally.promoted.append(event.model_version)
     tally.decisions.append(f"v{event.model_version} promoted")
     return f"[bold green]promoted[/bold green] {line}"

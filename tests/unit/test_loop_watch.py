@@ -20,7 +20,13 @@ from driftloop_tools.demo.loop_watch import (
     TriggerRecorded,
     WindowChecked,
 )
-from schemas.events import DriftDetected, ModelPromoted, ModelRejected
+from schemas.events import (
+    ChallengerShadowed,
+    DriftDetected,
+    ModelPromoted,
+    ModelRejected,
+    ModelRolledBack,
+)
 
 T0 = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 
@@ -167,3 +173,36 @@ def test_each_change_has_a_line_and_is_tallied() -> None:
     assert tally.first_drifted_report == "s3://bucket/r.json"
     rejected = describe(decision(promoted=False), tally)
     assert "short of the 0.99 margin" in rejected
+
+
+def test_a_shadowed_challenger_and_a_rollback_are_told_apart_from_promotions() -> None:
+    tally = LoopTally()
+    scores = {
+        "model_name": "bikeshare",
+        "run_id": "c" * 32,
+        "metric_name": "rmse",
+        "greater_is_better": False,
+        "challenger_score": 40.1,
+        "champion_score": 52.7,
+    }
+    shadowed = ChallengerShadowed.model_validate(
+        {**scores, "model_version": 3, "champion_version": 2}
+    )
+    rolled_back = ModelRolledBack.model_validate(
+        {
+            **scores,
+            "model_version": 2,
+            "champion_version": 3,
+            "reason": "v3 served rmse 52.7 on its first 200 labelled rows, v2 in shadow 40.1",
+            "live_rows": 200,
+        }
+    )
+
+    lines = [describe(ModelDecided(event), tally) for event in (shadowed, rolled_back)]
+
+    assert "shadowed" in lines[0]
+    assert "promoted" not in lines[0]
+    assert "rolled back" in lines[1]
+    assert "v3 -> v2: rmse 52.7 served against 40.1 in shadow on 200 labelled rows" in lines[1]
+    assert tally.promoted == []
+    assert tally.decisions == ["v3 in shadow", "v3 rolled back to v2"]
