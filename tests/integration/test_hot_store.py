@@ -108,7 +108,10 @@ async def test_upgrade_converts_the_unpartitioned_tables_with_every_row(
         uuid.uuid4(),
     )
 
-    assert await apply_migrations(admin, unique) == [6]
+    # 0006 partitions the tables; every later migration is applied after it.
+    later = sorted(int(path.name[:4]) for path in MIGRATIONS_DIR.glob("*.sql"))[5:]
+    assert later[0] == 6
+    assert await apply_migrations(admin, unique) == later
 
     assert await logged(admin) == {f"old-{i}": moment for i, moment in enumerate(moments)}
     days = await existing_days(admin)
