@@ -38,7 +38,7 @@ from driftloop_tools.demo.replay import ReplayHour, load_replay_hours
 from schemas.events import ChallengerShadowed, ModelPromoted, ModelRejected, decode_model_event
 from schemas.features import FeatureSpec, LiveEvidence, PromotionEvidence, load_feature_spec
 from schemas.topics import Topic
-from tests.integration.consumer_support import read_to_end
+from tests.integration.consumer_support import eventually, read_to_end
 from tests.integration.shadow_support import (
     LiveTraffic,
     judged_live,
@@ -178,10 +178,7 @@ async def test_a_challenger_trained_on_shuffled_labels_passes_no_gate(
                 traffic.check()
                 return trainer.CHALLENGER_ALIAS not in retraining.aliases()
 
-            deadline = asyncio.get_running_loop().time() + 180
-            while not await judged():
-                assert asyncio.get_running_loop().time() < deadline, "no live verdict"
-                await asyncio.sleep(0.5)
+            await eventually(judged, within=180, what="a live verdict on the challenger")
         finally:
             await traffic.stop()
         events = await rig.model_events()
