@@ -39,7 +39,7 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Final, Protocol
@@ -710,10 +710,7 @@ def judge_window(
     distances = prepared.distances(sketch)
     rows = sketch.rows
     thresholds = {name: baseline.threshold(name, rows) for name in baseline.layout.names}
-    features = tuple(
-        _feature_drift(name, spec.feature(name).kind, distances[name], thresholds[name])
-        for name in baseline.features
-    )
+    features = feature_drifts(spec, baseline.features, distances, thresholds)
     prediction = (
         _feature_drift(
             PREDICTION_COLUMN,
@@ -803,6 +800,21 @@ def _within_reach(sample: pd.DataFrame, baseline: DriftBaseline) -> pd.DataFrame
             values = pd.to_numeric(sample[column.name], errors="coerce")
             keep &= ~(values.abs() > _REACH)
     return sample[keep]
+
+
+def feature_drifts(
+    spec: FeatureSpec,
+    names: Iterable[str],
+    distances: Mapping[str, ColumnDistance],
+    thresholds: Mapping[str, float],
+) -> tuple[FeatureDrift, ...]:
+    """The verdict of each feature in ``names``: its distance to the reference against its
+    threshold for the window's size. The monitor's rule, and the offline loop's
+    (``driftloop.evaluation.loop_value``)."""
+    return tuple(
+        _feature_drift(name, spec.feature(name).kind, distances[name], thresholds[name])
+        for name in names
+    )
 
 
 def _feature_drift(

@@ -26,7 +26,6 @@ promotion rule's own measure: 0.10 is a 10 % lower RMSE (or log loss).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -39,6 +38,7 @@ import pandas as pd
 
 from driftloop.drift import episodes
 from driftloop.drift.baseline import PreparedBaseline, calibrate, prepare, reference_arrays
+from driftloop.drift.monitor import feature_drifts
 from driftloop.drift.policy import DriftPolicy
 from driftloop.drift.sketch import WindowSketch
 from driftloop.orchestration.ledger import (
@@ -325,7 +325,7 @@ def serve_drift_loop(
             state = episodes.skip(state, window_end)
             window_start = window_end
             continue
-        share = _drift_share(version.baseline, rows, predictions[inside])
+        share = _drift_share(spec, version.baseline, rows, predictions[inside])
         step = episodes.advance(
             state,
             window_end,
@@ -405,21 +405,19 @@ def _baseline(
 
 
 def _drift_share(
-    prepared: PreparedBaseline, rows: pd.DataFrame, predictions: npt.NDArray[np.float64]
+    spec: FeatureSpec,
+    prepared: PreparedBaseline,
+    rows: pd.DataFrame,
+    predictions: npt.NDArray[np.float64],
 ) -> float:
-    # The monitor's verdict (driftloop.drift.monitor.judge_window): a feature drifts when its
-    # distance (NaN, an all-missing column, counts as 0) passes its threshold for the window's
-    # size; the share is over the monitored features, the predictions not counted.
+    # The monitor's verdict (driftloop.drift.monitor.judge_window): the share, over the
+    # monitored features (the predictions not counted), of those past their threshold.
     baseline = prepared.baseline
     frame = rows.assign(**{trainer.PREDICTION_COLUMN: predictions})
     sketch = WindowSketch.of(baseline.layout, reference_arrays(frame, baseline.layout))
-    distances = prepared.distances(sketch)
-    drifted = 0
-    for name in baseline.features:
-        found = distances[name].score
-        distance = 0.0 if math.isnan(found) else found
-        drifted += distance > baseline.threshold(name, sketch.rows)
-    return drifted / len(baseline.features)
+    thresholds = {name: baseline.threshold(name, sketch.rows) for name in baseline.features}
+    features = feature_drifts(spec, baseline.features, prepared.distances(sketch), thresholds)
+    return sum(feature.drifted for feature in features) / len(features)
 
 
 def _retrain(
