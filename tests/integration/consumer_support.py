@@ -14,11 +14,12 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
+import asyncpg
 import httpx
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from driftloop.events.producer import EventProducer, Record
-from driftloop.settings import KafkaSettings, MlflowSettings
+from driftloop.settings import KafkaSettings, MlflowSettings, PostgresSettings
 from driftloop.training.trainer import RegisteredModel, read_dataset, train_champion
 from driftloop_tools.stack import readiness
 from driftloop_tools.stack.settings import StackSettings
@@ -126,6 +127,39 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def gateway_environment(port: int, folder: Path) -> dict[str, str]:
+    """A test's own gateway: its port, and its model cache and spool under ``folder``."""
+    return {
+        "GATEWAY_PORT": str(port),
+        "GATEWAY_MODEL_CACHE_DIR": str(folder / "gateway-models"),
+        "GATEWAY_SPOOL_PATH": str(folder / "gateway-spool.sqlite3"),
+    }
+
+
+def feature_logger_environment(unique: str) -> dict[str, str]:
+    """A test's own feature-logger: group, Postgres schema and Parquet prefix named by
+    ``unique``, flushes every 3 s, metrics on a free port."""
+    return {
+        "FEATURE_LOGGER_GROUP": f"{unique}-feature-logger",
+        "FEATURE_LOGGER_DB_SCHEMA": unique,
+        "FEATURE_LOGGER_PARQUET_PREFIX": f"tests/{unique}/features/",
+        "FEATURE_LOGGER_FLUSH_INTERVAL_SECONDS": "3",
+        "FEATURE_LOGGER_METRICS_PORT": str(free_port()),
+    }
+
+
+async def drop_test_schema(postgres: PostgresSettings, unique: str) -> None:
+    """Drop the test's Postgres schema, unless KEEP_TEST_SCHEMA is set (to look at it)."""
+    if os.environ.get("KEEP_TEST_SCHEMA"):
+        return
+    connection = await asyncpg.connect(postgres.dsn())
+    try:
+        # The schema is the test's own unique token, never input.
+        await connection.execute(f"DROP SCHEMA IF EXISTS {unique} CASCADE")
+    finally:
+        await connection.close()
 
 
 class ConsumerProcess:

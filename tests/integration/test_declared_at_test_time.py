@@ -30,7 +30,14 @@ from driftloop.settings import KafkaSettings, MlflowSettings, PostgresSettings
 from driftloop.training.bootstrap import bootstrap_model
 from schemas.features import MODELS_DIRS_VARIABLE, load_feature_spec
 from schemas.topics import Topic
-from tests.integration.consumer_support import ConsumerProcess, eventually, free_port
+from tests.integration.consumer_support import (
+    ConsumerProcess,
+    drop_test_schema,
+    eventually,
+    feature_logger_environment,
+    free_port,
+    gateway_environment,
+)
 from tests.unit.churn_declaration import CHURN_FEATURES, SUBSCRIPTIONS_YAML, subscriptions_data
 
 ROWS = 60
@@ -87,26 +94,15 @@ async def running(
         "gateway": (
             "gateway",
             {
-                "GATEWAY_PORT": str(port),
+                **gateway_environment(port, tmp_path),
                 "GATEWAY_MODEL_NAME": bikes,
                 # Empty: every declaration, also one added while the gateway runs.
                 "GATEWAY_MODELS": "",
-                "GATEWAY_MODEL_CACHE_DIR": str(tmp_path / "gateway-models"),
-                "GATEWAY_SPOOL_PATH": str(tmp_path / "gateway-spool.sqlite3"),
                 # The alias poll is the safety net; this test waits for model.events.
                 "GATEWAY_MODEL_POLL_SECONDS": "3600",
             },
         ),
-        "feature-logger": (
-            "consumers.feature_logger",
-            {
-                "FEATURE_LOGGER_GROUP": f"{unique}-feature-logger",
-                "FEATURE_LOGGER_DB_SCHEMA": unique,
-                "FEATURE_LOGGER_PARQUET_PREFIX": f"tests/{unique}/features/",
-                "FEATURE_LOGGER_FLUSH_INTERVAL_SECONDS": "3",
-                "FEATURE_LOGGER_METRICS_PORT": str(free_port()),
-            },
-        ),
+        "feature-logger": ("consumers.feature_logger", feature_logger_environment(unique)),
     }
     processes = {
         name: ConsumerProcess(module, {**environment, **extra}, tmp_path / f"{name}.log").start()
@@ -127,12 +123,7 @@ async def running(
     finally:
         for process in processes.values():
             process.close()
-        if not os.environ.get("KEEP_TEST_SCHEMA"):
-            connection = await asyncpg.connect(postgres_settings.dsn())
-            try:
-                await connection.execute(f"DROP SCHEMA IF EXISTS {unique} CASCADE")
-            finally:
-                await connection.close()
+        await drop_test_schema(postgres_settings, unique)
 
 
 def _declare(running: Running) -> tuple[Path, str, list[dict[str, Any]]]:

@@ -17,7 +17,6 @@ and contracts, not the size of the gain.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +42,15 @@ from schemas.events import (
 )
 from schemas.features import MODELS_DIR, MODELS_DIRS_VARIABLE, FeatureSpec, load_feature_spec
 from schemas.topics import Topic
-from tests.integration.consumer_support import ConsumerProcess, eventually, free_port, read_topic
+from tests.integration.consumer_support import (
+    ConsumerProcess,
+    drop_test_schema,
+    eventually,
+    feature_logger_environment,
+    free_port,
+    gateway_environment,
+    read_topic,
+)
 
 DAG_ID = "retrain_model"
 SHIFT = 1.4
@@ -137,24 +144,13 @@ async def platform(
         "gateway": (
             "gateway",
             {
-                "GATEWAY_PORT": str(platform.gateway_port),
+                **gateway_environment(platform.gateway_port, tmp_path),
                 "GATEWAY_MODEL_NAME": bikes,
                 "GATEWAY_MODELS": both,
-                "GATEWAY_MODEL_CACHE_DIR": str(tmp_path / "gateway-models"),
-                "GATEWAY_SPOOL_PATH": str(tmp_path / "gateway-spool.sqlite3"),
                 "GATEWAY_MODEL_POLL_SECONDS": "30",
             },
         ),
-        "feature-logger": (
-            "consumers.feature_logger",
-            {
-                "FEATURE_LOGGER_GROUP": f"{unique}-feature-logger",
-                "FEATURE_LOGGER_DB_SCHEMA": unique,
-                "FEATURE_LOGGER_PARQUET_PREFIX": f"tests/{unique}/features/",
-                "FEATURE_LOGGER_FLUSH_INTERVAL_SECONDS": "3",
-                "FEATURE_LOGGER_METRICS_PORT": str(free_port()),
-            },
-        ),
+        "feature-logger": ("consumers.feature_logger", feature_logger_environment(unique)),
         "drift-monitor": (
             "consumers.drift_monitor",
             {
@@ -203,12 +199,7 @@ async def platform(
         for process in platform.processes.values():
             process.close()
         await platform.store.close()
-        if not os.environ.get("KEEP_TEST_SCHEMA"):
-            connection = await asyncpg.connect(postgres_settings.dsn())
-            try:
-                await connection.execute(f"DROP SCHEMA IF EXISTS {unique} CASCADE")
-            finally:
-                await connection.close()
+        await drop_test_schema(postgres_settings, unique)
 
 
 async def _send_cancer_traffic(platform: Platform, rounds: int) -> int:
