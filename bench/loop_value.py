@@ -9,6 +9,8 @@ seed data after the first model's span (bikeshare: April to December 2011) is se
 - by the drift loop replayed offline (windows, episodes, cooldown, the DAG's holdout and
   promotion rule), under each candidate training-data policy, and the monthly retrain under
   the same policy for reference;
+- by the default loop with parts of its trigger left out: input drift alone (as before issue
+  15's second part), with episodes renewed, with the labelled error judged, and both;
 - by the default loop with the promoted version starting late (``--lags``): what a demo whose
   clock runs on while the DAG trains would give (30 simulated hours a second make a 60 s run
   75 days);
@@ -31,6 +33,7 @@ from datetime import timedelta
 
 import pandas as pd
 
+from driftloop.drift.policy import DriftPolicy
 from driftloop.evaluation import loop_value as lv
 from driftloop.training.policy import holdout_metric, relative_improvement
 from driftloop.training.retrain import PREDICTED_AT_COLUMN
@@ -41,6 +44,10 @@ ANCHOR_FROZEN = 105.8
 ANCHOR_MONTHLY = 64.4
 ANCHOR_LOOP = 91.5
 DEFAULT_POLICIES = "all,30,60,90,120,180,hl14,hl30,hl60"
+# The trigger as it was before quality judgement and episode renewal, and each part added.
+DRIFT_ONLY = DriftPolicy(judge_quality=False, renew_episode_windows=None)
+RENEWED = {"renew_episode_windows": DriftPolicy().renew_episode_windows}
+QUALITY = {"judge_quality": True}
 
 
 def policy_of(text: str) -> TrainingData:
@@ -110,6 +117,25 @@ def main() -> None:
             flush=True,
         )
     print(
+        f"\nwhat each part of the trigger adds (the default loop, {default.describe()})\n"
+        f"  {'trigger':<44}{'loop':>7}{'retrains':>9}{'promoted':>9}  lifts"
+    )
+    for label, drift in (
+        ("input drift only, one retraining an episode", DRIFT_ONLY),
+        ("input drift, episodes renewed", DRIFT_ONLY.model_copy(update=RENEWED)),
+        ("input drift and quality, one retraining", DRIFT_ONLY.model_copy(update=QUALITY)),
+        ("input drift and quality, renewed (default)", DriftPolicy()),
+    ):
+        loop = lv.serve_drift_loop(
+            spec, history, replay, first, lv.LoopSettings(data=default, drift=drift)
+        )
+        loop_score = lv.score(spec, replay, loop.predictions)
+        print(
+            f"  {label:<44}{loop_score:7.1f}{loop.retrains:9d}{loop.promotions:9d}  "
+            f"{lifts(loop_score)}",
+            flush=True,
+        )
+    print(
         f"\nthe default loop ({default.describe()}) when a promotion serves late "
         "(the DAG's run time in prediction time)"
     )
@@ -124,15 +150,16 @@ def main() -> None:
             f"{loop.promotions} promoted  {lifts(loop_score)}",
             flush=True,
         )
-    # The demo's time base: seed rows 15 years before the logged ones, every logged row inside
-    # the span (a replay of minutes).
+    # The demo's time base: the logged rows 15 years after the seed rows, every logged row
+    # inside the span (a replay of minutes).
     demo_base = history.copy()
-    seed = demo_base[PREDICTED_AT_COLUMN] < times.iloc[0]
-    demo_base.loc[seed, PREDICTED_AT_COLUMN] -= pd.Timedelta(days=365 * 15)
+    logged = demo_base[PREDICTED_AT_COLUMN] >= times.iloc[0]
+    demo_base.loc[logged, PREDICTED_AT_COLUMN] += pd.Timedelta(days=365 * 15)
+    demo_replay = lv.replay_rows(spec, demo_base)
     loop = lv.serve_drift_loop(
-        spec, demo_base, replay, first, lv.LoopSettings(data=TrainingData(last_days=3650))
+        spec, demo_base, demo_replay, first, lv.LoopSettings(data=TrainingData(last_days=3650))
     )
-    loop_score = lv.score(spec, replay, loop.predictions)
+    loop_score = lv.score(spec, demo_replay, loop.predictions)
     print(
         f"\nthe default loop in the demo's time base (seed rows dropped, every logged row kept)\n"
         f"  {loop_score:7.1f}  {loop.retrains} retrains, {loop.promotions} promoted  "

@@ -226,11 +226,16 @@ async def print_status(settings: DriftMonitorSettings, limit: int) -> None:
             share = "-" if run.drift_share is None else f"{run.drift_share:.2f}"
             metric = metrics.get(run.model_name, "quality")
             value = (run.quality or {}).get(metric)
+            past = (
+                f" > limit {run.quality_limit:.4g}"
+                if run.quality_degraded and run.quality_limit is not None
+                else ""
+            )
             print(  # noqa: T201 - a command-line report
                 f"{run.checked_at:%Y-%m-%d %H:%M:%S}\t{run.model_name} v{run.model_version}\t"
                 f"{run.outcome}\t{run.window_rows} rows\tshare {share}\t"
                 f"{','.join(run.drifted_features) or '-'}\t"
-                f"{metric} {'-' if value is None else f'{value:.4g}'}\t"
+                f"{metric} {'-' if value is None else f'{value:.4g}'}{past}\t"
                 f"{run.episode_id or '-'}{' (event)' if run.drift_holds else ''}\t"
                 f"{run.report_uri or run.refusal_reason or ''}"
             )

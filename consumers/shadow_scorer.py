@@ -163,6 +163,13 @@ class ShadowScorerSettings(ServiceSettings):
         description="SHADOW_SCORER_PLAN_POLL_SECONDS: how often the versions in shadow are "
         "read from the registry; a model event reads them at once (default 15).",
     )
+    sample_share: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=1.0,
+        description="SHADOW_SCORER_SAMPLE_SHARE: share of the requests scored in shadow, "
+        "chosen by a hash of the request id so every version scores the same ones (default 1: "
+        "all). Lower it when the scorer shares cores with the gateway: the live evidence then "
+        "gathers at this share of the traffic's pace.",
+    )
     judge_interval_seconds: Seconds = Field(
         default=5.0,
         description="SHADOW_SCORER_JUDGE_INTERVAL_SECONDS: how often the live judge runs over "
@@ -342,7 +349,7 @@ async def run_shadow_scorer(settings: ShadowScorerSettings) -> None:
     )
     uri = settings.mlflow.tracking_uri
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    models = ShadowModels(ModelRegistry(uri), settings.model_cache_dir)
+    models = ShadowModels(ModelRegistry(uri), settings.model_cache_dir, share=settings.sample_share)
     async with AsyncExitStack() as stack:
         shadow_log = await open_shadow_log(settings.postgres, settings.db_schema)
         stack.push_async_callback(shadow_log.close)

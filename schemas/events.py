@@ -455,6 +455,9 @@ class DriftDetected(Event):
     """Monitored features found drifted."""
     prediction_drifted: bool
     """Whether the distribution of the predictions drifted too."""
+    quality_degraded: bool = False
+    """Whether the model's error on the window's labelled rows was past what its own holdout
+    allows (the window drifts then whatever ``drift_share`` says)."""
     report_uri: Uri
     """Object-store URI of the drift report (JSON for machines, HTML beside it for people)."""
 

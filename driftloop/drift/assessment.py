@@ -105,13 +105,19 @@ class DriftAssessment(_Result):
     drift_share_threshold: float
     """Share at or above which the window drifted (from the policy)."""
     drifted: bool
-    """Whether the window drifted: drift_share >= drift_share_threshold."""
+    """Whether the window drifted: drift_share >= drift_share_threshold, or its quality
+    degraded."""
     prediction: FeatureDrift | None
     """Drift of the predictions; None when the reference or the window has none."""
     labelled_rows: int = Field(ge=0)
     """Rows of the window with a label (and a prediction)."""
     quality: QualityAssessment | None
     """Quality on the labelled rows; None below the policy's minimum of labelled rows."""
+    quality_limit: float | None = None
+    """The version's limit of its promotion metric at this many labelled rows (its baseline's
+    ``QualityCalibration``); None when quality was not judged."""
+    quality_degraded: bool = False
+    """The promotion metric on the labelled rows is past ``quality_limit``."""
 
     @property
     def drifted_features(self) -> tuple[str, ...]:
@@ -143,6 +149,7 @@ class DriftAssessment(_Result):
             drift_share=self.drift_share,
             drifted_features=self.drifted_features,
             prediction_drifted=self.prediction_drifted,
+            quality_degraded=self.quality_degraded,
             report_uri=report_uri,
         )
 

@@ -17,7 +17,14 @@ The distance of a sample shrinks as it grows, so thresholds are calibrated on a 
 sizes (doubling from the policy's ``min_rows``) and read for a window's row count by
 interpolation in log(rows); a window larger than the largest sample takes that sample's
 threshold, the conservative side. An explicit per-feature threshold in the policy replaces the
-calibrated one. The baseline is stored with the version as an MLflow artifact
+calibrated one.
+
+The version's quality is calibrated the same way (``QualityCalibration``): its promotion metric
+over window-sized resamples of its own holdout rows (the reference's ``split`` holdout, with
+their labels and the version's predictions) gives the error a window of that many labelled
+rows reaches 1 time in 100 while the world still fits the version. A window past it drifts
+whatever its inputs show: the relation between inputs and label moved, or moved where no
+monitored feature looks. The baseline is stored with the version as an MLflow artifact
 (``drift/baseline.json``) and shown in each report.
 """
 
@@ -47,12 +54,16 @@ from driftloop.drift.sketch import (
     score_of,
     slots_of,
 )
+from driftloop.training.metrics import metric_value
 from schemas.features import FeatureKind, FeatureSpec
 
 BASELINE_ARTIFACT: Final = "drift/baseline.json"
 """Where a version's baseline is stored in its MLflow run."""
 PREDICTION_COLUMN: Final = "prediction"
 """Column of the model's output in logged windows (and in the reference, when it has one)."""
+SPLIT_COLUMN: Final = "split"
+"""Column of a reference row's part: ``train`` or ``holdout``."""
+HOLDOUT_SPLIT: Final = "holdout"
 
 Sampling = Literal["time_blocks", "resampling"]
 
@@ -74,6 +85,38 @@ class ColumnCalibration(BaseModel):
     distances), or the one explicit threshold repeated."""
     explicit: bool = False
     """The threshold is the policy's per-feature override, not calibrated."""
+
+
+class QualityCalibration(BaseModel):
+    """How bad the version's promotion metric may get on a window's labelled rows: the
+    ``quantile`` of the metric over samples of that many rows drawn, with replacement, from the
+    version's holdout (rows it never learned from), at each calibrated size."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+    metric: str
+    """The promotion metric (``driftloop.training.metrics`` names)."""
+    greater_is_better: bool
+    holdout_rows: int = Field(ge=1)
+    holdout_value: float
+    """The metric on the whole holdout."""
+    sample_rows: tuple[int, ...]
+    """Labelled rows per sample, increasing."""
+    thresholds: tuple[float, ...]
+    """The worst value still undrifted at each size (an upper bound of an error, a lower bound
+    of a score such as ROC AUC)."""
+
+    def threshold(self, rows: int) -> float:
+        """The limit for a window with ``rows`` labelled rows (log-interpolated, like a
+        feature's; past the largest size, that size's, the conservative side)."""
+        return _interpolated(self.sample_rows, self.thresholds, rows)
+
+    def degraded(self, value: float, rows: int) -> bool:
+        """Whether a window's metric on ``rows`` labelled rows is past the limit."""
+        if math.isnan(value):
+            return False
+        limit = self.threshold(rows)
+        return value < limit if self.greater_is_better else value > limit
 
 
 class DriftBaseline(BaseModel):
@@ -99,6 +142,10 @@ class DriftBaseline(BaseModel):
     samples: int = Field(ge=1)
     """Samples drawn per size."""
     columns: tuple[ColumnCalibration, ...]
+    judges_quality: bool = False
+    """Quality was calibrated (the policy's ``judge_quality``); ``quality`` may still be None
+    when the reference has no labelled holdout to calibrate it on."""
+    quality: QualityCalibration | None = None
 
     def calibration(self, name: str) -> ColumnCalibration:
         for column in self.columns:
@@ -108,13 +155,7 @@ class DriftBaseline(BaseModel):
 
     def threshold(self, name: str, rows: int) -> float:
         """The column's threshold for a window of ``rows`` rows."""
-        thresholds = self.calibration(name).thresholds
-        sizes = self.sample_rows
-        if rows <= sizes[0]:
-            return thresholds[0]
-        if rows >= sizes[-1]:
-            return thresholds[-1]
-        return float(np.interp(math.log(rows), np.log(sizes), thresholds))
+        return _interpolated(self.sample_rows, self.calibration(name).thresholds, rows)
 
     def thresholds(self, rows: int) -> dict[str, float]:
         """Every column's threshold for a window of ``rows`` rows."""
@@ -135,6 +176,7 @@ class DriftBaseline(BaseModel):
             and self.min_rows == policy.min_rows
             and self.bins == policy.sketch_bins
             and self.overrides == dict(policy.feature_thresholds)
+            and self.judges_quality == policy.judge_quality
             and all(
                 column.stat_test
                 == policy.sketch_test(
@@ -297,7 +339,65 @@ def calibrate(
         sample_rows=tuple(sizes),
         samples=max(samples, 1),
         columns=tuple(columns),
+        judges_quality=policy.judge_quality,
+        quality=calibrate_quality(spec, reference, policy) if policy.judge_quality else None,
     )
+
+
+def calibrate_quality(
+    spec: FeatureSpec, reference: pd.DataFrame, policy: DriftPolicy
+) -> QualityCalibration | None:
+    """The version's quality limits from its reference's holdout rows; None without at least
+    the policy's ``min_labelled_rows`` of them labelled and predicted.
+
+    Samples are drawn with replacement: a window may hold more labelled rows than the holdout,
+    and a holdout (the newest rows before training ended) is too short for time blocks.
+    """
+    needed = {SPLIT_COLUMN, PREDICTION_COLUMN, spec.target.name}
+    if not needed <= set(reference.columns):
+        return None
+    holdout = reference[reference[SPLIT_COLUMN] == HOLDOUT_SPLIT]
+    truth = pd.to_numeric(holdout[spec.target.name], errors="coerce").to_numpy(np.float64)
+    predicted = pd.to_numeric(holdout[PREDICTION_COLUMN], errors="coerce").to_numpy(np.float64)
+    known = np.isfinite(truth) & np.isfinite(predicted)
+    truth, predicted = truth[known], predicted[known]
+    if len(truth) < policy.min_labelled_rows:
+        return None
+    metric = spec.promotion_metric
+    rng = np.random.default_rng(_SEED)
+    sizes = _quality_sizes(policy.min_labelled_rows)
+    # The worst side of the null distribution: its upper quantile for an error.
+    q = 1 - policy.threshold_quantile if metric.greater_is_better else policy.threshold_quantile
+    limits = []
+    for size in sizes:
+        values = []
+        for _ in range(_MAX_SAMPLES):
+            rows = rng.integers(0, len(truth), size=size)
+            value = metric_value(metric.value, truth[rows], predicted[rows])
+            if math.isfinite(value):
+                values.append(value)
+        limits.append(float(np.quantile(values, q)) if values else math.nan)
+    return QualityCalibration(
+        metric=metric.value,
+        greater_is_better=metric.greater_is_better,
+        holdout_rows=len(truth),
+        holdout_value=metric_value(metric.value, truth, predicted),
+        sample_rows=tuple(sizes),
+        thresholds=tuple(limits),
+    )
+
+
+def _quality_sizes(min_rows: int) -> list[int]:
+    # Labelled rows per window: the policy's minimum doubling up to 64 times it.
+    return [min_rows * 2**step for step in range(7)]
+
+
+def _interpolated(sizes: Sequence[int], thresholds: Sequence[float], rows: int) -> float:
+    if rows <= sizes[0]:
+        return thresholds[0]
+    if rows >= sizes[-1]:
+        return thresholds[-1]
+    return float(np.interp(math.log(rows), np.log(sizes), thresholds))
 
 
 def sample_sizes(reference_rows: int, min_rows: int) -> list[int]:

@@ -3,7 +3,10 @@
 A pure state machine over the windows of one model version, so the drift monitor can keep the
 state in Postgres and replay it after a restart. Drift holds after ``consecutive_windows``
 drifted windows in a row; the episode then stays open (same ``episode_id``) until
-``clean_windows_to_close`` clean windows in a row close it. The id is derived from the model
+``clean_windows_to_close`` clean windows in a row close it, or until it has drifted
+``renew_episode_windows`` windows and drifts again: the version still serves, so its retraining
+did not replace it (the challenger lost, or the run failed), and a new episode (a new id, so a
+new retraining once the trigger's cooldown allows) takes over. The id is derived from the model
 name, the version and the end of the streak's first drifted window, so re-running the same
 windows after a crash yields the same id, and the retrain trigger's dedup by episode works.
 """
@@ -50,6 +53,8 @@ class EpisodeState(BaseModel):
     """The open episode, if any."""
     clean_streak: int = Field(default=0, ge=0)
     """Clean windows in a row since the open episode last drifted."""
+    episode_windows: int = Field(default=0, ge=0)
+    """Drifted windows of the open episode so far (its first included)."""
     last_window_end: UtcDatetime | None = None
     """End of the last window observed; older or repeated windows are ignored."""
 
@@ -132,11 +137,30 @@ def advance(
     seen = state.model_copy(update={"last_window_end": window_end})
     if state.episode_id is not None:
         if drifted:
-            holding = seen.model_copy(update={"clean_streak": 0})
+            # States saved before episodes were counted: the episode has at least its first.
+            drifted_so_far = max(state.episode_windows, 1)
+            renew = policy.renew_episode_windows
+            if renew is not None and drifted_so_far >= renew:
+                renewed_id = episode_id(state.model_name, state.model_version, window_end)
+                renewed = seen.model_copy(
+                    update={"episode_id": renewed_id, "clean_streak": 0, "episode_windows": 1}
+                )
+                return EpisodeStep(
+                    state=renewed,
+                    drift_holds=True,
+                    episode_id=renewed_id,
+                    opened=True,
+                    closed=state.episode_id,
+                )
+            holding = seen.model_copy(
+                update={"clean_streak": 0, "episode_windows": drifted_so_far + 1}
+            )
             return EpisodeStep(state=holding, drift_holds=True, episode_id=state.episode_id)
         clean = state.clean_streak + 1
         if clean >= policy.clean_windows_to_close:
-            closed = seen.model_copy(update={"episode_id": None, "clean_streak": 0})
+            closed = seen.model_copy(
+                update={"episode_id": None, "clean_streak": 0, "episode_windows": 0}
+            )
             return EpisodeStep(
                 state=closed, drift_holds=False, episode_id=None, closed=state.episode_id
             )
@@ -157,6 +181,7 @@ def advance(
             "streak_start": None,
             "episode_id": opened_id,
             "clean_streak": 0,
+            "episode_windows": 1,
         }
     )
     return EpisodeStep(state=opened, drift_holds=True, episode_id=opened_id, opened=True)

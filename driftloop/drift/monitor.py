@@ -52,6 +52,7 @@ from driftloop.drift.assessment import (
     PREDICTION_COLUMN,
     DriftAssessment,
     FeatureDrift,
+    QualityAssessment,
     RefusalReason,
     WindowBounds,
     WindowEvaluation,
@@ -751,16 +752,19 @@ def judge_window(
             exc_info=True,
         )
         quality, quality_snapshot, labelled = labelled_quality(report_rows, spec, policy)
+    limit, degraded = quality_verdict(baseline, quality)
     assessment = DriftAssessment(
         window_rows=rows,
         reference_rows=baseline.reference_rows,
         features=features,
         drift_share=share,
         drift_share_threshold=policy.drift_share_threshold,
-        drifted=share >= policy.drift_share_threshold,
+        drifted=share >= policy.drift_share_threshold or degraded,
         prediction=prediction,
         labelled_rows=labelled,
         quality=quality,
+        quality_limit=limit,
+        quality_degraded=degraded,
     )
     agreement = 1.0
     if on_sample is not None:
@@ -787,6 +791,19 @@ def judge_window(
         ),
     )
     return assessment, documents, agreement
+
+
+def quality_verdict(
+    baseline: DriftBaseline, quality: QualityAssessment | None
+) -> tuple[float | None, bool]:
+    """The version's limit at the window's labelled rows, and whether its promotion metric is
+    past it; (None, False) when the window's quality or the version's calibration is missing."""
+    calibration = baseline.quality
+    if calibration is None or quality is None or calibration.metric not in quality.metrics:
+        return None, False
+    rows = quality.labelled_rows
+    value = quality.metrics[calibration.metric]
+    return calibration.threshold(rows), calibration.degraded(value, rows)
 
 
 _REACH: Final = 1e100
@@ -887,13 +904,16 @@ def _log(result: CheckResult) -> None:
         return
     step = result.step
     log.info(
-        "%s v%d window %s: %d rows, drift share %.2f%s, judged %.1fs after it closed%s%s",
+        "%s v%d window %s: %d rows, drift share %.2f%s%s, judged %.1fs after it closed%s%s",
         result.model_name,
         result.model_version,
         span,
         verdict.window_rows,
         verdict.drift_share,
         f" ({', '.join(verdict.drifted_features)})" if verdict.drifted_features else "",
+        f", quality past its limit {verdict.quality_limit:.4g}"
+        if verdict.quality_degraded and verdict.quality_limit is not None
+        else "",
         result.lag_seconds,
         f"; episode {step.episode_id} opened" if step and step.opened else "",
         f"; DriftDetected published ({result.event.event_id})" if result.event else "",

@@ -57,6 +57,17 @@ class DriftPolicy(BaseModel):
     """Drifted windows in a row before drift holds and an episode opens (no flapping)."""
     clean_windows_to_close: Count = 2
     """Clean windows in a row that close an open episode (the cool-down)."""
+    judge_quality: bool = True
+    """A window also drifts when its error on the labelled rows is past what the version's own
+    holdout gives at that many rows (``driftloop.drift.baseline.QualityCalibration``, at the
+    ``threshold_quantile``): the world changed in a way the monitored inputs do not show."""
+    renew_episode_windows: Count | None = 8
+    """An open episode that has drifted this many windows and drifts again is closed and a new
+    one opened, so the retrain trigger tries again: the version its retraining was meant to
+    replace still serves (the challenger was rejected, or its run failed). 8 is two months of
+    weekly windows, four times the retrain trigger's default cooldown: a retraining has time to
+    land and be judged before another is asked for. None: an episode lasts until clean windows
+    close it, with one retraining (a rejected challenger then leaves the drift unanswered)."""
 
     @model_validator(mode="after")
     def _known_tests(self) -> Self:

@@ -81,15 +81,17 @@ INSERT INTO drift_runs (model_name, model_version, window_start, window_end, out
                         window_rows, reference_rows, labelled_rows, drift_share,
                         drifted_features, prediction_score, feature_scores, quality,
                         refusal_reason, report_uri, episode_id, drift_holds, event_id,
-                        check_seconds, sketch, lag_seconds, sample_rows, late_rows)
+                        check_seconds, sketch, lag_seconds, sample_rows, late_rows,
+                        quality_limit, quality_degraded)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::jsonb, $13::jsonb, $14, $15, $16,
-        $17, $18, $19, $20, $21, $22, $23)
+        $17, $18, $19, $20, $21, $22, $23, $24, $25)
 ON CONFLICT (model_name, model_version, window_end) DO NOTHING
 """
 _RECENT_RUNS = """
 SELECT model_name, model_version, window_start, window_end, outcome, window_rows,
-       labelled_rows, drift_share, drifted_features, quality::text AS quality, refusal_reason,
-       report_uri, episode_id, drift_holds, check_seconds, checked_at
+       labelled_rows, drift_share, drifted_features, quality::text AS quality, quality_limit,
+       quality_degraded, refusal_reason, report_uri, episode_id, drift_holds, check_seconds,
+       checked_at
 FROM drift_runs WHERE ($1::text IS NULL OR model_name = $1)
 ORDER BY checked_at DESC LIMIT $2
 """
@@ -155,6 +157,10 @@ class DriftRun:
     drift_holds: bool
     check_seconds: float
     checked_at: datetime
+    quality_limit: float | None = None
+    """The version's limit of its promotion metric at the window's labelled rows."""
+    quality_degraded: bool = False
+    """The window drifted because its labelled error passed that limit."""
 
 
 def window_frame(spec: FeatureSpec, rows: Sequence[asyncpg.Record]) -> pd.DataFrame:
@@ -289,6 +295,8 @@ class DriftStore:
                 record.lag_seconds,
                 record.sample_rows,
                 record.late_rows,
+                verdict.quality_limit if isinstance(verdict, DriftAssessment) else None,
+                isinstance(verdict, DriftAssessment) and verdict.quality_degraded,
             )
             await connection.execute(
                 _DROP_SLICES, record.model_name, record.model_version, record.window_end
@@ -353,6 +361,8 @@ def _run(row: asyncpg.Record) -> DriftRun:
         drift_holds=row["drift_holds"],
         check_seconds=row["check_seconds"],
         checked_at=row["checked_at"],
+        quality_limit=row["quality_limit"],
+        quality_degraded=row["quality_degraded"],
     )
 
 

@@ -140,14 +140,19 @@ def first_champion(
     spec: FeatureSpec, history: pd.DataFrame, *, num_boost_round: int = 200
 ) -> lgb.Booster:
     """The first model as bootstrap trains it: the declared span less its holdout."""
+    train, _ = first_split(spec, history)
+    return trainer.train_booster(spec, train, num_boost_round=num_boost_round)
+
+
+def first_split(spec: FeatureSpec, history: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The first model's training rows and holdout: the declared span, cut as bootstrap cuts."""
     times = history[PREDICTED_AT_COLUMN]
     chosen = pd.Series(True, index=history.index)
     if spec.training.since is not None:
         chosen &= times >= pd.Timestamp(spec.training.since)
     if spec.training.until is not None:
         chosen &= times < pd.Timestamp(spec.training.until)
-    train, _ = split_holdout(spec, history[chosen].reset_index(drop=True))
-    return trainer.train_booster(spec, train, num_boost_round=num_boost_round)
+    return split_holdout(spec, history[chosen].reset_index(drop=True))
 
 
 def predict(spec: FeatureSpec, booster: lgb.Booster, rows: pd.DataFrame) -> npt.NDArray[np.float64]:
@@ -286,9 +291,8 @@ def serve_drift_loop(
     all_times = history[PREDICTED_AT_COLUMN]
     known_at = all_times + settings.label_delay
     start = times.iloc[0].to_pydatetime()
-    first_reference = history[all_times < times.iloc[0]]
     version = _Version(
-        1, first, _baseline(spec, first, first_reference, settings), pd.Timestamp(start)
+        1, first, _baseline(spec, first, first_split(spec, history), settings), pd.Timestamp(start)
     )
     state = episodes.start(model, 1)
     ledger: dict[str, LedgerEntry] = {}
@@ -325,11 +329,14 @@ def serve_drift_loop(
             state = episodes.skip(state, window_end)
             window_start = window_end
             continue
-        share = _drift_share(spec, version.baseline, rows, predictions[inside])
+        labelled = (known_at.reindex(rows.index) <= pd.Timestamp(window_end)).to_numpy()
+        share, degraded = _judge(
+            spec, version.baseline, rows, predictions[inside], labelled, settings.drift
+        )
         step = episodes.advance(
             state,
             window_end,
-            drifted=share >= settings.drift.drift_share_threshold,
+            drifted=share >= settings.drift.drift_share_threshold or degraded,
             policy=settings.drift,
         )
         state = step.state
@@ -346,6 +353,7 @@ def serve_drift_loop(
                 drift_share=share,
                 drifted_features=(),
                 prediction_drifted=False,
+                quality_degraded=degraded,
                 report_uri="s3://offline/none.json",
             )
             # RetrainTrigger.cooldown_for: the longer of the fixed and the windows' cooldowns.
@@ -396,28 +404,43 @@ def serve_drift_loop(
 
 
 def _baseline(
-    spec: FeatureSpec, booster: lgb.Booster, rows: pd.DataFrame, settings: LoopSettings
+    spec: FeatureSpec,
+    booster: lgb.Booster,
+    parts: tuple[pd.DataFrame, pd.DataFrame],
+    settings: LoopSettings,
 ) -> PreparedBaseline:
-    # The version's reference is its own training data with its own predictions, as the DAG
-    # and bootstrap log it; the thresholds are calibrated on it as log_and_register does.
-    reference = trainer.reference_frame(spec, [("train", rows)], booster)
+    # The version's reference is its own training rows and holdout with its own predictions,
+    # as the DAG and bootstrap log it; calibrated on it as log_and_register does.
+    train, holdout = parts
+    reference = trainer.reference_frame(spec, [("train", train), ("holdout", holdout)], booster)
     return prepare(calibrate(spec, reference, settings.drift), reference)
 
 
-def _drift_share(
+def _judge(
     spec: FeatureSpec,
     prepared: PreparedBaseline,
     rows: pd.DataFrame,
     predictions: npt.NDArray[np.float64],
-) -> float:
+    labelled: npt.NDArray[np.bool_],
+    policy: DriftPolicy,
+) -> tuple[float, bool]:
     # The monitor's verdict (driftloop.drift.monitor.judge_window): the share, over the
-    # monitored features (the predictions not counted), of those past their threshold.
+    # monitored features (the predictions not counted), of those past their threshold; and
+    # whether the promotion metric on the rows labelled by the window's end is past the
+    # version's quality limit (quality_verdict).
     baseline = prepared.baseline
     frame = rows.assign(**{trainer.PREDICTION_COLUMN: predictions})
     sketch = WindowSketch.of(baseline.layout, reference_arrays(frame, baseline.layout))
     thresholds = {name: baseline.threshold(name, sketch.rows) for name in baseline.features}
     features = feature_drifts(spec, baseline.features, prepared.distances(sketch), thresholds)
-    return sum(feature.drifted for feature in features) / len(features)
+    share = sum(feature.drifted for feature in features) / len(features)
+    calibration = baseline.quality
+    count = int(labelled.sum())
+    if calibration is None or count < policy.min_labelled_rows:
+        return share, False
+    truth = trainer.target_vector(spec, rows[labelled])
+    value = metric_value(calibration.metric, truth, predictions[labelled])
+    return share, calibration.degraded(value, count)
 
 
 def _retrain(
@@ -465,11 +488,10 @@ def _retrain(
     if not verdict.promote:
         return None
     # The challenger's reference: its training rows and the holdout (retrain.py logs both).
-    reference_rows = pd.concat([rows, holdout], ignore_index=True)
     return _Version(
         champion.number + 1,
         booster,
-        _baseline(spec, booster, reference_rows, settings),
+        _baseline(spec, booster, (rows, holdout), settings),
         pd.Timestamp(at),
     )
 

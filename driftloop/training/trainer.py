@@ -37,6 +37,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 
 from driftloop.drift.baseline import BASELINE_ARTIFACT, DriftBaseline, calibrate
+from driftloop.drift.baseline import SPLIT_COLUMN as SPLIT_COLUMN
 from driftloop.drift.policy import DriftPolicy
 from driftloop.seed_data import seed_data_path
 from driftloop.training.metrics import HoldoutScores, holdout_scores
@@ -61,7 +62,6 @@ REFERENCE_FILE: Final = "reference.parquet"
 REFERENCE_ARTIFACT: Final = f"{REFERENCE_ARTIFACT_DIR}/{REFERENCE_FILE}"
 # Model-version tag naming the reference artifact, so readers need not know the convention.
 REFERENCE_TAG: Final = "reference_artifact"
-SPLIT_COLUMN: Final = "split"
 # The drift monitor's prediction column (driftloop.drift.assessment.PREDICTION_COLUMN, checked
 # equal by the unit tests); not imported from there because Evidently takes seconds to import.
 PREDICTION_COLUMN: Final = "prediction"

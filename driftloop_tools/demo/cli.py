@@ -315,10 +315,11 @@ def describe(change: LoopChange, tally: LoopTally) -> str:
         tally.episodes.add(event.episode_id)
         if not new:
             return ""  # the episode goes on: its drifted windows say so already
+        features = ", ".join(event.drifted_features) or "no feature"
+        quality = ", labelled error past its limit" if event.quality_degraded else ""
         return (
             f"[bold red]drift[/bold red] DriftDetected for v{event.model_version}: episode "
-            f"{event.episode_id} opened, share {event.drift_share:.2f} "
-            f"({', '.join(event.drifted_features)})"
+            f"{event.episode_id} opened, share {event.drift_share:.2f} ({features}){quality}"
         )
     if isinstance(change, TriggerRecorded):
         entry = change.entry
@@ -363,6 +364,8 @@ def _window_line(run: DriftRun, tally: LoopTally) -> str:
     quality = (
         f", {tally.metric} {value:.4g} on {run.labelled_rows} labels" if value is not None else ""
     )
+    if run.quality_degraded and run.quality_limit is not None:
+        quality += f" [red](past its limit {run.quality_limit:.4g})[/red]"
     return (
         f"[{colour}]window[/{colour}] v{run.model_version} {span}, {run.window_rows} rows: "
         f"drift share {run.drift_share or 0:.2f}{features}{quality}"

@@ -84,6 +84,46 @@ def test_the_episode_keeps_its_id_while_drift_holds() -> None:
     assert [step.opened for step in steps] == [False, True, False, False]
 
 
+def test_an_episode_that_outlasts_its_retraining_is_renewed() -> None:
+    policy = POLICY.model_copy(update={"renew_episode_windows": 3})
+    # Two to open, then drifting on: the episode's 3 drifted windows, then a new episode.
+    steps = run([True, True, True, True, False, True, True, True, True], policy)
+
+    first = steps[1].episode_id
+    assert [step.episode_id == first for step in steps[1:4]] == [True, True, True]
+    renewed = steps[5]
+    assert renewed.opened
+    assert renewed.drift_holds
+    assert renewed.closed == first
+    assert renewed.episode_id == episode_id("bikeshare", 1, hour(6))
+    # A clean window inside the episode does not count; the renewed one counts afresh.
+    assert [step.state.episode_windows for step in steps] == [0, 1, 2, 3, 3, 1, 2, 3, 1]
+    assert steps[8].opened
+    assert steps[8].closed == renewed.episode_id
+
+
+def test_without_renewal_an_episode_lasts_while_drift_holds() -> None:
+    policy = POLICY.model_copy(update={"renew_episode_windows": None})
+    steps = run([True] * 20, policy)
+
+    assert len({step.episode_id for step in steps[1:]}) == 1
+    assert sum(step.opened for step in steps) == 1
+
+
+def test_a_state_saved_before_episodes_were_counted_renews_on_time() -> None:
+    opened = run([True, True])[-1].state
+    # As a monitor before renewal saved it: the field absent, read as 0.
+    saved = EpisodeState.model_validate_json(opened.model_dump_json(exclude={"episode_windows"}))
+    assert saved.episode_windows == 0
+    policy = POLICY.model_copy(update={"renew_episode_windows": 2})
+    third = advance(saved, hour(3), drifted=True, policy=policy)
+    fourth = advance(third.state, hour(4), drifted=True, policy=policy)
+
+    assert not third.opened
+    assert fourth.opened
+    assert fourth.closed == opened.episode_id
+
+
 def test_a_clean_window_cools_down_without_closing() -> None:
     steps = run([True, True, False, True])
     cooling = steps[2]
