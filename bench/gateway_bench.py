@@ -15,7 +15,13 @@ run (so the load of the shared machine disturbs every target alike):
 8. the gateway publishing on while the shadow-scorer consumes its predictions and scores each
    with the version the champion replaced (``consumers.shadow_scorer``, off the request path:
    what it costs /predict is the CPU it, Kafka and Postgres take on the same machine); its
-   rows scored against the requests answered, and its lag after the run.
+   rows scored against the requests answered, and its lag after the run; each shadowed run
+   on topics of its own;
+9. the same with ``SHADOW_SCORER_SAMPLE_SHARE=0.1``: a tenth of the requests scored, the
+   others skipped by their Kafka key before decoding;
+10. the gateway publishing on while the feature-logger consumes its predictions (its Parquet
+    writer off): the loop's own reader of the stream, always there, to compare the
+    shadow-scorer's cost with. Each run with a consumer beside it is on topics of its own.
 
 Needs the dev stack (Kafka, MLflow) and ``wrk`` (Debian package). Every request is the
 declaration's example row (``gateway.contract.example_row``, the one the OpenAPI document
@@ -309,27 +315,32 @@ def main() -> None:
             ROOT,
         )
     )
-    shadow_scorer_env = {
+    schema = f"bench_{stamp.lower()}"
+    beside_env = {
         **env,
-        "KAFKA_TOPIC_PREFIX": kafka_settings.topic_prefix,
         "SHADOW_SCORER_GROUP": f"bench-shadow-{stamp}",
-        "SHADOW_SCORER_DB_SCHEMA": f"bench_{stamp.lower()}",
+        "SHADOW_SCORER_DB_SCHEMA": schema,
         "SHADOW_SCORER_MODELS": name,
         "SHADOW_SCORER_MODEL_CACHE_DIR": str(work / "shadow-models"),
-        "SHADOW_SCORER_METRICS_PORT": str(SHADOW_SCORER_PORT),
+        "SHADOW_SCORER_METRICS_PORT": str(BESIDE_PORT),
+        "FEATURE_LOGGER_GROUP": f"bench-logger-{stamp}",
+        "FEATURE_LOGGER_DB_SCHEMA": schema,
+        "FEATURE_LOGGER_PARQUET_ENABLED": "false",
+        "FEATURE_LOGGER_METRICS_PORT": str(BESIDE_PORT),
     }
-    targets.append(
-        (
-            SHADOW_LABEL,
-            gateway_command,
-            "http://127.0.0.1:18107/health/ready",
-            {**gateway_env(18107, True), "GATEWAY_PUBLISHER_PROCESS": "true"},
-            "http://127.0.0.1:18107/predict",
-            body,
-            ROOT,
+    for port, label in enumerate(BESIDE, start=18107):
+        targets.append(
+            (
+                label,
+                gateway_command,
+                f"http://127.0.0.1:{port}/health/ready",
+                {**gateway_env(port, True), "GATEWAY_PUBLISHER_PROCESS": "true"},
+                f"http://127.0.0.1:{port}/predict",
+                body,
+                ROOT,
+            )
         )
-    )
-    shadow_figures: dict[str, float] = {}
+    beside_figures: dict[str, float] = {}
     reference = arguments.reference_checkout
     if reference is not None:
         revision = subprocess.run(
@@ -356,19 +367,35 @@ def main() -> None:
         for label, command, ready_url, target_env, url, payload, cwd in targets:
             log = work / f"{label}-{round_number}.log"
             with contextlib.ExitStack() as beside:
-                shadowed = label == SHADOW_LABEL
-                if shadowed:
-                    beside.enter_context(shadow_scorer(shadow_scorer_env, work, round_number))
+                consumer = BESIDE.get(label)
+                if consumer is not None:
+                    # Topics of its own: the consumer reads this run's predictions, not the
+                    # backlog the other targets left on the shared ones.
+                    tag = f"c{list(BESIDE).index(label)}r{round_number}"
+                    prefix = f"{kafka_settings.topic_prefix}{tag}."
+                    asyncio.run(
+                        create_topics(
+                            kafka_settings.model_copy(update={"topic_prefix": prefix}),
+                            [Topic.PREDICTIONS, Topic.LABELS, Topic.MODEL_EVENTS],
+                        )
+                    )
+                    target_env = {**target_env, "KAFKA_TOPIC_PREFIX": prefix}
+                    consumer_env = {**beside_env, **consumer.env, "KAFKA_TOPIC_PREFIX": prefix}
+                    beside.enter_context(running_beside(consumer, consumer_env, work, tag))
                 beside.enter_context(server(command, ready_url, target_env, log, cwd))
                 warm(url, payload)
-                before = shadow_rows() if shadowed else 0.0
+                before = _scrape(consumer.rows_metric) if consumer else 0.0
                 run = wrk(label, url, payload, seconds)
-                if shadowed:
-                    # Whether it kept up: rows scored during the run and its lag after it.
-                    figure = f"round {round_number}"
-                    shadow_figures[f"{figure}, rows scored"] = shadow_rows() - before
-                    shadow_figures[f"{figure}, requests answered"] = run.requests
-                    shadow_figures[f"{figure}, lag after the run"] = shadow_lag()
+                if consumer is not None:
+                    # Whether it kept up: rows it wrote during the run and its lag after it.
+                    figure = f"{consumer.name}, round {round_number}"
+                    beside_figures[f"{figure}, rows written"] = (
+                        _scrape(consumer.rows_metric) - before
+                    )
+                    beside_figures[f"{figure}, requests answered"] = run.requests
+                    beside_figures[f"{figure}, lag after the run"] = _scrape(
+                        "driftloop_consumer_lag"
+                    )
             # Interleaved rounds; the best of each target is kept, the run least disturbed by
             # the other work on the shared machine.
             if label not in runs or run.requests_per_second > runs[label].requests_per_second:
@@ -400,12 +427,12 @@ def main() -> None:
         trigger.join()
         print(f"swap: reload answered version {reload_status}", file=sys.stderr)
 
-    report(runs, work, stamp, shadow_figures)
-    asyncio.run(_drop_schema(shadow_scorer_env["SHADOW_SCORER_DB_SCHEMA"]))
+    report(runs, work, stamp, beside_figures)
+    asyncio.run(_drop_schema(schema))
 
 
 async def _drop_schema(schema: str) -> None:
-    """The shadow-scorer's tables of this run are of no further use."""
+    """The tables the consumers beside the gateway wrote in this run are of no further use."""
     connection = await asyncpg.connect(load_settings(PostgresSettings).dsn())
     try:
         await connection.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
@@ -413,13 +440,49 @@ async def _drop_schema(schema: str) -> None:
         await connection.close()
 
 
-SHADOW_SCORER_PORT = 18199
+@dataclass(frozen=True, slots=True)
+class Beside:
+    """A consumer of the predictions run beside the gateway during a target's runs."""
+
+    name: str
+    module: str
+    env: dict[str, str]
+    rows_metric: str
+    """Counter of the rows it wrote, scraped before and after the run."""
+
+
+BESIDE_PORT = 18199
+LOGGER_LABEL = "gateway, publishing on, feature-logger running"
 SHADOW_LABEL = "gateway, publishing on, shadow-scorer running"
+SAMPLED_LABEL = "gateway, publishing on, shadow-scorer at 10 %"
+BESIDE: dict[str, Beside] = {
+    # The loop's own consumer, always there in production: what any reader of the stream
+    # costs /predict on shared cores (its Parquet writer off).
+    LOGGER_LABEL: Beside(
+        "feature-logger",
+        "consumers.feature_logger",
+        {},
+        "driftloop_consumer_records_out_total",
+    ),
+    SHADOW_LABEL: Beside(
+        "shadow-scorer, share 1",
+        "consumers.shadow_scorer",
+        {"SHADOW_SCORER_SAMPLE_SHARE": "1"},
+        "driftloop_shadow_predictions_total",
+    ),
+    SAMPLED_LABEL: Beside(
+        "shadow-scorer, share 0.1",
+        "consumers.shadow_scorer",
+        {"SHADOW_SCORER_SAMPLE_SHARE": "0.1"},
+        "driftloop_shadow_predictions_total",
+    ),
+}
+"""The targets with a consumer beside the gateway, and which."""
 
 
 def _scrape(name: str) -> float:
-    """The sum of a metric's samples on the shadow-scorer's /metrics (0 when absent)."""
-    text = httpx.get(f"http://127.0.0.1:{SHADOW_SCORER_PORT}/metrics", timeout=5).text
+    """The sum of a metric's samples on the consumer's /metrics (0 when absent)."""
+    text = httpx.get(f"http://127.0.0.1:{BESIDE_PORT}/metrics", timeout=5).text
     return sum(
         float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
@@ -427,31 +490,21 @@ def _scrape(name: str) -> float:
     )
 
 
-def shadow_rows() -> float:
-    """Shadow predictions the shadow-scorer logged so far."""
-    return _scrape("driftloop_shadow_predictions_total")
-
-
-def shadow_lag() -> float:
-    """Predictions not committed yet by the shadow-scorer, over its partitions."""
-    return _scrape("driftloop_consumer_lag")
-
-
 @contextmanager
-def shadow_scorer(env: dict[str, str], work: Path, round_number: int) -> Iterator[None]:
-    """The shadow-scorer running beside the gateway, consuming once it has joined its group."""
-    log = work / f"shadow-scorer-{round_number}.log"
-    ready = f"http://127.0.0.1:{SHADOW_SCORER_PORT}/metrics"
-    with server([str(VENV_BIN / "python"), "-m", "consumers.shadow_scorer"], ready, env, log):
+def running_beside(consumer: Beside, env: dict[str, str], work: Path, tag: str) -> Iterator[None]:
+    """The consumer running beside the gateway, from once it has joined its group."""
+    log = work / f"{consumer.module}-{tag}.log"
+    ready = f"http://127.0.0.1:{BESIDE_PORT}/metrics"
+    with server([str(VENV_BIN / "python"), "-m", consumer.module], ready, env, log):
         deadline = time.monotonic() + 120
         while _scrape("driftloop_consumer_ready") < 1:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the shadow-scorer is not consuming; see {log}")
+                raise RuntimeError(f"{consumer.name} is not consuming; see {log}")
             time.sleep(0.2)
         yield
 
 
-def report(runs: dict[str, Run], work: Path, stamp: str, shadow_figures: dict[str, float]) -> None:
+def report(runs: dict[str, Run], work: Path, stamp: str, beside_figures: dict[str, float]) -> None:
     """Print the table and the ratios; keep them as JSON."""
     load = Path("/proc/loadavg").read_text().split()[:3]
     print(f"\ngateway benchmark {stamp}  (load average {' '.join(load)}, 2 cores, shared)")
@@ -472,12 +525,23 @@ def report(runs: dict[str, Run], work: Path, stamp: str, shadow_figures: dict[st
         "p99 during swap / steady p99 (goal <= 2)": runs["during swap"].p99_ms
         / runs["steady (before swap)"].p99_ms,
     }
-    shadow = runs.get(SHADOW_LABEL)
-    if shadow is not None:
-        ratios["shadow-scorer running / publishing on (req/s)"] = (
-            shadow.requests_per_second / on.requests_per_second
+    for label, consumer in BESIDE.items():
+        accompanied = runs.get(label)
+        if accompanied is not None:
+            ratios[f"{consumer.name} running / publishing on (req/s)"] = (
+                accompanied.requests_per_second / on.requests_per_second
+            )
+            ratios[f"{consumer.name} running / publishing on (p99)"] = (
+                accompanied.p99_ms / on.p99_ms
+            )
+    logger, shadow = runs.get(LOGGER_LABEL), runs.get(SAMPLED_LABEL)
+    if logger is not None and shadow is not None:
+        ratios["shadow-scorer at 10 % / feature-logger running (req/s)"] = (
+            shadow.requests_per_second / logger.requests_per_second
         )
-        ratios["shadow-scorer running / publishing on (p99)"] = shadow.p99_ms / on.p99_ms
+        ratios["shadow-scorer at 10 % / feature-logger running (p99)"] = (
+            shadow.p99_ms / logger.p99_ms
+        )
     for name, run in runs.items():
         if name.startswith("gateway at ") or name == "gateway, publishing from the event loop":
             ratios[f"publishing on / {name} (req/s)"] = (
@@ -491,14 +555,14 @@ def report(runs: dict[str, Run], work: Path, stamp: str, shadow_figures: dict[st
         print(f"{label:60} {value:7.2f}")
     print(f"gateway p99 with publishing on: {on.p99_ms:.2f} ms (goal <= 15)")
     print(f"failed requests during swap: {runs['during swap'].non_2xx}")
-    for label, value in shadow_figures.items():
-        print(f"shadow-scorer, {label}: {value:.0f}")
+    for label, value in beside_figures.items():
+        print(f"{label}: {value:.0f}")
     document = {
         "stamp": stamp,
         "load_average": load,
         "runs": [asdict(run) for run in runs.values()],
         "ratios": ratios,
-        "shadow": shadow_figures,
+        "beside": beside_figures,
     }
     path = RESULTS / f"gateway-{stamp}.json"
     path.write_text(json.dumps(document, indent=2))

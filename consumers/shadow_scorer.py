@@ -25,6 +25,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Final
 
@@ -51,7 +52,7 @@ from driftloop.events.producer import DeliveryError, EventProducer
 from driftloop.leader import LeaderLock, run_as_leader
 from driftloop.serving.champion import ModelRegistry
 from driftloop.serving.hot_swap import ModelEventFollower
-from driftloop.serving.shadow import ShadowModels, resolve_plan
+from driftloop.serving.shadow import ShadowModels, key_in_sample, resolve_plan
 from driftloop.settings import (
     KafkaSettings,
     MlflowSettings,
@@ -346,6 +347,10 @@ async def run_shadow_scorer(settings: ShadowScorerSettings) -> None:
         dead_letter_topics={predictions_topic: settings.kafka.topic(Topic.PREDICTIONS.dead_letter)},
         max_batch=settings.max_batch,
         poll_timeout_ms=settings.poll_timeout_ms,
+        # A share below 1: the records not in the sample are skipped by their key, undecoded.
+        keep_key=None
+        if settings.sample_share == 1
+        else partial(key_in_sample, share=settings.sample_share),
     )
     uri = settings.mlflow.tracking_uri
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)

@@ -113,6 +113,8 @@ class DriftAssessment(_Result):
     """Rows of the window with a label (and a prediction)."""
     quality: QualityAssessment | None
     """Quality on the labelled rows; None below the policy's minimum of labelled rows."""
+    quality_metric: str | None = None
+    """The metric the limit bounds: the version's promotion metric."""
     quality_limit: float | None = None
     """The version's limit of its promotion metric at this many labelled rows (its baseline's
     ``QualityCalibration``); None when quality was not judged."""

@@ -120,6 +120,17 @@ QUALITY = Gauge(
     "Model quality on the labelled rows of the last window's sample (rmse, mae, r2, ...).",
     ["model", "metric"],
 )
+QUALITY_LIMIT = Gauge(
+    "driftloop_drift_quality_limit",
+    "The champion's limit of its promotion metric at the last window's labelled rows (its "
+    "holdout's 0.99 quantile); past it, the window drifts. Absent when quality was not judged.",
+    ["model", "metric"],
+)
+QUALITY_DEGRADED = Gauge(
+    "driftloop_drift_quality_degraded",
+    "1 when the last window's promotion metric passed the champion's limit, else 0.",
+    ["model"],
+)
 WINDOW_ROWS = Gauge("driftloop_drift_window_rows", "Rows in the last window.", ["model"])
 LABELLED_ROWS = Gauge(
     "driftloop_drift_labelled_rows", "Labelled rows in the last window's sample.", ["model"]
@@ -184,6 +195,8 @@ CHAMPION_VERSION = Gauge(
 
 # Quality series exported per model, so a window without enough labels can withdraw them.
 _quality_exported: dict[str, set[str]] = {}
+_limit_metric: dict[str, str] = {}
+"""Per model, the metric its exported quality limit is labelled with."""
 
 
 class ChampionSource(Protocol):
@@ -763,6 +776,9 @@ def judge_window(
         prediction=prediction,
         labelled_rows=labelled,
         quality=quality,
+        quality_metric=None
+        if limit is None or baseline.quality is None
+        else baseline.quality.metric,
         quality_limit=limit,
         quality_degraded=degraded,
     )
@@ -887,6 +903,18 @@ def _export(result: CheckResult, state: EpisodeState, seconds: float) -> None:
         QUALITY.labels(model, metric).set(value)
     exported.clear()
     exported.update(current)
+    QUALITY_DEGRADED.labels(model).set(int(verdict.quality_degraded))
+    previous = _limit_metric.get(model)
+    if verdict.quality_limit is None:
+        if previous is not None:
+            QUALITY_LIMIT.remove(model, previous)
+            del _limit_metric[model]
+        return
+    metric = verdict.quality_metric or "quality"
+    if previous is not None and previous != metric:
+        QUALITY_LIMIT.remove(model, previous)
+    QUALITY_LIMIT.labels(model, metric).set(verdict.quality_limit)
+    _limit_metric[model] = metric
 
 
 def _log(result: CheckResult) -> None:

@@ -167,6 +167,10 @@ class LoopOptions:
     backoff_max_seconds: float = 15.0
     paused_lag_refresh_seconds: float = 5.0
     """While paused on a failing sink, how often the end offsets are asked for (the lag)."""
+    keep_key: Callable[[bytes | None], bool] | None = None
+    """Records whose key this refuses are skipped before decoding: committed with their batch,
+    never decoded, written or dead-lettered (a consumer that reads a sample of a topic, such
+    as the shadow-scorer). None: every record is decoded."""
 
 
 @dataclass(slots=True)
@@ -329,7 +333,10 @@ class ConsumerLoop(Generic[E]):
             RECORDS_IN.labels(name, tp.topic).inc(len(items))
             batch.offsets[tp] = items[-1].offset + 1
             accepted = self._accepted[tp.topic]
+            keep_key = self.options.keep_key
             for record in items:
+                if keep_key is not None and not keep_key(record.key):
+                    continue
                 decoded += 1
                 if not decoded % DECODE_SLICE:
                     # The write in flight moves on meanwhile: decoding a whole batch in one go

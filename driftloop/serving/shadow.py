@@ -247,7 +247,15 @@ _HASH_RANGE: Final = 2**64
 def in_sample(request_id: str, share: float) -> bool:
     """Whether a request is among the ``share`` scored: its id's hash (BLAKE2b, the same on
     every replica and run) below that share of the hash range."""
-    digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
+    return key_in_sample(request_id.encode(), share)
+
+
+def key_in_sample(key: bytes | None, share: float) -> bool:
+    """``in_sample`` of a prediction's Kafka key (its request id, ``partition_key``), checked
+    before the record is decoded; a record without a key is decoded, and judged by its id."""
+    if key is None:
+        return True
+    digest = hashlib.blake2b(key, digest_size=8).digest()
     return int.from_bytes(digest, "big") < share * _HASH_RANGE
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,6 +124,7 @@ def make_loop(
     batches: list[dict[TopicPartition, list[Record]]],
     processor: RecordingProcessor,
     consumer: FakeConsumer | None = None,
+    keep_key: Callable[[bytes | None], bool] | None = None,
 ) -> tuple[ConsumerLoop[PredictionEvent], FakeConsumer, FakeRecordProducer]:
     consumer = consumer or FakeConsumer(batches)
     producer = FakeRecordProducer()
@@ -134,6 +135,7 @@ def make_loop(
         dead_letter_topics={TOPIC: f"{TOPIC}.dlq"},
         backoff_initial_seconds=0.01,
         backoff_max_seconds=0.02,
+        keep_key=keep_key,
     )
     loop: ConsumerLoop[PredictionEvent] = ConsumerLoop(options, consumer, producer, processor)
     consumer.loop = loop
@@ -151,6 +153,21 @@ async def test_writes_then_commits_the_next_offsets() -> None:
     await loop.run()
     assert processor.written == [["r-0", "r-1", "r-5"]]
     assert consumer.commits == [{TP0: 2, TP1: 6}]
+
+
+async def test_records_refused_by_key_are_skipped_undecoded_and_committed() -> None:
+    processor = RecordingProcessor()
+    broken = Record(TOPIC, 0, 2, b"{not json", b"r-skip")
+    loop, consumer, producer = make_loop(
+        [{TP0: [good(0, 0), good(0, 1), broken], TP1: [good(1, 5)]}],
+        processor,
+        keep_key=lambda key: key in (b"r-1", b"r-5"),
+    )
+    await loop.run()
+    assert processor.written == [["r-1", "r-5"]]
+    # Skipped, not dead-lettered: the undecoded record is no one's to judge here.
+    assert not producer.sent
+    assert consumer.commits == [{TP0: 3, TP1: 6}]
 
 
 async def test_bad_messages_go_to_the_dead_letter_topic_and_good_ones_go_on() -> None:

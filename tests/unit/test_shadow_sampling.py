@@ -12,7 +12,7 @@ import numpy.typing as npt
 import pytest
 
 from driftloop.serving.champion import ChampionRef
-from driftloop.serving.shadow import ShadowModels, ShadowVersion, in_sample
+from driftloop.serving.shadow import ShadowModels, ShadowVersion, in_sample, key_in_sample
 from driftloop.storage.shadow_log import ShadowRole
 from gateway.contract import example_row
 from schemas.events import PredictionEvent
@@ -28,6 +28,13 @@ def test_a_share_keeps_about_that_share_of_requests() -> None:
         kept = sum(in_sample(request_id, share) for request_id in IDS) / len(IDS)
         assert kept == pytest.approx(share, abs=0.01)
     assert all(in_sample(request_id, 1.0) for request_id in IDS)
+
+
+def test_the_kafka_key_decides_as_the_request_id_does() -> None:
+    # A prediction's key is its request id: the scorer skips a record before decoding it.
+    for request_id in IDS[:2000]:
+        assert key_in_sample(request_id.encode(), 0.2) == in_sample(request_id, 0.2)
+    assert key_in_sample(None, 0.2)  # no key: decoded, then judged by its id
 
 
 def test_the_choice_is_stable_and_nested() -> None:
