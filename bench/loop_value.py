@@ -103,11 +103,16 @@ def main() -> None:
         f"  {'policy':<22}{'loop':>7}{'retrains':>9}{'promoted':>9}  {'lifts':<48}"
         f"{'monthly':>9}{'ratio':>8}"
     )
+
+    def loop_with(settings: lv.LoopSettings) -> tuple[lv.Served, float]:
+        """The drift loop under ``settings`` on the replay, and its score."""
+        loop = lv.serve_drift_loop(spec, history, replay, first, settings)
+        return loop, lv.score(spec, replay, loop.predictions)
+
     for text in arguments.policies.split(","):
         data = policy_of(text.strip())
-        loop = lv.serve_drift_loop(spec, history, replay, first, lv.LoopSettings(data=data))
+        loop, loop_score = loop_with(lv.LoopSettings(data=data))
         scheduled = lv.serve_scheduled(spec, history, replay, first, moments, data=data)
-        loop_score = lv.score(spec, replay, loop.predictions)
         scheduled_score = lv.score(spec, replay, scheduled.predictions)
         mark = " (default)" if data == default else ""
         print(
@@ -126,10 +131,7 @@ def main() -> None:
         ("input drift and quality, one retraining", DRIFT_ONLY.model_copy(update=QUALITY)),
         ("input drift and quality, renewed (default)", DriftPolicy()),
     ):
-        loop = lv.serve_drift_loop(
-            spec, history, replay, first, lv.LoopSettings(data=default, drift=drift)
-        )
-        loop_score = lv.score(spec, replay, loop.predictions)
+        loop, loop_score = loop_with(lv.LoopSettings(data=default, drift=drift))
         print(
             f"  {label:<44}{loop_score:7.1f}{loop.retrains:9d}{loop.promotions:9d}  "
             f"{lifts(loop_score)}",
@@ -141,10 +143,7 @@ def main() -> None:
     )
     for text in arguments.lags.split(","):
         lag = timedelta(days=float(text))
-        loop = lv.serve_drift_loop(
-            spec, history, replay, first, lv.LoopSettings(data=default, lag=lag)
-        )
-        loop_score = lv.score(spec, replay, loop.predictions)
+        loop, loop_score = loop_with(lv.LoopSettings(data=default, lag=lag))
         print(
             f"  lag {float(text):4g} days  {loop_score:7.1f}  {loop.retrains} retrains, "
             f"{loop.promotions} promoted  {lifts(loop_score)}",

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
+from driftloop.drift.store import DriftStore, open_drift_store
 from driftloop.settings import (
     AirflowApiSettings,
     KafkaSettings,
@@ -22,7 +23,7 @@ from driftloop_tools.demo.replay import wait_for_champion
 from driftloop_tools.stack.settings import StackSettings
 from gateway.settings import GatewaySettings
 from schemas.features import declared_feature_specs, load_feature_spec
-from tests.integration.consumer_support import ensure_champion
+from tests.integration.consumer_support import drop_test_schema, ensure_champion
 
 
 @pytest.fixture(scope="session")
@@ -118,3 +119,16 @@ async def wait_for_every_champion(client: httpx.AsyncClient, *, timeout_seconds:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"models without a champion: {models}")
         await asyncio.sleep(0.5)
+
+
+@pytest.fixture
+async def drift_store(
+    postgres_settings: PostgresSettings, unique: str
+) -> AsyncIterator[DriftStore]:
+    """The drift tables in the test's own Postgres schema, dropped afterwards."""
+    store = await open_drift_store(postgres_settings, unique)
+    try:
+        yield store
+    finally:
+        await store.close()
+        await drop_test_schema(postgres_settings, unique)

@@ -18,8 +18,11 @@ import asyncpg
 import httpx
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
+from driftloop.drift.store import DriftStore
+from driftloop.events.kafka import create_topics
 from driftloop.events.producer import EventProducer, Record
 from driftloop.settings import KafkaSettings, MlflowSettings, PostgresSettings
+from driftloop.training.bootstrap import BootstrapResult, bootstrap_model
 from driftloop.training.trainer import RegisteredModel, read_dataset, train_champion
 from driftloop_tools.stack import readiness
 from driftloop_tools.stack.settings import StackSettings
@@ -148,6 +151,61 @@ def feature_logger_environment(unique: str) -> dict[str, str]:
         "FEATURE_LOGGER_FLUSH_INTERVAL_SECONDS": "3",
         "FEATURE_LOGGER_METRICS_PORT": str(free_port()),
     }
+
+
+def feature_logger_process(unique: str, topic_prefix: str, log: Path) -> ConsumerProcess:
+    """A test's own feature-logger on the topics under ``topic_prefix``, Postgres only (its
+    Parquet writer off), not started."""
+    return ConsumerProcess(
+        "consumers.feature_logger",
+        {
+            "KAFKA_TOPIC_PREFIX": topic_prefix,
+            **feature_logger_environment(unique),
+            "FEATURE_LOGGER_PARQUET_ENABLED": "false",
+        },
+        log,
+    )
+
+
+def drift_monitor_environment(unique: str, model: str) -> dict[str, str]:
+    """A test's own drift-monitor of ``model``: its Postgres schema and report prefix named by
+    ``unique``, windows of 1 s settled 2 s after they close, metrics on a free port."""
+    return {
+        "DRIFT_MONITOR_MODELS": model,
+        "DRIFT_MONITOR_DB_SCHEMA": unique,
+        "DRIFT_MONITOR_WINDOW_SECONDS": "1",
+        "DRIFT_MONITOR_SETTLE_SECONDS": "2",
+        "DRIFT_MONITOR_POLL_SECONDS": "0.2",
+        "DRIFT_MONITOR_CHAMPION_REFRESH_SECONDS": "1",
+        "DRIFT_MONITOR_REPORT_PREFIX": f"tests/{unique}/drift-reports/",
+        "DRIFT_MONITOR_METRICS_PORT": str(free_port()),
+    }
+
+
+async def monitored_model(
+    unique: str, kafka: KafkaSettings, tracking_uri: str, name: str
+) -> tuple[KafkaSettings, BootstrapResult]:
+    """The test's topics (prefixed by ``unique``) and a bikeshare champion of its own, named
+    ``name``, bootstrapped small (20 trees) with its reference and drift baseline."""
+    prefixed = kafka.model_copy(update={"topic_prefix": f"{unique}."})
+    await create_topics(prefixed, list(Topic))
+    result = await asyncio.to_thread(
+        bootstrap_model,
+        load_feature_spec("bikeshare"),
+        tracking_uri=tracking_uri,
+        model_name=name,
+        num_boost_round=20,
+    )
+    return prefixed, result
+
+
+async def baseline_published(store: DriftStore, model: str) -> bool:
+    """Whether the drift-monitor published a layout of the model's version (it sketches from
+    then on)."""
+    found = await store.pool.fetchval(
+        "SELECT count(*) FROM drift_baselines WHERE model_name = $1", model
+    )
+    return bool(found)
 
 
 async def drop_test_schema(postgres: PostgresSettings, unique: str) -> None:

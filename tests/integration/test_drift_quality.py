@@ -9,26 +9,24 @@ finds it past the limit, and publishes ``DriftDetected`` with ``quality_degraded
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from driftloop.drift.store import DriftStore, open_drift_store
-from driftloop.events.kafka import create_topics
-from driftloop.settings import KafkaSettings, MlflowSettings, PostgresSettings
-from driftloop.training.bootstrap import bootstrap_model
+from driftloop.drift.store import DriftStore
+from driftloop.settings import KafkaSettings, MlflowSettings
 from driftloop_tools.demo.replay import load_replay_hours
 from schemas.events import DriftDetected, GroundTruth, PredictionEvent
 from schemas.features import load_feature_spec
 from schemas.topics import Topic
 from tests.integration.consumer_support import (
     ConsumerProcess,
-    drop_test_schema,
+    baseline_published,
+    drift_monitor_environment,
     eventually,
-    feature_logger_environment,
-    free_port,
+    feature_logger_process,
+    monitored_model,
     produce,
     read_topic,
 )
@@ -38,18 +36,6 @@ pytestmark = pytest.mark.integration
 SPEC = load_feature_spec("bikeshare")
 BATCH = 300  # rows sent at once: a window holding one holds more than the policy's 150
 WRONG_BY = 150.0  # bikes an hour the served predictions miss by, against a holdout RMSE of ~40
-
-
-@pytest.fixture
-async def drift_store(
-    postgres_settings: PostgresSettings, unique: str
-) -> AsyncIterator[DriftStore]:
-    store = await open_drift_store(postgres_settings, unique)
-    try:
-        yield store
-    finally:
-        await store.close()
-        await drop_test_schema(postgres_settings, unique)
 
 
 async def send_wrong_winter(
@@ -91,57 +77,30 @@ async def send_wrong_winter(
 async def test_a_labelled_error_past_the_holdouts_limit_is_drift(
     unique: str,
     kafka_settings: KafkaSettings,
-    postgres_settings: PostgresSettings,
     mlflow_settings: MlflowSettings,
     drift_store: DriftStore,
     tmp_path: Path,
 ) -> None:
-    kafka = kafka_settings.model_copy(update={"topic_prefix": f"{unique}."})
-    await create_topics(kafka, list(Topic))
     model = f"quality-{unique}"
-    result = await asyncio.to_thread(
-        bootstrap_model,
-        SPEC,
-        tracking_uri=mlflow_settings.tracking_uri,
-        model_name=model,
-        num_boost_round=20,
+    kafka, result = await monitored_model(
+        unique, kafka_settings, mlflow_settings.tracking_uri, model
     )
     version = result.model.version
     shared = {"KAFKA_TOPIC_PREFIX": kafka.topic_prefix}
-    logger = ConsumerProcess(
-        "consumers.feature_logger",
-        {
-            **shared,
-            **feature_logger_environment(unique),
-            "FEATURE_LOGGER_PARQUET_ENABLED": "false",
-        },
-        tmp_path / "logger.log",
-    ).start()
+    logger = feature_logger_process(unique, kafka.topic_prefix, tmp_path / "logger.log").start()
     monitor = ConsumerProcess(
         "consumers.drift_monitor",
-        {
-            **shared,
-            "DRIFT_MONITOR_MODELS": model,
-            "DRIFT_MONITOR_DB_SCHEMA": unique,
-            "DRIFT_MONITOR_WINDOW_SECONDS": "1",
-            "DRIFT_MONITOR_SETTLE_SECONDS": "3",
-            "DRIFT_MONITOR_POLL_SECONDS": "0.2",
-            "DRIFT_MONITOR_CHAMPION_REFRESH_SECONDS": "1",
-            "DRIFT_MONITOR_REPORT_PREFIX": f"tests/{unique}/drift-reports/",
-            "DRIFT_MONITOR_METRICS_PORT": str(free_port()),
-        },
+        {**shared, **drift_monitor_environment(unique, model)},
         tmp_path / "monitor.log",
     )
     try:
         monitor.start()
 
-        async def layout_published() -> bool:
-            found = await drift_store.pool.fetchval(
-                "SELECT count(*) FROM drift_baselines WHERE model_name = $1", model
-            )
-            return bool(found)
-
-        await eventually(layout_published, within=120, what="the version's layout published")
+        await eventually(
+            lambda: baseline_published(drift_store, model),
+            within=120,
+            what="the version's layout published",
+        )
         await send_wrong_winter(kafka, model, version, result.model.run_id, 8.0)
 
         async def degraded_twice() -> bool:

@@ -6,50 +6,34 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-import asyncpg
 import orjson
 import pytest
 
-from driftloop.drift.store import DriftRun, DriftStore, open_drift_store
-from driftloop.events.kafka import create_topics
-from driftloop.settings import (
-    KafkaSettings,
-    MlflowSettings,
-    ObjectStoreSettings,
-    PostgresSettings,
-)
+from driftloop.drift.store import DriftRun, DriftStore
+from driftloop.settings import KafkaSettings, MlflowSettings, ObjectStoreSettings
 from driftloop.storage.objectstore import s3_client
-from driftloop.training.bootstrap import bootstrap_model
 from driftloop_tools.demo.replay import load_replay_hours
 from schemas.events import PredictionEvent
 from schemas.features import load_feature_spec
 from schemas.topics import Topic
-from tests.integration.consumer_support import ConsumerProcess, eventually, free_port, produce
+from tests.integration.consumer_support import (
+    ConsumerProcess,
+    baseline_published,
+    drift_monitor_environment,
+    eventually,
+    feature_logger_process,
+    free_port,
+    monitored_model,
+    produce,
+)
 
 pytestmark = pytest.mark.integration
 
 SPEC = load_feature_spec("bikeshare")
 RATE = 150  # rows a second, a little above the policy's minimum per 1-second window
-
-
-@pytest.fixture
-async def drift_store(
-    postgres_settings: PostgresSettings, unique: str
-) -> AsyncIterator[DriftStore]:
-    store = await open_drift_store(postgres_settings, unique)
-    try:
-        yield store
-    finally:
-        await store.close()
-        connection = await asyncpg.connect(postgres_settings.dsn())
-        try:
-            await connection.execute(f"DROP SCHEMA IF EXISTS {unique} CASCADE")
-        finally:
-            await connection.close()
 
 
 async def send_traffic(
@@ -86,46 +70,19 @@ async def send_traffic(
 async def test_windows_count_every_row_once_across_a_monitor_kill(
     unique: str,
     kafka_settings: KafkaSettings,
-    postgres_settings: PostgresSettings,
     mlflow_settings: MlflowSettings,
     object_store_settings: ObjectStoreSettings,
     drift_store: DriftStore,
     tmp_path: Path,
 ) -> None:
-    kafka = kafka_settings.model_copy(update={"topic_prefix": f"{unique}."})
-    await create_topics(kafka, list(Topic))
     model = f"windows-{unique}"
-    result = await asyncio.to_thread(
-        bootstrap_model,
-        SPEC,
-        tracking_uri=mlflow_settings.tracking_uri,
-        model_name=model,
-        num_boost_round=20,
+    kafka, result = await monitored_model(
+        unique, kafka_settings, mlflow_settings.tracking_uri, model
     )
     version = result.model.version
     shared = {"KAFKA_TOPIC_PREFIX": kafka.topic_prefix}
-    logger = ConsumerProcess(
-        "consumers.feature_logger",
-        {
-            **shared,
-            "FEATURE_LOGGER_GROUP": f"{unique}-logger",
-            "FEATURE_LOGGER_DB_SCHEMA": unique,
-            "FEATURE_LOGGER_PARQUET_ENABLED": "false",
-            "FEATURE_LOGGER_METRICS_PORT": str(free_port()),
-        },
-        tmp_path / "logger.log",
-    ).start()
-    monitor_environment = {
-        **shared,
-        "DRIFT_MONITOR_MODELS": model,
-        "DRIFT_MONITOR_DB_SCHEMA": unique,
-        "DRIFT_MONITOR_WINDOW_SECONDS": "1",
-        "DRIFT_MONITOR_SETTLE_SECONDS": "2",
-        "DRIFT_MONITOR_POLL_SECONDS": "0.2",
-        "DRIFT_MONITOR_CHAMPION_REFRESH_SECONDS": "1",
-        "DRIFT_MONITOR_REPORT_PREFIX": f"tests/{unique}/drift-reports/",
-        "DRIFT_MONITOR_METRICS_PORT": str(free_port()),
-    }
+    logger = feature_logger_process(unique, kafka.topic_prefix, tmp_path / "logger.log").start()
+    monitor_environment = {**shared, **drift_monitor_environment(unique, model)}
 
     def replica(name: str) -> ConsumerProcess:
         environment = {**monitor_environment, "DRIFT_MONITOR_METRICS_PORT": str(free_port())}
@@ -139,13 +96,11 @@ async def test_windows_count_every_row_once_across_a_monitor_kill(
         for monitor in monitors:
             monitor.start()
 
-        async def layout_published() -> bool:
-            found = await drift_store.pool.fetchval(
-                "SELECT count(*) FROM drift_baselines WHERE model_name = $1", model
-            )
-            return bool(found)
-
-        await eventually(layout_published, within=120, what="the version's layout published")
+        await eventually(
+            lambda: baseline_published(drift_store, model),
+            within=120,
+            what="the version's layout published",
+        )
         first = await send_traffic(kafka, model, version, result.model.run_id, 3.0, "first")
 
         async def some_judged() -> bool:
