@@ -88,9 +88,9 @@ class ColumnCalibration(BaseModel):
 
 
 class QualityCalibration(BaseModel):
-    """How bad the version's promotion metric may get on a window's labelled rows: the
-    ``quantile`` of the metric over samples of that many rows drawn, with replacement, from the
-    version's holdout (rows it never learned from), at each calibrated size."""
+    """How bad the version's promotion metric may get on a window's labelled rows: the policy's
+    ``threshold_quantile`` of the metric over samples of that many rows drawn, with replacement,
+    from the version's holdout (rows it never learned from), at each calibrated size."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
