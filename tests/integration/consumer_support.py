@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -165,6 +166,23 @@ def feature_logger_process(unique: str, topic_prefix: str, log: Path) -> Consume
         },
         log,
     )
+
+
+async def served_models(port: int) -> dict[str, Any]:
+    """The gateway's ``/models``, by model name."""
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        models = (await client.get("/models", timeout=10)).json()["models"]
+    return {model["name"]: model for model in models}
+
+
+async def serves_champions(port: int, *names: str) -> bool:
+    """Whether the gateway on ``port`` serves a champion of each of ``names`` (False while it
+    does not answer)."""
+    try:
+        served = await served_models(port)
+    except httpx.HTTPError:
+        return False
+    return all(served.get(name, {}).get("champion") is not None for name in names)
 
 
 def drift_monitor_environment(unique: str, model: str) -> dict[str, str]:

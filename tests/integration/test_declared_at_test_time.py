@@ -37,6 +37,8 @@ from tests.integration.consumer_support import (
     feature_logger_environment,
     free_port,
     gateway_environment,
+    served_models,
+    serves_champions,
 )
 from tests.unit.churn_declaration import CHURN_FEATURES, SUBSCRIPTIONS_YAML, subscriptions_data
 
@@ -61,9 +63,7 @@ class Running:
         )
 
     async def served(self) -> dict[str, Any]:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.gateway_port}") as client:
-            models = (await client.get("/models", timeout=10)).json()["models"]
-        return {model["name"]: model for model in models}
+        return await served_models(self.gateway_port)
 
 
 @pytest.fixture
@@ -110,15 +110,11 @@ async def running(
     }
     platform = Running(unique, declarations, port, kafka, postgres_settings, environment, processes)
     try:
-
-        async def bikes_served() -> bool:
-            try:
-                served = await platform.served()
-            except httpx.HTTPError:
-                return False
-            return served.get(bikes, {}).get("champion") is not None
-
-        await eventually(bikes_served, within=120, what="the gateway to serve its first model")
+        await eventually(
+            lambda: serves_champions(port, bikes),
+            within=120,
+            what="the gateway to serve its first model",
+        )
         yield platform
     finally:
         for process in processes.values():

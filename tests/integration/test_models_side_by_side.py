@@ -50,6 +50,8 @@ from tests.integration.consumer_support import (
     free_port,
     gateway_environment,
     read_topic,
+    served_models,
+    serves_champions,
 )
 
 DAG_ID = "retrain_model"
@@ -89,9 +91,7 @@ class Platform:
         return {row["model_name"]: row["n"] for row in rows}
 
     async def served(self) -> dict[str, Any]:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.gateway_port}") as client:
-            models = (await client.get("/models", timeout=10)).json()["models"]
-        return {model["name"]: model for model in models}
+        return await served_models(self.gateway_port)
 
 
 def _declare_copy(folder: Path, name: str, registered: str) -> FeatureSpec:
@@ -182,18 +182,11 @@ async def platform(
         process = ConsumerProcess(module, {**shared, **environment}, tmp_path / f"{name}.log")
         platform.processes[name] = process.start()
     try:
-
-        async def both_served() -> bool:
-            try:
-                served = await platform.served()
-            except httpx.HTTPError:
-                return False
-            return all(
-                served.get(name, {}).get("champion") is not None
-                for name in (bikes, platform.cancer)
-            )
-
-        await eventually(both_served, within=120, what="the gateway to serve both champions")
+        await eventually(
+            lambda: serves_champions(platform.gateway_port, bikes, platform.cancer),
+            within=120,
+            what="the gateway to serve both champions",
+        )
         yield platform
     finally:
         for process in platform.processes.values():

@@ -84,6 +84,19 @@ def test_last_day_rmse_forgets_older_hours() -> None:
     assert stats.rmse() == pytest.approx(((10000 + 9 + 16) / 3) ** 0.5)
 
 
+def answered(request_id: str, prediction: float) -> httpx.Response:
+    """The gateway's answer to a one-row /predict by version 1 of bikeshare."""
+    return httpx.Response(
+        200,
+        json={
+            "request_id": request_id,
+            "model_name": "bikeshare",
+            "model_version": 1,
+            "predictions": [{"request_id": f"{request_id}:0", "prediction": prediction}],
+        },
+    )
+
+
 async def test_replay_sends_each_hour_and_its_label_after_it(
     spec: FeatureSpec, frame: pd.DataFrame
 ) -> None:
@@ -98,15 +111,7 @@ async def test_replay_sends_each_hour_and_its_label_after_it(
         request_id = request.headers["x-request-id"]
         if request_id.endswith("h03"):
             return httpx.Response(500, json={"detail": []})
-        return httpx.Response(
-            200,
-            json={
-                "request_id": request_id,
-                "model_name": "bikeshare",
-                "model_version": 1,
-                "predictions": [{"request_id": f"{request_id}:0", "prediction": 10.0}],
-            },
-        )
+        return answered(request_id, 10.0)
 
     transport = httpx.MockTransport(answer)
     async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
@@ -142,15 +147,7 @@ async def test_a_held_clock_sends_nothing_until_released(
         if request.url.path == "/feedback":
             return httpx.Response(202, json={"accepted": 1})
         request_id = request.headers["x-request-id"]
-        return httpx.Response(
-            200,
-            json={
-                "request_id": request_id,
-                "model_name": "bikeshare",
-                "model_version": 1,
-                "predictions": [{"request_id": f"{request_id}:0", "prediction": 7.0}],
-            },
-        )
+        return answered(request_id, 7.0)
 
     transport = httpx.MockTransport(answer)
     async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
