@@ -205,6 +205,11 @@ async def make_rig(
                 "DRIFT_MONITOR_CHAMPION_REFRESH_SECONDS": "2",
                 "DRIFT_MONITOR_REPORT_PREFIX": f"tests/{unique}/drift-reports/",
                 "DRIFT_MONITOR_METRICS_PORT": str(rig.drift_port),
+                # This loop is the input-drift path: the episode opens on the weather. With
+                # the labelled error judged too it may open a week earlier, on a challenger
+                # only ~4 % better than the 2 % margin asks, so promotion would hang on the
+                # replay's timing (tests/integration/test_drift_quality.py covers quality).
+                "DRIFT_MONITOR_POLICY": '{"judge_quality": false}',
             },
         )
         rig.start(
